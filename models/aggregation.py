@@ -1,0 +1,219 @@
+"""Token aggregation for TESTA: bipartite matching, importance-based merging, pruning.
+
+Every reducer works on tokens laid out `[..., N, C]` (the token axis is -2; any leading
+dims are batch-like) and returns a `Reduction`: a callable that applies the same choice
+of tokens to any tensor of that layout (features, sizes, sources).
+
+Two token axes are reduced in a TESTA block:
+- patches, per frame: tokens `[B, T, 1+L, C]` with the class token at position 0;
+- frames, per patch position: tokens `[B, L, T, C]`. The frame choice is shared by all
+  patch positions of a video (patch voting for geometry-based merging, importance
+  averaged over patches for the importance-based modes).
+"""
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+Reduction = Callable[..., torch.Tensor]
+
+MERGING_TYPES = ("patch", "frame", "frame&patch", "frame-patch", "patch-frame")
+AGGREGATIONS = ("geometry", "importance", "prune")
+
+
+def _expand_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`idx [..., k, 1]` broadcast to the leading dims and channels of `like [..., n, C]`."""
+    return idx.expand(*like.shape[:-2], idx.shape[-2], like.shape[-1])
+
+
+class BipartiteMerge:
+    """Merge `r` tokens of set A (even positions) into their matches in set B (odd).
+
+    Output order: the unmerged A tokens (ascending when sorted), then all B tokens.
+    """
+
+    def __init__(self, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor):
+        self.unm_idx = unm_idx  # [..., |A| - r, 1]
+        self.src_idx = src_idx  # [..., r, 1]
+        self.dst_idx = dst_idx  # [..., r, 1] positions in B
+
+    def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        set_a, set_b = x[..., ::2, :], x[..., 1::2, :]
+        unmerged = set_a.gather(-2, _expand_index(self.unm_idx, set_a))
+        moved = set_a.gather(-2, _expand_index(self.src_idx, set_a))
+        set_b = set_b.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce=mode)
+        return torch.cat([unmerged, set_b], dim=-2)
+
+
+class SubsetMerge:
+    """Merge the tokens at `src_idx` into their matches among the kept tokens `keep_idx`.
+
+    With no sources (`src_idx is None`) this is pruning: the kept tokens, in order.
+    """
+
+    def __init__(self, keep_idx: torch.Tensor, src_idx: Optional[torch.Tensor] = None,
+                 dst_idx: Optional[torch.Tensor] = None):
+        self.keep_idx = keep_idx  # [..., N - r, 1], ascending
+        self.src_idx = src_idx  # [..., r, 1]
+        self.dst_idx = dst_idx  # [..., r, 1] positions among the kept tokens
+
+    def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        kept = x.gather(-2, _expand_index(self.keep_idx, x))
+        if self.src_idx is None:
+            return kept
+        moved = x.gather(-2, _expand_index(self.src_idx, x))
+        return kept.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce=mode)
+
+
+def max_reduction(num_tokens: int, protected: int) -> int:
+    """The largest r one bipartite step can remove: half the unprotected tokens."""
+    return (num_tokens - protected) // 2
+
+
+def bipartite_matching(
+    metric: torch.Tensor,
+    r: int,
+    class_token: bool,
+    protect_first: bool,
+    vote_frames: bool,
+) -> Optional[BipartiteMerge]:
+    """Geometry-based bipartite soft matching (ToMe), with TESTA's frame voting.
+
+    metric: `[..., N, Dh]`. `class_token` protects one token in the cap on r (the
+    reference applies it to frame aggregation too) and keeps the unmerged order;
+    `protect_first` forbids merging token 0 (the class token of patch aggregation);
+    `vote_frames` makes every patch position (dim -3) follow the majority decision.
+    Returns None when nothing is merged.
+    """
+    r = min(r, max_reduction(metric.shape[-2], int(class_token)))
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)  # [..., |A|, |B|]
+        if protect_first:
+            scores[..., 0, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)  # [..., |A|]
+        if vote_frames:
+            # [B, L, |A|]: the patches of a frame vote for its partner and its score
+            num_patches = metric.shape[-3]
+            node_idx = node_idx.mode(dim=-2, keepdim=True).values.repeat(1, num_patches, 1)
+            node_max = node_max.mode(dim=-2, keepdim=True).values.repeat(1, num_patches, 1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # [..., |A|, 1]
+        unm_idx = edge_idx[..., r:, :]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if class_token or vote_frames:
+            unm_idx = unm_idx.sort(dim=-2).values
+    return BipartiteMerge(unm_idx, src_idx, dst_idx)
+
+
+def attention_received(attn: torch.Tensor) -> torch.Tensor:
+    """Importance `S_i = sum_{j != i} attn[j, i]` from head-averaged attention `[..., N, N]`."""
+    off_diagonal = 1 - torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+    return (attn * off_diagonal).sum(dim=-2)  # [..., N]
+
+
+def _least_important(importance: torch.Tensor, r: int, protect_first: bool,
+                     share_over_patches: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices `[..., r, 1]` of the r least important tokens and of the rest (ascending)."""
+    if share_over_patches:
+        # [B, L, T] -> the same frames for every patch position of a video
+        importance = importance.mean(dim=-2, keepdim=True).expand_as(importance)
+    if protect_first:
+        importance = importance.clone()
+        importance[..., 0] = math.inf
+    order = importance.argsort(dim=-1)[..., None]  # ascending importance, [..., N, 1]
+    return order[..., :r, :], order[..., r:, :].sort(dim=-2).values
+
+
+def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int,
+                        class_token: bool, protect_first: bool,
+                        share_over_patches: bool) -> Optional[SubsetMerge]:
+    """Merge the r least important tokens (attention received) into their most similar kept token."""
+    r = min(r, max_reduction(metric.shape[-2], int(class_token)))
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        src_idx, keep_idx = _least_important(importance, r, protect_first, share_over_patches)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        src_metric = metric.gather(-2, _expand_index(src_idx, metric))  # [..., r, Dh]
+        keep_metric = metric.gather(-2, _expand_index(keep_idx, metric))  # [..., N-r, Dh]
+        scores = src_metric @ keep_metric.transpose(-1, -2)  # [..., r, N-r]
+        if protect_first:
+            scores[..., 0] = -math.inf  # the class token (kept first) takes no merges
+        dst_idx = scores.argmax(dim=-1)[..., None]
+        if share_over_patches:
+            dst_idx = dst_idx.mode(dim=-3, keepdim=True).values.expand_as(dst_idx)
+    return SubsetMerge(keep_idx, src_idx, dst_idx)
+
+
+def pruning(importance: torch.Tensor, r: int, class_token: bool, protect_first: bool,
+            share_over_patches: bool) -> Optional[SubsetMerge]:
+    """Drop the r least important tokens."""
+    r = min(r, max_reduction(importance.shape[-1], int(class_token)))
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        _, keep_idx = _least_important(importance, r, protect_first, share_over_patches)
+    return SubsetMerge(keep_idx)
+
+
+def merge_weighted(reduce: Reduction, x: torch.Tensor, size: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average: `x' = reduce(x*s, sum) / reduce(s, sum)`, `s' = reduce(s, sum)`."""
+    x = reduce(x * size, mode="sum")
+    size = reduce(size, mode="sum")
+    return x / size, size
+
+
+def merge_source(reduce: Reduction, source: torch.Tensor) -> torch.Tensor:
+    """Track which original tokens each token stands for (0/1 rows, merged with amax)."""
+    return reduce(source, mode="amax")
+
+
+def parse_merging_types(merging_type: Union[str, Sequence[str]], depth: int) -> List[str]:
+    """Per-block merging type: one type for all blocks, or alternating ('frame-patch')."""
+    if not isinstance(merging_type, str):
+        types = list(merging_type)
+    elif merging_type in ("patch", "frame", "frame&patch"):
+        types = [merging_type] * depth
+    elif merging_type in ("frame-patch", "patch-frame"):
+        first, second = merging_type.split("-")
+        types = [first if i % 2 == 0 else second for i in range(depth)]
+    else:
+        raise ValueError(f"merging_type {merging_type!r} is not one of {', '.join(MERGING_TYPES)}")
+    bad = [t for t in types if t not in ("patch", "frame", "frame&patch")]
+    if len(types) != depth or bad:
+        raise ValueError(f"merging_type list must hold {depth} entries of 'patch', 'frame' or "
+                         f"'frame&patch', got {list(merging_type)!r}")
+    return types
+
+
+def parse_r(r: Union[int, Sequence[int], Tuple[int, float]], num_ops: int) -> List[int]:
+    """r per aggregation operation, in order.
+
+    - int: the same r for every operation;
+    - (r, inflection) pair (inflection a float; a 2-list from YAML): ToMe's linear
+      schedule over the operations;
+    - list: one entry per operation, padded with 0.
+    """
+    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = r
+        low = int(base * (1.0 - inflect))
+        high = 2 * base - low
+        step = (high - low) / (num_ops - 1) if num_ops > 1 else 0.0
+        values = [int(low + step * i) for i in range(num_ops)]
+    elif isinstance(r, int) and not isinstance(r, bool):
+        values = [r] * num_ops
+    elif isinstance(r, (list, tuple)):
+        values = list(r)
+        if len(values) > num_ops:
+            raise ValueError(f"testa_r has {len(values)} entries but the encoder runs only "
+                             f"{num_ops} aggregation operations")
+        values += [0] * (num_ops - len(values))
+    else:
+        raise ValueError(f"testa_r must be an int, a list of ints or an (r, inflection) pair, got {r!r}")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
+        raise ValueError(f"testa_r entries must be non-negative ints, got {values}")
+    return values

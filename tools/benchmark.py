@@ -1,0 +1,198 @@
+"""Cost of the TESTA video encoder for one video: GMACs, tokens, time, peak memory.
+
+    python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --runs 0 --json
+    python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --compare-no-agg --runs 3
+    python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --train --compare-no-agg
+
+GMACs are multiply-accumulates of the forward / 1e9, counted with torch's FLOP counter
+on the meta device (no computation runs). `seconds` is the median wall time of `--runs`
+forwards (forward + backward with `--train`) after one warm-up. `peak_mem_mb` is the
+memory the forward (or training step) needs beyond the loaded model and input: on CUDA
+the allocator's peak, on CPU the growth of the peak resident set of a fresh process
+whose large allocations go back to the system as soon as they are freed.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import build_video_encoder  # noqa: E402
+from utils import load_config  # noqa: E402
+
+
+def encoder_config(config: dict, frames: Optional[int], aggregate: bool) -> dict:
+    config = dict(config, token_merging=aggregate and config.get("token_merging", False))
+    if frames is not None:
+        config["num_frames"] = frames
+    return config
+
+
+def video_shape(config: dict, batch: int = 1) -> tuple:
+    size = config["image_size"]
+    return (batch, 3, config["num_frames"], size, size)
+
+
+def count(config: dict) -> Dict[str, float]:
+    """GMACs and token counts of one forward, on the meta device."""
+    with torch.device("meta"):
+        encoder = build_video_encoder(config)
+        video = torch.empty(video_shape(config))
+        with FlopCounterMode(display=False) as counter:
+            tokens = encoder(video)
+    num_frames, size = config["num_frames"], config["image_size"]
+    tokens_in = 1 + num_frames * (size // config["patch_size"]) ** 2
+    return {"gmacs": round(counter.get_total_flops() / 2e9, 1),
+            "tokens_in": tokens_in, "tokens_out": tokens.shape[1]}
+
+
+def build(config: dict, device: str, dtype: torch.dtype, train: bool):
+    encoder = build_video_encoder(config).to(device=device, dtype=dtype).train(train)
+    video = torch.randn(video_shape(config), device=device, dtype=dtype)
+    return encoder, video
+
+
+def step(encoder, video: torch.Tensor, train: bool) -> None:
+    """One forward (and backward when training), synchronised."""
+    if train:
+        encoder.zero_grad(set_to_none=True)
+        encoder(video).float().mean().backward()
+    else:
+        with torch.inference_mode():
+            encoder(video)
+    if video.is_cuda:
+        torch.cuda.synchronize()
+
+
+def timed(encoder, video: torch.Tensor, train: bool) -> float:
+    start = time.perf_counter()
+    step(encoder, video, train)
+    return time.perf_counter() - start
+
+
+def time_alternately(setups: List[tuple], runs: int, train: bool) -> List[float]:
+    """Median seconds of each setup, running them in turn so that drift hits all alike."""
+    for encoder, video in setups:
+        step(encoder, video, train)
+    samples = [[] for _ in setups]
+    for _ in range(runs):
+        for samples_of, (encoder, video) in zip(samples, setups):
+            samples_of.append(timed(encoder, video, train))
+    return [statistics.median(s) for s in samples]
+
+
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    encoder, video = build(config, "cpu", dtype, train)
+    baseline = _current_rss_mb()
+    step(encoder, video, train)
+    queue.put(_rss_peak_mb() - baseline)
+
+
+def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool) -> float:
+    """Memory one step needs beyond the model and input (MB)."""
+    if device.startswith("cuda"):
+        encoder, video = build(config, device, dtype, train)
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(encoder, video, train)
+        peak = torch.cuda.max_memory_allocated() - baseline
+        del encoder, video
+        torch.cuda.empty_cache()
+        return round(peak / 2**20, 1)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_peak_memory_child,
+                            args=(config, dtype, train, torch.get_num_threads(), queue))
+    # Large blocks straight from mmap go back to the system when freed, so the child's
+    # peak resident set follows the live tensors instead of malloc's cached arenas.
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        child.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+    peak = queue.get()
+    child.join()
+    return round(peak, 1)
+
+
+def measure(configs: List[dict], runs: int, device: str, dtype: torch.dtype, train: bool
+            ) -> List[Dict[str, float]]:
+    results = [count(config) for config in configs]
+    if runs == 0:
+        for result in results:
+            result.update(seconds=None, peak_mem_mb=None)
+        return results
+    setups = [build(config, device, dtype, train) for config in configs]
+    seconds = time_alternately(setups, runs, train)
+    del setups
+    for result, config, secs in zip(results, configs, seconds):
+        result["seconds"] = round(secs, 4)
+        result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train)
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--frames", type=int, help="number of input frames (default: the config's)")
+    parser.add_argument("--no-agg", action="store_true", help="turn token aggregation off")
+    parser.add_argument("--compare-no-agg", action="store_true",
+                        help="also measure the no-aggregation twin, alternately, and report speedup")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs (0: count only)")
+    parser.add_argument("--train", action="store_true", help="time forward + backward at batch 1")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args(argv)
+
+    config = encoder_config(load_config(args.config), args.frames, aggregate=not args.no_agg)
+    configs = [config]
+    if args.compare_no_agg:
+        configs.append(encoder_config(config, None, aggregate=False))
+    dtype = getattr(torch, args.dtype)
+    results = measure(configs, args.runs, args.device, dtype, args.train)
+
+    report = dict(config=args.config, frames=config["num_frames"],
+                  aggregation=bool(config["token_merging"]), mode="train" if args.train else "forward",
+                  device=args.device, dtype=args.dtype, **results[0])
+    if args.compare_no_agg:
+        report["no_agg"] = results[1]
+        if results[0]["seconds"]:
+            report["speedup"] = round(results[1]["seconds"] / results[0]["seconds"], 3)
+    for name, result in [("this config", results[0])] + (
+            [("no aggregation", results[1])] if args.compare_no_agg else []):
+        print(f"{name:>15}: {result['gmacs']:8.1f} GMACs  tokens {result['tokens_in']:>6} -> "
+              f"{result['tokens_out']:<6} seconds {result['seconds']}  peak_mem_mb {result['peak_mem_mb']}")
+    if "speedup" in report:
+        print(f"{'speedup':>15}: {report['speedup']:.2f}x")
+    if args.json:
+        print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
