@@ -1,0 +1,40 @@
+"""Data pipeline: decord video decoding, the paper's datasets, and their loaders.
+
+`build_datasets(config)` returns `(train, val, test)` for `config["dataset"]`; every dataset has a
+`collate_fn` (videos batched as `[B, 3, T, H, W]`) and `summary()` of its bad data.
+"""
+from .base import ClipDataset
+from .loader import create_loader
+from .pretrain import PretrainDataset, build_pretrain_dataset
+from .retrieval import (READERS as RETRIEVAL_READERS, RetrievalEvalDataset, RetrievalTrainDataset,
+                        build_retrieval_datasets)
+from .text import pre_caption, pre_question
+from .video import VideoDecodeError, load_video, read_frames, sample_frame_indices
+from .videoqa import VideoQAEvalDataset, VideoQATrainDataset, build_videoqa_datasets
+
+DATASETS = (*RETRIEVAL_READERS, "activitynet_qa", "pretrain_video")
+
+
+def build_datasets(config: dict):
+    """(train, val, test) datasets of `config["dataset"]`; pre-training gives (train, None, None)."""
+    name = config["dataset"]
+    if name in RETRIEVAL_READERS:
+        return build_retrieval_datasets(config)
+    if name == "activitynet_qa":
+        return build_videoqa_datasets(config)
+    if name == "pretrain_video":
+        return build_pretrain_dataset(config), None, None
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+
+
+def summarize(*datasets) -> str:
+    """The bad-data summaries of the given datasets (None entries ignored), one per line."""
+    return "\n".join(dataset.summary() for dataset in datasets if dataset is not None)
+
+
+__all__ = [
+    "DATASETS", "ClipDataset", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
+    "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
+    "create_loader", "load_video", "pre_caption", "pre_question", "read_frames",
+    "sample_frame_indices", "summarize",
+]

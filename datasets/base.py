@@ -1,0 +1,93 @@
+"""Base class of every dataset here: items that decode one clip, with deterministic fallbacks."""
+import random
+from typing import Any, Callable
+
+import torch
+from einops import rearrange
+from torch.utils.data import Dataset
+
+from .issues import DataIssues
+from .video import VideoDecodeError, read_frames
+
+ClipTransform = Callable[[torch.Tensor, random.Random], torch.Tensor]
+
+
+def item_rng() -> random.Random:
+    """A per-item generator seeded from torch's RNG, which DataLoader seeds in every worker."""
+    return random.Random(int(torch.randint(2**62, ())))
+
+
+def stack_clips(clips: list[torch.Tensor]) -> torch.Tensor:
+    """B clips `[T, 3, H, W]` -> one batch `[B, 3, T, H, W]` (channels before time)."""
+    return rearrange(torch.stack(clips), "b t c h w -> b c t h w")
+
+
+class ClipDataset(Dataset):
+    """Items built around one clip of `self.video[video_index_of(index)]`.
+
+    A video that fails to decode is flagged once (`DataIssues`) and substituted: train datasets
+    (`substitute_next_record = True`) use the next record whose video decodes, so captions stay
+    paired; eval datasets return a blank clip (zeros after normalisation) so indices stay put.
+    """
+
+    substitute_next_record = True
+
+    def __init__(self, issues: DataIssues, video: list[str], num_frm: int, strategy: str,
+                 size: int, transform: ClipTransform):
+        self.issues = issues
+        self.video = video
+        self.num_frm = num_frm
+        self.strategy = strategy
+        self.size = size
+        self.transform = transform
+        issues.track_videos(len(video))
+
+    def video_index_of(self, index: int) -> int:
+        raise NotImplementedError
+
+    def make_item(self, index: int, clip: torch.Tensor) -> tuple:
+        raise NotImplementedError
+
+    def read_clip(self, video_index: int, rng: random.Random) -> torch.Tensor:
+        """uint8 `[T, 3, H, W]`."""
+        return read_frames(self.video[video_index], self.num_frm, self.strategy, self.size, rng)
+
+    def load_clip(self, video_index: int, rng: random.Random) -> torch.Tensor:
+        """float `[T, 3, H, W]`, transformed and normalised."""
+        return self.transform(self.read_clip(video_index, rng), rng)
+
+    def blank_clip(self) -> torch.Tensor:
+        return torch.zeros(self.num_frm, 3, self.size, self.size)
+
+    @property
+    def fallback(self) -> str:
+        return "next record used" if self.substitute_next_record else "blank clip used"
+
+    def _try_load(self, index: int, rng: random.Random) -> torch.Tensor | None:
+        video_index = self.video_index_of(index)
+        if self.issues.has_failed(video_index):
+            return None
+        try:
+            return self.load_clip(video_index, rng)
+        except VideoDecodeError as error:
+            self.issues.record_decode_failure(video_index, error, self.fallback)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        rng = item_rng()
+        if not self.substitute_next_record:
+            clip = self._try_load(index, rng)
+            return self.make_item(index, self.blank_clip() if clip is None else clip)
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            clip = self._try_load(candidate, rng)
+            if clip is not None:
+                return self.make_item(candidate, clip)
+        raise RuntimeError(f"{self.issues.name}: no video of the dataset can be decoded")
+
+    @property
+    def num_decode_failures(self) -> int:
+        return self.issues.num_decode_failures
+
+    def summary(self) -> str:
+        return self.issues.summary(self.fallback)

@@ -1,0 +1,31 @@
+"""DataLoader construction for every dataset of this package."""
+import torch
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler,
+                              SequentialSampler)
+
+
+def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool,
+                  distributed: bool, seed: int = 0) -> DataLoader:
+    """Shuffled, drop-last batches when `train`; the dataset's `collate_fn`.
+
+    With `distributed`, a DistributedSampler over the initialised process group: call
+    `loader.sampler.set_epoch(epoch)` every epoch. Worker RNGs derive from `seed`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=train, drop_last=train, seed=seed)
+    elif train:
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=dataset.collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=train,
+        persistent_workers=False,
+        generator=generator,
+    )

@@ -1,0 +1,94 @@
+"""Video-language pre-training on WebVid-2M + CC3M: video clips and images as static clips."""
+import os
+import random
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from .annotations import load_json_list, string_fields
+from .base import ClipDataset, stack_clips
+from .issues import DataIssues
+from .text import pre_caption
+from .transforms import PretrainImageTransform, PretrainVideoTransform
+from .video import VideoDecodeError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".flv", ".webm", ".mkv")
+
+
+def is_video_path(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_SUFFIXES
+
+
+def read_image(path: str) -> torch.Tensor:
+    """uint8 `[3, H, W]` RGB."""
+    try:
+        with Image.open(path) as image:
+            return F.pil_to_tensor(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise VideoDecodeError(f"{path}: {error}") from error
+
+
+class PretrainDataset(ClipDataset):
+    """Records `{"path", "caption"}` of JSON lists; items `(video [T, 3, H, W], caption)`.
+
+    Videos are decoded at `video_resize`, square-cropped to `image_size` and augmented with one
+    RandAugment for the whole clip; an image becomes a static clip of `num_frm` copies.
+    """
+
+    def __init__(self, issues: DataIssues, train_files: list[str], video_root: str, max_words: int,
+                 num_frm: int, strategy: str, image_size: int, video_resize: int):
+        if video_resize < image_size:
+            raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
+        self.captions: list[str] = []
+        video: list[str] = []
+        for train_file in train_files:
+            for position, record in enumerate(load_json_list(train_file)):
+                source = f"{train_file}[{position}]"
+                fields = string_fields(record, "path", "caption")
+                if fields is None:
+                    issues.skip("malformed annotation", source)
+                    continue
+                path = os.path.join(video_root, fields[0])
+                if not os.path.exists(path):
+                    issues.skip("missing file", path)
+                    continue
+                caption = pre_caption(fields[1], max_words)
+                if not caption:
+                    issues.skip("empty caption", source)
+                    continue
+                video.append(path)
+                self.captions.append(caption)
+        self.image_transform = PretrainImageTransform(image_size, num_frm)
+        super().__init__(issues, video, num_frm, strategy, video_resize, PretrainVideoTransform(image_size))
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def video_index_of(self, index: int) -> int:
+        return index
+
+    def load_clip(self, video_index: int, rng: random.Random) -> torch.Tensor:
+        path = self.video[video_index]
+        if is_video_path(path):
+            return super().load_clip(video_index, rng)
+        return self.image_transform(read_image(path), rng)
+
+    def make_item(self, index: int, clip: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return clip, self.captions[index]
+
+    @staticmethod
+    def collate_fn(batch):
+        """-> (video [B, 3, T, H, W], captions list[str])."""
+        clips, captions = zip(*batch)
+        return stack_clips(list(clips)), list(captions)
+
+
+def build_pretrain_dataset(config: dict) -> PretrainDataset:
+    train_files = config["train_file"]
+    if isinstance(train_files, str):
+        train_files = [train_files]
+    return PretrainDataset(
+        DataIssues(f"{config['dataset']}/train"), list(train_files), config.get("video_root", ""),
+        config["max_words"], config["num_frm_train"], config.get("frm_sampling_strategy", "headtail"),
+        config["image_size"], config.get("video_resize", 256))
