@@ -44,6 +44,15 @@ class BipartiteMerge:
         set_b = set_b.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce=mode)
         return torch.cat([unmerged, set_b], dim=-2)
 
+    def weighted(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted merge in one pass over the tokens (see `merge_weighted`)."""
+        unmerged, unmerged_size = (t[..., ::2, :].gather(-2, _expand_index(self.unm_idx, t))
+                                   for t in (x, size))
+        return _weighted_into(x[..., 1::2, :], size[..., 1::2, :],
+                              *(t[..., ::2, :].gather(-2, _expand_index(self.src_idx, t))
+                                for t in (x, size)),
+                              self.dst_idx, unmerged, unmerged_size)
+
 
 class SubsetMerge:
     """Merge the tokens at `src_idx` into their matches among the kept tokens `keep_idx`.
@@ -63,6 +72,29 @@ class SubsetMerge:
             return kept
         moved = x.gather(-2, _expand_index(self.src_idx, x))
         return kept.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce=mode)
+
+    def weighted(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted merge (see `merge_weighted`); pruning keeps tokens as they are."""
+        kept, kept_size = (t.gather(-2, _expand_index(self.keep_idx, t)) for t in (x, size))
+        if self.src_idx is None:
+            return kept, kept_size
+        moved, moved_size = (t.gather(-2, _expand_index(self.src_idx, t)) for t in (x, size))
+        return _weighted_into(kept, kept_size, moved, moved_size, self.dst_idx)
+
+
+def _weighted_into(dst: torch.Tensor, dst_size: torch.Tensor, moved: torch.Tensor,
+                   moved_size: torch.Tensor, dst_idx: torch.Tensor,
+                   before: Optional[torch.Tensor] = None,
+                   before_size: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Add size-weighted `moved [..., r, C]` into `dst [..., M, C]` at `dst_idx`, average by
+    size, and prepend the untouched tokens `before` if given."""
+    merged_size = dst_size.scatter_add(-2, _expand_index(dst_idx, moved_size), moved_size)
+    merged = (dst * dst_size).scatter_add_(-2, _expand_index(dst_idx, moved), moved * moved_size)
+    merged = merged.div_(merged_size)
+    if before is None:
+        return merged, merged_size
+    return torch.cat([before, merged], dim=-2), torch.cat([before_size, merged_size], dim=-2)
 
 
 def max_reduction(num_tokens: int, protected: int) -> int:
@@ -161,10 +193,11 @@ def pruning(importance: torch.Tensor, r: int, class_token: bool, protect_first: 
 
 def merge_weighted(reduce: Reduction, x: torch.Tensor, size: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average: `x' = reduce(x*s, sum) / reduce(s, sum)`, `s' = reduce(s, sum)`."""
-    x = reduce(x * size, mode="sum")
-    size = reduce(size, mode="sum")
-    return x / size, size
+    """Size-weighted average: `x' = reduce(x*s, sum) / reduce(s, sum)`, `s' = reduce(s, sum)`.
+
+    Tokens that take no merge pass through unchanged (where `x*s/s` could differ from `x`
+    in the last bit), and only merge destinations are multiplied and divided."""
+    return reduce.weighted(x, size)
 
 
 def merge_source(reduce: Reduction, source: torch.Tensor) -> torch.Tensor:
