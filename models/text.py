@@ -1,0 +1,168 @@
+"""BERT tokenizer with BLIP's `[DEC]`/`[ENC]` tokens, and the BLIP "med" text towers.
+
+The towers are transformers' BLIP text classes: `BlipTextModel` (encoder; text-only
+when called without video tokens, video-grounded when given them) and
+`BlipTextLMHeadModel` (causal decoder with the LM head). Their parameter names are
+those of the original BLIP "med" BERT, so BLIP and TESTA checkpoints load as they are.
+"""
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+from urllib.parse import urlparse
+
+import torch
+from huggingface_hub import constants as hub_constants
+from transformers import BertTokenizer
+from transformers.models.blip.modeling_blip_text import (BlipTextConfig, BlipTextLMHeadModel,
+                                                         BlipTextModel)
+
+BERT_UNCASED_VOCAB_SIZE = 30522
+DEFAULT_MED_CONFIG = "configs/med_config.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_HINT = ("set text_encoder in the config to a directory holding vocab.txt or to the "
+                  "vocab.txt file of bert-base-uncased")
+# med_config.json keys that BlipTextConfig takes under the same name
+MED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size", "hidden_act", "hidden_dropout_prob",
+                   "attention_probs_dropout_prob", "max_position_embeddings", "layer_norm_eps",
+                   "pad_token_id", "initializer_range")
+
+
+# tokenizer ---------------------------------------------------------------------------
+def build_tokenizer(name_or_path: str = "bert-base-uncased") -> BertTokenizer:
+    """BERT uncased WordPiece plus `[DEC]` (bos, id 30522) and `[ENC]` (id 30523).
+
+    `name_or_path`: a `vocab.txt` file, a directory holding one, or a hub name (the
+    local cache is tried first; the hub only when it is reachable). The tokenizer gets
+    an `enc_token_id` attribute.
+    """
+    tokenizer = _load_bert_tokenizer(str(name_or_path))
+    if tokenizer.vocab_size != BERT_UNCASED_VOCAB_SIZE:
+        raise ValueError(f"the tokenizer from {name_or_path!r} has {tokenizer.vocab_size} tokens, "
+                         f"not the {BERT_UNCASED_VOCAB_SIZE} of bert-base-uncased; {TOKENIZER_HINT}")
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    return tokenizer
+
+
+def _load_bert_tokenizer(name_or_path: str) -> BertTokenizer:
+    if os.path.isfile(name_or_path):
+        return BertTokenizer(name_or_path, do_lower_case=True)  # vocab path: 1st argument in 4.x and 5.x
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "vocab.txt")):
+            raise FileNotFoundError(f"no vocab.txt in {name_or_path}; {TOKENIZER_HINT}")
+        return BertTokenizer.from_pretrained(name_or_path)
+    try:
+        cached = BertTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except OSError as err:
+        raise FileNotFoundError(f"tokenizer {name_or_path!r} is neither a local path nor a hub "
+                                f"name ({err}); {TOKENIZER_HINT}") from None
+    if cached.vocab_size == BERT_UNCASED_VOCAB_SIZE:
+        return cached
+    if not _hub_reachable():
+        raise FileNotFoundError(f"tokenizer {name_or_path!r} is neither a local path nor in the "
+                                f"Hugging Face cache, and the hub is not reachable; {TOKENIZER_HINT}")
+    return BertTokenizer.from_pretrained(name_or_path)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (skipped when offline mode is set)."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(hub_constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def tokenize(tokenizer: BertTokenizer, texts: Sequence[str], device: torch.device,
+             max_length: Optional[int] = None, padding: str = "longest"
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """texts -> (input_ids `[B, S]`, attention_mask `[B, S]`) on `device`, starting with
+    `[CLS]`, truncated to `max_length` when given."""
+    batch = tokenizer(list(texts), padding=padding, truncation=max_length is not None,
+                      max_length=max_length, return_tensors="pt")
+    return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+
+def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """A copy of `input_ids [B, S]` whose first token is `token_id` (`[ENC]` or `[DEC]`)."""
+    input_ids = input_ids.clone()
+    input_ids[:, 0] = token_id
+    return input_ids
+
+
+# text towers -------------------------------------------------------------------------
+def build_text_config(config: dict, tokenizer: BertTokenizer) -> BlipTextConfig:
+    """The BLIP "med" BERT configuration of the text towers.
+
+    Read from the JSON file at `config["med_config"]`, with the optional
+    `config["text_config"]` dict (med_config.json key names, plus `label_smoothing`)
+    merged over it; cross-attention reads video tokens of width `config["vision_width"]`.
+    """
+    med = _read_med_config(config.get("med_config", DEFAULT_MED_CONFIG))
+    med.update(config.get("text_config") or {})
+    if len(tokenizer) > med["vocab_size"]:
+        raise ValueError(f"text vocab_size {med['vocab_size']} is smaller than the tokenizer "
+                         f"({len(tokenizer)} tokens)")
+    return BlipTextConfig(
+        **{key: med[key] for key in MED_CONFIG_KEYS},
+        encoder_hidden_size=config["vision_width"],
+        is_decoder=True,  # gives every layer its cross-attention, as the "med" towers have
+        label_smoothing=med.get("label_smoothing", 0.1),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+    )
+
+
+def _read_med_config(path: str) -> dict:
+    """The med_config JSON; a relative path is tried from the working directory, then
+    from the repository root."""
+    candidates = [Path(path)] if Path(path).is_absolute() else [Path(path), REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            with open(candidate) as f:
+                return json.load(f)
+    raise FileNotFoundError(f"med_config {path!r} not found (looked at "
+                            f"{', '.join(str(c) for c in candidates)})")
+
+
+def build_text_encoder(text_config: BlipTextConfig) -> BlipTextModel:
+    """BERT encoder with cross-attention and no pooler (keys `embeddings.*`, `encoder.layer.*`)."""
+    return BlipTextModel(text_config, add_pooling_layer=False)
+
+
+def build_text_decoder(text_config: BlipTextConfig) -> BlipTextLMHeadModel:
+    """Causal BERT decoder with the LM head tied to its word embeddings (`bert.*`, `cls.*`)."""
+    return BlipTextLMHeadModel(text_config)
+
+
+def tie_decoder_to_encoder(encoder: BlipTextModel, decoder: BlipTextLMHeadModel) -> None:
+    """Make the decoder use the encoder's modules everywhere except self-attention, as
+    BLIP pre-training does; the LM head stays tied to the (now shared) word embeddings."""
+    decoder.bert.embeddings = encoder.embeddings
+    for encoder_layer, decoder_layer in zip(encoder.encoder.layer, decoder.bert.encoder.layer):
+        decoder_layer.crossattention = encoder_layer.crossattention
+        decoder_layer.intermediate = encoder_layer.intermediate
+        decoder_layer.output = encoder_layer.output
+    decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight
+
+
+def encode_text_only(encoder: BlipTextModel, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+    """Text mode (no cross-attention): `[B, S]` -> hidden states `[B, S, W]`."""
+    return encoder(input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def encode_grounded(encoder: BlipTextModel, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
+    """Video-grounded mode: every layer cross-attends to all video tokens `[B, N, D]`;
+    `[B, S]` -> hidden states `[B, S, W]`. Callers put `[ENC]` first."""
+    return encoder(input_ids, attention_mask=attention_mask,
+                   encoder_hidden_states=video_embeds).last_hidden_state

@@ -1,0 +1,125 @@
+"""Tokenizer ids, text configuration, and the BLIP "med" text towers."""
+import os
+
+import pytest
+import torch
+
+from models.text import (build_text_config, build_text_decoder, build_text_encoder,
+                         build_tokenizer, encode_grounded, encode_text_only,
+                         tie_decoder_to_encoder)
+from test_models import REPO_ROOT, tiny_config, vocab_file
+
+MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
+
+
+def test_tokenizer_adds_dec_and_enc_tokens():
+    for source in (vocab_file(), os.path.dirname(vocab_file())):
+        tokenizer = build_tokenizer(source)
+        assert len(tokenizer) == 30524
+        assert tokenizer.bos_token == "[DEC]" and tokenizer.bos_token_id == 30522
+        assert tokenizer.enc_token_id == 30523
+        assert tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [30522, 30523]
+        assert (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) == (101, 102, 0)
+        assert tokenizer("Hello World!").input_ids == [101, 7592, 2088, 999, 102]
+
+
+def test_tokenizer_errors_say_what_to_set(tmp_path):
+    hint = "set text_encoder in the config"
+    with pytest.raises(FileNotFoundError, match=hint):
+        build_tokenizer(str(tmp_path))  # a directory without vocab.txt
+    with pytest.raises(FileNotFoundError, match=hint):
+        build_tokenizer(str(tmp_path / "missing" / "vocab.txt"))
+    small_vocab = tmp_path / "vocab.txt"
+    small_vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n")
+    with pytest.raises(ValueError, match=hint):
+        build_tokenizer(str(small_vocab))
+
+
+def test_text_config_from_med_config():
+    tokenizer = build_tokenizer(vocab_file())
+    config = build_text_config({"med_config": MED_CONFIG, "vision_width": 768}, tokenizer)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (3072, 30524, 512)
+    assert config.encoder_hidden_size == 768 and config.layer_norm_eps == 1e-12
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
+    assert config.label_smoothing == 0.1 and config.is_decoder
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (30522, 102, 0)
+
+    tiny = build_text_config(tiny_config(vision_width=48), tokenizer)
+    assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.encoder_hidden_size) == (64, 2, 48)
+
+
+def med_layout_keys(layers: int) -> list:
+    """The `text_encoder.*` names of shared/spec/checkpoints.md, without the prefix."""
+    keys = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+            "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+    for i in range(layers):
+        for attention in ("attention", "crossattention"):
+            keys += [f"encoder.layer.{i}.{attention}.self.{name}.{p}"
+                     for name in ("query", "key", "value") for p in ("weight", "bias")]
+            keys += [f"encoder.layer.{i}.{attention}.output.{name}.{p}"
+                     for name in ("dense", "LayerNorm") for p in ("weight", "bias")]
+        keys += [f"encoder.layer.{i}.{name}.{p}" for name in ("intermediate.dense", "output.dense",
+                                                             "output.LayerNorm")
+                 for p in ("weight", "bias")]
+    return keys
+
+
+def tiny_text_config():
+    return build_text_config(tiny_config(), build_tokenizer(vocab_file()))
+
+
+def test_text_towers_load_blip_med_layout():
+    config = tiny_text_config()
+    encoder, decoder = build_text_encoder(config), build_text_decoder(config)
+    template = encoder.state_dict()
+    med_state = {key: torch.randn_like(template[key]) for key in med_layout_keys(2)}
+    med_state["embeddings.position_ids"] = torch.arange(512)[None]  # older files carry it
+    result = encoder.load_state_dict(med_state, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == ["embeddings.position_ids"]
+    torch.testing.assert_close(encoder.encoder.layer[1].crossattention.self.key.weight,
+                               med_state["encoder.layer.1.crossattention.self.key.weight"])
+
+    head = {"cls.predictions.bias": torch.randn(30524),
+            "cls.predictions.transform.dense.weight": torch.randn(64, 64),
+            "cls.predictions.transform.dense.bias": torch.randn(64),
+            "cls.predictions.transform.LayerNorm.weight": torch.randn(64),
+            "cls.predictions.transform.LayerNorm.bias": torch.randn(64),
+            "cls.predictions.decoder.weight": med_state["embeddings.word_embeddings.weight"]}
+    head["cls.predictions.decoder.bias"] = head["cls.predictions.bias"]
+    decoder_state = {**{f"bert.{key}": value for key, value in med_state.items()}, **head}
+    result = decoder.load_state_dict(decoder_state, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == ["bert.embeddings.position_ids"]
+    assert set(decoder.state_dict()) == set(decoder_state) - {"bert.embeddings.position_ids"}
+
+
+def test_text_only_grounded_and_causal_modes():
+    torch.manual_seed(0)
+    config = tiny_text_config()
+    encoder, decoder = build_text_encoder(config).eval(), build_text_decoder(config).eval()
+    input_ids = torch.tensor([[101, 7592, 2088, 999, 102]])
+    mask = torch.ones_like(input_ids)
+    video_a, video_b = torch.randn(1, 7, 64), torch.randn(1, 7, 64)
+    with torch.no_grad():
+        text_only = encode_text_only(encoder, input_ids, mask)
+        grounded_a = encode_grounded(encoder, input_ids, mask, video_a)
+        grounded_b = encode_grounded(encoder, input_ids, mask, video_b)
+        logits = decoder(input_ids, encoder_hidden_states=video_a).logits
+        changed = input_ids.clone()
+        changed[0, 3] = 2088
+        logits_changed = decoder(changed, encoder_hidden_states=video_a).logits
+    assert text_only.shape == (1, 5, 64) and logits.shape == (1, 5, 30524)
+    assert not torch.allclose(text_only, grounded_a)
+    assert not torch.allclose(grounded_a, grounded_b)
+    torch.testing.assert_close(logits[:, :3], logits_changed[:, :3])  # causal: no look-ahead
+    assert not torch.allclose(logits[:, 3:], logits_changed[:, 3:])
+
+
+def test_tied_decoder_shares_everything_but_self_attention():
+    config = tiny_text_config()
+    encoder, decoder = build_text_encoder(config), build_text_decoder(config)
+    tie_decoder_to_encoder(encoder, decoder)
+    encoder_params = {id(p) for p in encoder.parameters()}
+    unshared = {name for name, p in decoder.named_parameters() if id(p) not in encoder_params}
+    assert unshared and all(".attention." in name or name.startswith("cls.") for name in unshared)
+    assert decoder.cls.predictions.decoder.weight is encoder.embeddings.word_embeddings.weight
