@@ -91,7 +91,13 @@ def time_alternately(setups: List[tuple], runs: int, train: bool) -> List[float]
 
 
 def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak
+    # across fork + exec.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def _current_rss_mb() -> float:
@@ -134,9 +140,10 @@ def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool) -
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
-    peak = queue.get()
     child.join()
-    return round(peak, 1)
+    if child.exitcode != 0:
+        raise RuntimeError(f"peak-memory child process failed (exit code {child.exitcode})")
+    return round(queue.get(timeout=60), 1)
 
 
 def measure(configs: List[dict], runs: int, device: str, dtype: torch.dtype, train: bool

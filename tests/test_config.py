@@ -1,0 +1,99 @@
+"""Config validation: the shipped configs pass their script's schema; misspelled,
+missing, mistyped and out-of-range keys are reported with the file (or `--opts`) and the
+key; `--opts` values are read as YAML."""
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+import train_retrieval
+from utils import (PRETRAIN_SCHEMA, RETRIEVAL_SCHEMA, VIDEOQA_SCHEMA, ConfigError, parse_opts,
+                   resolve_config)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SCHEMAS = {"retrieval": RETRIEVAL_SCHEMA, "vqa": VIDEOQA_SCHEMA, "pretrain": PRETRAIN_SCHEMA}
+
+
+def write_config(path: Path, **changes) -> str:
+    """configs/retrieval_queryd_f32.yaml with `changes` (None removes a key) at `path`."""
+    config = YAML(typ="safe").load((CONFIGS / "retrieval_queryd_f32.yaml").read_text())
+    for name, value in changes.items():
+        if value is None:
+            config.pop(name)
+        else:
+            config[name] = value
+    YAML(typ="safe").dump(config, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_pass_their_schema(path):
+    schema = SCHEMAS[path.name.split("_")[0]]
+    config = resolve_config(str(path), [], schema)
+    assert set(config) == set(schema)
+
+
+def test_defaults_fill_optional_keys(tmp_path):
+    config = resolve_config(write_config(tmp_path / "c.yaml"), [], RETRIEVAL_SCHEMA)
+    assert config["seed"] == 42 and config["accum_steps"] == 1 and config["amp"] == "bf16"
+    assert config["k_test_batch_size"] == 64 and config["text_config"] is None
+
+
+def test_misspelled_key_names_file_and_suggestion(tmp_path):
+    path = write_config(tmp_path / "x.yaml", max_epochs=10)
+    with pytest.raises(ConfigError) as err:
+        resolve_config(path, [], RETRIEVAL_SCHEMA)
+    assert str(err.value) == f"{path}: unknown key 'max_epochs' (did you mean 'max_epoch'?)"
+
+
+def test_missing_required_key_names_file(tmp_path):
+    path = write_config(tmp_path / "x.yaml", ann_root=None)
+    with pytest.raises(ConfigError, match=r"x\.yaml: missing required key 'ann_root'$"):
+        resolve_config(path, [], RETRIEVAL_SCHEMA)
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    path = write_config(tmp_path / "x.yaml", max_epoch="ten")
+    with pytest.raises(ConfigError, match=r"x\.yaml: max_epoch must be int, got 'ten'"):
+        resolve_config(path, [], RETRIEVAL_SCHEMA)
+    bad_choice = r"--opts: amp must be one of bf16, fp16, none, got 'fp8'"
+    with pytest.raises(ConfigError, match=bad_choice):
+        resolve_config(write_config(tmp_path / "y.yaml"), ["amp=fp8"], RETRIEVAL_SCHEMA)
+    with pytest.raises(ConfigError, match="token_merging must be bool, got 1"):
+        resolve_config(write_config(tmp_path / "z.yaml", token_merging=1), [], RETRIEVAL_SCHEMA)
+
+
+def test_opts_are_yaml_values():
+    opts = ["max_epoch=2", "testa_r=[1,12]", "init_lr=1e-4", "amp=none", "pretrained=null",
+            "text_config={hidden_size: 64}", "vit_grad_ckpt=True"]
+    assert parse_opts(opts) == {
+        "max_epoch": 2, "testa_r": [1, 12], "init_lr": 1e-4, "amp": "none", "pretrained": None,
+        "text_config": {"hidden_size": 64}, "vit_grad_ckpt": True}
+
+
+def test_opts_override_the_file_and_are_validated(tmp_path):
+    path = write_config(tmp_path / "c.yaml")
+    config = resolve_config(path, ["max_epoch=2", "testa_r=[1,12]"], RETRIEVAL_SCHEMA)
+    assert config["max_epoch"] == 2 and config["testa_r"] == [1, 12]
+    unknown = r"^--opts: unknown key 'k_tests' \(did you mean 'k_test'\?\)$"
+    with pytest.raises(ConfigError, match=unknown):
+        resolve_config(path, ["k_tests=3"], RETRIEVAL_SCHEMA)
+    with pytest.raises(ConfigError, match="^--opts: expected key=value, got 'max_epoch'$"):
+        resolve_config(path, ["max_epoch"], RETRIEVAL_SCHEMA)
+
+
+def test_unreadable_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve_config(str(tmp_path / "absent.yaml"), [], RETRIEVAL_SCHEMA)
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        resolve_config(str(tmp_path / "list.yaml"), [], RETRIEVAL_SCHEMA)
+
+
+def test_script_exits_with_one_line_error(tmp_path):
+    path = write_config(tmp_path / "x.yaml", weight_decy=0.05)
+    with pytest.raises(SystemExit) as exit_info:
+        train_retrieval.main(["--config", path, "--output_dir", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert message == f"error: {path}: unknown key 'weight_decy' (did you mean 'weight_decay'?)"
+    assert "\n" not in message
