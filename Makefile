@@ -11,5 +11,8 @@ install:
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
+demo: install
+	$(PYTHON) tools/demo.py
+
 test-fast: install
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ import argparse
 import difflib
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -93,6 +94,7 @@ TEXT_KEYS: Schema = {
     "text_encoder": Key(str, "bert-base-uncased"),
     "med_config": Key(str, "configs/med_config.json"),
     "text_config": Key((dict, NONE), None),
+    "text_init": Key((str, NONE), None),
 }
 RUN_KEYS: Schema = {
     "pretrained": Key((str, NONE), None),
@@ -309,6 +311,9 @@ def start_run(args: argparse.Namespace, schema: Schema,
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run = Run(config, output_dir, device, build_precision(config["amp"], device))
+    # the models' one-line reports (e.g. text_init) on rank 0; warnings on every rank
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)
     if run.is_main:
         save_config(config, output_dir / "config.yaml")
     seed_everything(config["seed"])  # the same initial weights on every rank

@@ -28,8 +28,14 @@ def build_datasets(config: dict):
 
 
 def summarize(*datasets) -> str:
-    """The bad-data summaries of the given datasets (None entries ignored), one per line."""
-    return "\n".join(dataset.summary() for dataset in datasets if dataset is not None)
+    """The bad-data summaries of the given datasets (None entries ignored), one line per
+    dataset that has any; a single line when none has."""
+    present = [dataset for dataset in datasets if dataset is not None]
+    affected = [dataset.summary() for dataset in present
+                if dataset.issues.num_skipped or dataset.issues.num_decode_failures]
+    if affected:
+        return "\n".join(affected)
+    return "no bad data: " + ", ".join(dataset.issues.name for dataset in present)
 
 
 __all__ = [

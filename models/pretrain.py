@@ -26,7 +26,7 @@ class PretrainModel(MomentumVideoTextModel):
         super().__init__(config)
         embed_dim = config.get("embed_dim", 256)
         queue_size = config.get("queue_size", 57600)
-        self.text_decoder = build_text_decoder(self.text_encoder.config)
+        self.text_decoder = build_text_decoder(self.text_encoder.config, config.get("text_init"))
         tie_decoder_to_encoder(self.text_encoder, self.text_decoder)
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))

@@ -31,7 +31,7 @@ class MomentumVideoTextModel(nn.Module):
         self.momentum = config.get("momentum", 0.995)
 
         self.visual_encoder = build_video_encoder(config)
-        self.text_encoder = build_text_encoder(text_config)
+        self.text_encoder = build_text_encoder(text_config, config.get("text_init"))
         vision_width, text_width = self.visual_encoder.embed_dim, text_config.hidden_size
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)

@@ -25,8 +25,8 @@ class VideoQAModel(nn.Module):
         text_config = build_text_config(config, self.tokenizer)
         self.max_question_len = config.get("max_question_len", 35)
         self.visual_encoder = build_video_encoder(config)
-        self.text_encoder = build_text_encoder(text_config)
-        self.text_decoder = build_text_decoder(text_config)
+        self.text_encoder = build_text_encoder(text_config, config.get("text_init"))
+        self.text_decoder = build_text_decoder(text_config, config.get("text_init"))
         self._answer_cache: Optional[Tuple[Tuple[str, ...], torch.Tensor, torch.Tensor]] = None
 
     def encode_questions(self, video: torch.Tensor, questions: Sequence[str]

@@ -36,12 +36,20 @@ def synthetic(tmp_path_factory) -> str:
 
 def test_synthetic_is_deterministic_per_seed(synthetic, tmp_path):
     make_synthetic.main(["--out", str(tmp_path), "--videos", "10", "--seed", "3", "--workers", "1"])
-    for folder in ("videos", "annotations"):
-        names = sorted(os.listdir(os.path.join(synthetic, folder)))
-        assert names == sorted(os.listdir(tmp_path / folder))
-        match, mismatch, errors = filecmp.cmpfiles(os.path.join(synthetic, folder), tmp_path / folder,
-                                                   names, shallow=False)
-        assert not mismatch and not errors
+    names = sorted(os.listdir(os.path.join(synthetic, "annotations")))
+    assert names == sorted(os.listdir(tmp_path / "annotations"))
+    match, mismatch, errors = filecmp.cmpfiles(os.path.join(synthetic, "annotations"),
+                                               tmp_path / "annotations", names, shallow=False)
+    assert not mismatch and not errors
+    # x264 is not bit-exact across processes here, so videos are compared decoded
+    names = sorted(os.listdir(os.path.join(synthetic, "videos")))
+    assert names == sorted(os.listdir(tmp_path / "videos"))
+    for name in names:
+        first = decord.VideoReader(os.path.join(synthetic, "videos", name))
+        second = decord.VideoReader(str(tmp_path / "videos" / name))
+        assert len(first) == len(second)
+        difference = (first[:].asnumpy().astype(int) - second[:].asnumpy().astype(int))
+        assert abs(difference).max() <= 4, name
     other = make_synthetic.make_spec(0, 4, make_synthetic.first_event_keys(4), (16, 32))
     assert other != make_synthetic.make_spec(0, 3, make_synthetic.first_event_keys(3), (16, 32))
 

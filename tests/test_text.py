@@ -123,3 +123,53 @@ def test_tied_decoder_shares_everything_but_self_attention():
     unshared = {name for name, p in decoder.named_parameters() if id(p) not in encoder_params}
     assert unshared and all(".attention." in name or name.startswith("cls.") for name in unshared)
     assert decoder.cls.predictions.decoder.weight is encoder.embeddings.word_embeddings.weight
+
+
+MINILM = os.path.dirname(vocab_file())  # all-MiniLM-L6-v2: a real 6-layer, width-384 BERT
+
+
+def minilm_text_config(num_layers: int):
+    sizes = dict(hidden_size=384, num_hidden_layers=num_layers, num_attention_heads=12,
+                 intermediate_size=1536)
+    return build_text_config({"med_config": MED_CONFIG, "vision_width": 64,
+                              "text_config": sizes}, build_tokenizer(vocab_file()))
+
+
+def test_text_tower_from_bert_computes_what_the_bert_computes():
+    """A BLIP tower initialised from a BERT checkpoint reproduces transformers' BertModel
+    (token-type embedding folded into the positions), text-only, in float64."""
+    from transformers import BertModel
+    bert = BertModel.from_pretrained(MINILM).double().eval()
+    tower = build_text_encoder(minilm_text_config(6), MINILM).double().eval()
+    decoder = build_text_decoder(minilm_text_config(6), MINILM)
+    tokenizer = build_tokenizer(vocab_file())
+    batch = tokenizer(["a large blue triangle moves up.", "on a navy background, a cat"],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        ours = encode_text_only(tower, batch.input_ids, batch.attention_mask)
+    mask = batch.attention_mask.bool()
+    assert (ours - expected.last_hidden_state)[mask].abs().max() < 1e-6  # fp32 fold
+    assert torch.equal(decoder.bert.encoder.layer[5].output.dense.weight.double(),
+                       bert.encoder.layer[5].output.dense.weight)
+    # the [DEC]/[ENC] rows and the cross-attention keep their initialisation
+    fresh = build_text_encoder(minilm_text_config(6))
+    assert not torch.equal(tower.embeddings.word_embeddings.weight[30521].float(),
+                           fresh.embeddings.word_embeddings.weight[30521])
+    assert tower.encoder.layer[0].crossattention.self.key.weight.shape == (384, 64)
+
+
+def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(tmp_path):
+    from transformers import BertModel
+    bert = BertModel.from_pretrained(MINILM)
+    tower = build_text_encoder(minilm_text_config(2), MINILM)
+    assert torch.equal(tower.encoder.layer[1].attention.self.query.weight,
+                       bert.encoder.layer[1].attention.self.query.weight)
+    with pytest.raises(ValueError, match="hidden_size|shape"):
+        build_text_encoder(build_text_config(tiny_config(), build_tokenizer(vocab_file())), MINILM)
+    with pytest.raises(FileNotFoundError, match="text_init .*missing"):
+        build_text_encoder(minilm_text_config(2), str(tmp_path / "missing"))
+    not_bert = tmp_path / "weights.pth"
+    torch.save({"visual_encoder.cls_token": torch.zeros(1)}, not_bert)
+    with pytest.raises(ValueError, match="not a BERT checkpoint"):
+        build_text_encoder(minilm_text_config(2), str(not_bert))

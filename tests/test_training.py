@@ -101,7 +101,7 @@ def test_training_writes_checkpoints_logs_and_config(straight_run):
     assert epochs[1]["train_lr"] == pytest.approx(cosine_lr(1, 2, 1e-3, 0.0))
     assert read_log(output_dir, "step")[0]["step"] == 0
     assert YAML(typ="safe").load(output_dir / "config.yaml")["max_epoch"] == 2
-    assert "retrieval_activitynet/train: no bad data" in printed
+    assert "no bad data: retrieval_activitynet/train" in printed
     assert "loaded checkpoint_best.pth:" in printed
 
 

@@ -42,8 +42,8 @@ def video_shape(config: dict, batch: int = 1) -> tuple:
     return (batch, 3, config["num_frames"], size, size)
 
 
-def count(config: dict) -> Dict[str, float]:
-    """GMACs and token counts of one forward, on the meta device."""
+def count(config: dict, decimals: int = 1) -> Dict[str, float]:
+    """GMACs (rounded to `decimals`) and token counts of one forward, on the meta device."""
     with torch.device("meta"):
         encoder = build_video_encoder(config)
         video = torch.empty(video_shape(config))
@@ -51,7 +51,7 @@ def count(config: dict) -> Dict[str, float]:
             tokens = encoder(video)
     num_frames, size = config["num_frames"], config["image_size"]
     tokens_in = 1 + num_frames * (size // config["patch_size"]) ** 2
-    return {"gmacs": round(counter.get_total_flops() / 2e9, 1),
+    return {"gmacs": round(counter.get_total_flops() / 2e9, decimals),
             "tokens_in": tokens_in, "tokens_out": tokens.shape[1]}
 
 

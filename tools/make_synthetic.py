@@ -37,7 +37,7 @@ BACKGROUNDS = {
     "lavender": (185, 170, 225),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-SIZES = {"small": 0.11, "large": 0.2}  # half-extent of the shape, as a fraction of the frame side
+SIZES = {"small": 0.16, "large": 0.26}  # half-extent of the shape, as a fraction of the frame side
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 NUMBER_WORDS = {3: "three", 4: "four", 5: "five"}
 MIN_CONTRAST = 120.0  # RGB distance between a shape colour and its background
@@ -131,7 +131,8 @@ def video_codec() -> str:
 
 
 def write_video(path: str, frames, size: int, fps: int) -> None:
-    """Encode RGB frames to `path` (single-threaded, so the bytes depend on the frames only)."""
+    """Encode RGB frames to `path` (single-threaded; the decoded frames depend on the seed
+    only, the bytes may differ between runs by encoder rounding)."""
     codec = video_codec()
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=fps)
