@@ -173,12 +173,16 @@ def read_bert_state_dict(path: str) -> dict:
         path = found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text_init {path}: no such file or directory")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+    except Exception as err:  # the loaders raise many kinds for damaged files
+        raise ValueError(f"text_init {path}: not a readable BERT checkpoint "
+                         f"({type(err).__name__})") from None
     if not isinstance(state, dict) or not any(k.endswith("word_embeddings.weight") for k in state):
         raise ValueError(f"text_init {path}: not a BERT checkpoint (no word_embeddings.weight)")
     return {key.removeprefix("bert."): value for key, value in state.items()}
