@@ -115,6 +115,7 @@ FINETUNE_DATA_KEYS: Schema = {
     "num_frm_test": Key(int),
     "frm_sampling_strategy": Key(str, "uniform"),
     "augment": Key(bool, False),
+    "cache_clips": Key(bool, False),
     "batch_size_train": Key(int),
     "batch_size_test": Key(int),
 }
@@ -213,6 +214,9 @@ def resolve_config(path: str, opts: Sequence[str], schema: Schema,
         problem = value_problem(name, value, schema[name])
         if problem:
             raise ConfigError(f"{'--opts' if name in opt_config else path}: {problem}")
+    if config.get("cache_clips") and config.get("num_workers", schema["num_workers"].default) > 0:
+        raise ConfigError(f"{path}: cache_clips keeps the decoded clips in the main process; "
+                          "it needs num_workers: 0")
     defaults = {name: key.default for name, key in schema.items() if name not in config}
     return {**config, **defaults}
 
@@ -448,7 +452,9 @@ def build_optimizer(model: nn.Module, config: Mapping[str, Any],
     else:
         groups = [{"params": [p for n, p in named if not is_norm_or_bias(n)]},
                   {"params": [p for n, p in named if is_norm_or_bias(n)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config["init_lr"], weight_decay=config["weight_decay"])
+    fused = all(p.device.type in ("cpu", "cuda") for _, p in named)  # one kernel for all tensors
+    return torch.optim.AdamW(groups, lr=config["init_lr"], weight_decay=config["weight_decay"],
+                             fused=fused)
 
 
 def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:

@@ -7,7 +7,7 @@ from einops import rearrange
 from torch.utils.data import Dataset
 
 from .issues import DataIssues
-from .video import VideoDecodeError, read_frames
+from .video import RANDOM_STRATEGIES, VideoDecodeError, read_frames
 
 ClipTransform = Callable[[torch.Tensor, random.Random], torch.Tensor]
 
@@ -20,6 +20,14 @@ def item_rng() -> random.Random:
 def stack_clips(clips: list[torch.Tensor]) -> torch.Tensor:
     """B clips `[T, 3, H, W]` -> one batch `[B, 3, T, H, W]` (channels before time)."""
     return rearrange(torch.stack(clips), "b t c h w -> b c t h w")
+
+
+def with_clip_cache(config: dict, datasets: tuple) -> tuple:
+    """`datasets`, each keeping its decoded clips in memory when `config["cache_clips"]`."""
+    if config.get("cache_clips", False):
+        for dataset in datasets:
+            dataset.keep_decoded_clips()
+    return datasets
 
 
 class ClipDataset(Dataset):
@@ -40,7 +48,16 @@ class ClipDataset(Dataset):
         self.strategy = strategy
         self.size = size
         self.transform = transform
+        self.decoded_clips: dict[int, torch.Tensor] | None = None
         issues.track_videos(len(video))
+
+    def keep_decoded_clips(self) -> None:
+        """Decode each video once and keep its uint8 frames in memory (`cache_clips`, for small
+        datasets); transforms still run on every read. Needs a deterministic frame sampling."""
+        if self.strategy in RANDOM_STRATEGIES:
+            raise ValueError(f"{self.issues.name}: cache_clips needs a deterministic frame sampling, "
+                             f"not the random {self.strategy!r}")
+        self.decoded_clips = {}
 
     def video_index_of(self, index: int) -> int:
         raise NotImplementedError
@@ -50,7 +67,12 @@ class ClipDataset(Dataset):
 
     def read_clip(self, video_index: int, rng: random.Random) -> torch.Tensor:
         """uint8 `[T, 3, H, W]`."""
-        return read_frames(self.video[video_index], self.num_frm, self.strategy, self.size, rng)
+        if self.decoded_clips is None:
+            return read_frames(self.video[video_index], self.num_frm, self.strategy, self.size, rng)
+        if video_index not in self.decoded_clips:
+            self.decoded_clips[video_index] = read_frames(
+                self.video[video_index], self.num_frm, self.strategy, self.size, rng)
+        return self.decoded_clips[video_index]
 
     def load_clip(self, video_index: int, rng: random.Random) -> torch.Tensor:
         """float `[T, 3, H, W]`, transformed and normalised."""

@@ -7,7 +7,7 @@ import torch
 
 from .annotations import (first_existing, iter_csv, iter_jsonl, load_json_list, require_file,
                           string_fields)
-from .base import ClipDataset, ClipTransform, stack_clips
+from .base import ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
 from .text import pre_caption
 from .transforms import FinetuneTransform
@@ -207,4 +207,4 @@ def build_retrieval_datasets(config: dict):
         return RetrievalEvalDataset(issues, pairs, config["max_words"], config["num_frm_test"],
                                     "uniform", config["image_size"], FinetuneTransform(False))
 
-    return build("train", True), build("val", False), build("test", False)
+    return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))

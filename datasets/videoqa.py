@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .annotations import first_existing, load_json_list, string_fields
-from .base import ClipDataset, ClipTransform, stack_clips
+from .base import ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
 from .text import pre_question
 from .transforms import FinetuneTransform
@@ -136,4 +136,4 @@ def build_videoqa_datasets(config: dict):
             issues, config["ann_root"], config["video_root"], split, config["max_question_len"],
             config["num_frm_test"], "uniform", config["image_size"], FinetuneTransform(False))
 
-    return build("train", True), build("val", False), build("test", False)
+    return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))

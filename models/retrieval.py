@@ -101,9 +101,12 @@ class MomentumVideoTextModel(nn.Module):
     @torch.no_grad()
     def momentum_update(self) -> None:
         """`p_m <- momentum * p_m + (1 - momentum) * p` for every tower parameter."""
+        params, params_m = [], []
         for tower, tower_m in self._tower_pairs():
-            for param, param_m in zip(tower.parameters(), tower_m.parameters()):
-                param_m.mul_(self.momentum).add_(param.detach(), alpha=1.0 - self.momentum)
+            params += [param.detach() for param in tower.parameters()]
+            params_m += list(tower_m.parameters())
+        torch._foreach_mul_(params_m, self.momentum)  # one fused kernel per list, not per tensor
+        torch._foreach_add_(params_m, params, alpha=1.0 - self.momentum)
 
     def matching_loss(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, negatives: "HardNegatives") -> torch.Tensor:

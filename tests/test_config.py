@@ -83,6 +83,14 @@ def test_opts_override_the_file_and_are_validated(tmp_path):
         resolve_config(path, ["max_epoch"], RETRIEVAL_SCHEMA)
 
 
+def test_cache_clips_needs_the_main_process(tmp_path):
+    path = write_config(tmp_path / "x.yaml", cache_clips=True)
+    with pytest.raises(ConfigError, match=r"x\.yaml: cache_clips keeps the decoded clips in the main "
+                                          r"process; it needs num_workers: 0$"):
+        resolve_config(path, ["num_workers=2"], RETRIEVAL_SCHEMA)
+    assert resolve_config(path, ["num_workers=0"], RETRIEVAL_SCHEMA)["cache_clips"] is True
+
+
 def test_unreadable_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         resolve_config(str(tmp_path / "absent.yaml"), [], RETRIEVAL_SCHEMA)

@@ -2,6 +2,7 @@
 import filecmp
 import importlib.util
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -34,6 +35,10 @@ def synthetic(tmp_path_factory) -> str:
     return out
 
 
+def rendered(spec) -> np.ndarray:
+    return np.stack(list(make_synthetic.render(spec, 112)))
+
+
 def test_synthetic_is_deterministic_per_seed(synthetic, tmp_path):
     make_synthetic.main(["--out", str(tmp_path), "--videos", "10", "--seed", "3", "--workers", "1"])
     names = sorted(os.listdir(os.path.join(synthetic, "annotations")))
@@ -41,7 +46,14 @@ def test_synthetic_is_deterministic_per_seed(synthetic, tmp_path):
     match, mismatch, errors = filecmp.cmpfiles(os.path.join(synthetic, "annotations"),
                                                tmp_path / "annotations", names, shallow=False)
     assert not mismatch and not errors
-    # x264 is not bit-exact across processes here, so videos are compared decoded
+    # the rendered frames are a function of the seed, in any process
+    keys = make_synthetic.first_event_keys(3)
+    specs = [make_synthetic.make_spec(i, 3, keys, (16, 32)) for i in range(10)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        in_workers = pool.map(rendered, specs, chunksize=4)
+    assert all(np.array_equal(rendered(spec), frames) for spec, frames in zip(specs, in_workers))
+    # x264 may round a block differently in a pool worker (seen here: 1 video of 10, mean
+    # difference 0.16 grey levels), so the encoded videos are compared decoded, on average
     names = sorted(os.listdir(os.path.join(synthetic, "videos")))
     assert names == sorted(os.listdir(tmp_path / "videos"))
     for name in names:
@@ -49,7 +61,7 @@ def test_synthetic_is_deterministic_per_seed(synthetic, tmp_path):
         second = decord.VideoReader(str(tmp_path / "videos" / name))
         assert len(first) == len(second)
         difference = (first[:].asnumpy().astype(int) - second[:].asnumpy().astype(int))
-        assert abs(difference).max() <= 4, name
+        assert abs(difference).mean() < 0.5, name
     other = make_synthetic.make_spec(0, 4, make_synthetic.first_event_keys(4), (16, 32))
     assert other != make_synthetic.make_spec(0, 3, make_synthetic.first_event_keys(3), (16, 32))
 

@@ -284,6 +284,31 @@ def test_activitynet_paragraphs_and_test_uses_val(tmp_path, videos):
     check_eval_maps(test)
 
 
+def test_cache_clips_decodes_each_video_once(tmp_path, videos):
+    config = base_config(tmp_path, "retrieval_activitynet", cache_clips=True)
+    write_activitynet(tmp_path / "ann", {
+        "train": [{"video": "v_a.mp4", "caption": ["first."]}, {"video": "v_a.mp4", "caption": ["second."]}],
+        "val": [{"video": "v_a.mp4", "caption": ["one."]}]})
+    video = tmp_path / "videos" / "v_a.mp4"
+    video.write_bytes(open(videos["long"], "rb").read())
+    train, val, _ = datasets.build_datasets(config)
+    first_clip, first_val = train[0][0], val[0][0]
+    video.unlink()  # a second decode would now fail and be counted
+    assert torch.equal(train[1][0], first_clip) and torch.equal(val[0][0], first_val)
+    assert train.num_decode_failures == val.num_decode_failures == 0
+    assert frame_numbers(train.decoded_clips[0]) == [0, 10, 20, 30]  # uint8 frames, before normalising
+
+
+def test_cache_clips_refuses_random_sampling(tmp_path, videos):
+    config = base_config(tmp_path, "retrieval_activitynet", cache_clips=True, frm_sampling_strategy="rand")
+    write_activitynet(tmp_path / "ann", {"train": [{"video": "v_a.mp4", "caption": ["first."]}],
+                                         "val": [{"video": "v_a.mp4", "caption": ["one."]}]})
+    link(videos["long"], tmp_path / "videos" / "v_a.mp4")
+    with pytest.raises(ValueError, match="retrieval_activitynet/train: cache_clips needs a deterministic "
+                                         "frame sampling, not the random 'rand'"):
+        datasets.build_datasets(config)
+
+
 def write_csv(path, rows, fields) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -58,7 +58,7 @@ def ensure_dataset(mode: Mode) -> None:
         return
     print(f"dataset: generating {mode.videos} synthetic videos in {mode.data}")
     subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_synthetic.py"),
-                    "--out", str(mode.data), "--videos", str(mode.videos), "--seed", "0",
+                    "--out", str(mode.data), "--videos", str(mode.videos), "--seed", "0", "--size", "64",
                     "--val-fraction", str(mode.test_videos / mode.videos)], check=True)
 
 
