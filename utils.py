@@ -214,11 +214,12 @@ def resolve_config(path: str, opts: Sequence[str], schema: Schema,
         problem = value_problem(name, value, schema[name])
         if problem:
             raise ConfigError(f"{'--opts' if name in opt_config else path}: {problem}")
-    if config.get("cache_clips") and config.get("num_workers", schema["num_workers"].default) > 0:
+    defaults = {name: key.default for name, key in schema.items() if name not in config}
+    resolved = {**config, **defaults}
+    if resolved.get("cache_clips") and resolved["num_workers"] > 0:
         raise ConfigError(f"{path}: cache_clips keeps the decoded clips in the main process; "
                           "it needs num_workers: 0")
-    defaults = {name: key.default for name, key in schema.items() if name not in config}
-    return {**config, **defaults}
+    return resolved
 
 
 def save_config(config: Mapping[str, Any], path: Path) -> None:

@@ -67,12 +67,12 @@ class ClipDataset(Dataset):
 
     def read_clip(self, video_index: int, rng: random.Random) -> torch.Tensor:
         """uint8 `[T, 3, H, W]`."""
-        if self.decoded_clips is None:
-            return read_frames(self.video[video_index], self.num_frm, self.strategy, self.size, rng)
-        if video_index not in self.decoded_clips:
-            self.decoded_clips[video_index] = read_frames(
-                self.video[video_index], self.num_frm, self.strategy, self.size, rng)
-        return self.decoded_clips[video_index]
+        if self.decoded_clips is not None and video_index in self.decoded_clips:
+            return self.decoded_clips[video_index]
+        clip = read_frames(self.video[video_index], self.num_frm, self.strategy, self.size, rng)
+        if self.decoded_clips is not None:
+            self.decoded_clips[video_index] = clip
+        return clip
 
     def load_clip(self, video_index: int, rng: random.Random) -> torch.Tensor:
         """float `[T, 3, H, W]`, transformed and normalised."""
