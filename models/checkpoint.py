@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
+from models.resize import grid_side, resize_along_time, resize_patch_grid
 from models.video_encoder import VideoEncoder
 
 # missing keys that image (BLIP) checkpoints cannot provide: new layers keep their init
@@ -228,19 +227,11 @@ def _resize_pos_embed(pos_embed: torch.Tensor, shape: torch.Size, key: str,
                       path: str) -> torch.Tensor:
     """`[1, 1+L0, D]` -> `[1, 1+L, D]`: the square patch grid resized bicubically (as
     BLIP does), the class slot kept."""
-    old_side, new_side = _grid_side(pos_embed.shape[1] - 1), _grid_side(shape[1] - 1)
+    old_side, new_side = grid_side(pos_embed.shape[1] - 1), grid_side(shape[1] - 1)
     if old_side is None or new_side is None or pos_embed.shape[2] != shape[2]:
         raise CheckpointError(f"{path}: {key} has shape {tuple(pos_embed.shape)}, which cannot "
                               f"be resized to the model's {tuple(shape)}")
-    grid = rearrange(pos_embed[:, 1:].float(), "1 (h w) d -> 1 d h w", h=old_side)
-    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    patches = rearrange(grid, "1 d h w -> 1 (h w) d").to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], patches], dim=1)
-
-
-def _grid_side(num_patches: int) -> Optional[int]:
-    side = round(num_patches ** 0.5)
-    return side if side * side == num_patches else None
+    return resize_patch_grid(pos_embed, (new_side, new_side), mode="bicubic")
 
 
 def _resize_along_time(embed: torch.Tensor, shape: torch.Size, key: str,
@@ -249,9 +240,7 @@ def _resize_along_time(embed: torch.Tensor, shape: torch.Size, key: str,
     if embed.dim() != 3 or embed.shape[0] != 1 or embed.shape[2] != shape[2]:
         raise CheckpointError(f"{path}: {key} has shape {tuple(embed.shape)}, which cannot "
                               f"be resized to the model's {tuple(shape)}")
-    resized = F.interpolate(rearrange(embed.float(), "1 t c -> 1 c t"), size=shape[1],
-                            mode="nearest")
-    return rearrange(resized, "1 c t -> 1 t c").to(embed.dtype)
+    return resize_along_time(embed, shape[1])
 
 
 def _check_shapes(path: str, state_dict: Mapping[str, torch.Tensor],

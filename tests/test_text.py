@@ -1,5 +1,5 @@
 """Tokenizer ids, text configuration, and the BLIP "med" text towers."""
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,13 +7,13 @@ import torch
 from models.text import (build_text_config, build_text_decoder, build_text_encoder,
                          build_tokenizer, encode_grounded, encode_text_only,
                          tie_decoder_to_encoder)
-from test_models import REPO_ROOT, tiny_config, vocab_file
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
 
 
-def test_tokenizer_adds_dec_and_enc_tokens():
-    for source in (vocab_file(), os.path.dirname(vocab_file())):
+def test_tokenizer_adds_dec_and_enc_tokens(vocab, minilm):
+    for source in (vocab, minilm):
         tokenizer = build_tokenizer(source)
         assert len(tokenizer) == 30524
         assert tokenizer.bos_token == "[DEC]" and tokenizer.bos_token_id == 30522
@@ -35,8 +35,8 @@ def test_tokenizer_errors_say_what_to_set(tmp_path):
         build_tokenizer(str(small_vocab))
 
 
-def test_text_config_from_med_config():
-    tokenizer = build_tokenizer(vocab_file())
+def test_text_config_from_med_config(tiny_config, vocab):
+    tokenizer = build_tokenizer(vocab)
     config = build_text_config({"med_config": MED_CONFIG, "vision_width": 768}, tokenizer)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
     assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (3072, 30524, 512)
@@ -65,12 +65,13 @@ def med_layout_keys(layers: int) -> list:
     return keys
 
 
-def tiny_text_config():
-    return build_text_config(tiny_config(), build_tokenizer(vocab_file()))
+@pytest.fixture
+def tiny_text_config(tiny_config, vocab):
+    return build_text_config(tiny_config(), build_tokenizer(vocab))
 
 
-def test_text_towers_load_blip_med_layout():
-    config = tiny_text_config()
+def test_text_towers_load_blip_med_layout(tiny_text_config):
+    config = tiny_text_config
     encoder, decoder = build_text_encoder(config), build_text_decoder(config)
     template = encoder.state_dict()
     med_state = {key: torch.randn_like(template[key]) for key in med_layout_keys(2)}
@@ -93,9 +94,9 @@ def test_text_towers_load_blip_med_layout():
     assert set(decoder.state_dict()) == set(decoder_state) - {"bert.embeddings.position_ids"}
 
 
-def test_text_only_grounded_and_causal_modes():
+def test_text_only_grounded_and_causal_modes(tiny_text_config):
     torch.manual_seed(0)
-    config = tiny_text_config()
+    config = tiny_text_config
     encoder, decoder = build_text_encoder(config).eval(), build_text_decoder(config).eval()
     input_ids = torch.tensor([[101, 7592, 2088, 999, 102]])
     mask = torch.ones_like(input_ids)
@@ -115,8 +116,8 @@ def test_text_only_grounded_and_causal_modes():
     assert not torch.allclose(logits[:, 3:], logits_changed[:, 3:])
 
 
-def test_tied_decoder_shares_everything_but_self_attention():
-    config = tiny_text_config()
+def test_tied_decoder_shares_everything_but_self_attention(tiny_text_config):
+    config = tiny_text_config
     encoder, decoder = build_text_encoder(config), build_text_decoder(config)
     tie_decoder_to_encoder(encoder, decoder)
     encoder_params = {id(p) for p in encoder.parameters()}
@@ -125,24 +126,25 @@ def test_tied_decoder_shares_everything_but_self_attention():
     assert decoder.cls.predictions.decoder.weight is encoder.embeddings.word_embeddings.weight
 
 
-MINILM = os.path.dirname(vocab_file())  # all-MiniLM-L6-v2: a real 6-layer, width-384 BERT
+@pytest.fixture
+def minilm_text_config(vocab):
+    """`minilm_text_config(num_layers)` -> the text config of all-MiniLM-L6-v2's sizes."""
+    def text_config(num_layers: int):
+        sizes = dict(hidden_size=384, num_hidden_layers=num_layers, num_attention_heads=12,
+                     intermediate_size=1536)
+        return build_text_config({"med_config": MED_CONFIG, "vision_width": 64,
+                                  "text_config": sizes}, build_tokenizer(vocab))
+    return text_config
 
 
-def minilm_text_config(num_layers: int):
-    sizes = dict(hidden_size=384, num_hidden_layers=num_layers, num_attention_heads=12,
-                 intermediate_size=1536)
-    return build_text_config({"med_config": MED_CONFIG, "vision_width": 64,
-                              "text_config": sizes}, build_tokenizer(vocab_file()))
-
-
-def test_text_tower_from_bert_computes_what_the_bert_computes():
+def test_text_tower_from_bert_computes_what_the_bert_computes(vocab, minilm, minilm_text_config):
     """A BLIP tower initialised from a BERT checkpoint reproduces transformers' BertModel
     (token-type embedding folded into the positions), text-only, in float64."""
     from transformers import BertModel
-    bert = BertModel.from_pretrained(MINILM).double().eval()
-    tower = build_text_encoder(minilm_text_config(6), MINILM).double().eval()
-    decoder = build_text_decoder(minilm_text_config(6), MINILM)
-    tokenizer = build_tokenizer(vocab_file())
+    bert = BertModel.from_pretrained(minilm).double().eval()
+    tower = build_text_encoder(minilm_text_config(6), minilm).double().eval()
+    decoder = build_text_decoder(minilm_text_config(6), minilm)
+    tokenizer = build_tokenizer(vocab)
     batch = tokenizer(["a large blue triangle moves up.", "on a navy background, a cat"],
                       padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -159,14 +161,15 @@ def test_text_tower_from_bert_computes_what_the_bert_computes():
     assert tower.encoder.layer[0].crossattention.self.key.weight.shape == (384, 64)
 
 
-def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(tmp_path):
+def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(
+        tiny_config, vocab, minilm, minilm_text_config, tmp_path):
     from transformers import BertModel
-    bert = BertModel.from_pretrained(MINILM)
-    tower = build_text_encoder(minilm_text_config(2), MINILM)
+    bert = BertModel.from_pretrained(minilm)
+    tower = build_text_encoder(minilm_text_config(2), minilm)
     assert torch.equal(tower.encoder.layer[1].attention.self.query.weight,
                        bert.encoder.layer[1].attention.self.query.weight)
     with pytest.raises(ValueError, match="hidden_size|shape"):
-        build_text_encoder(build_text_config(tiny_config(), build_tokenizer(vocab_file())), MINILM)
+        build_text_encoder(build_text_config(tiny_config(), build_tokenizer(vocab)), minilm)
     with pytest.raises(FileNotFoundError, match="text_init .*missing"):
         build_text_encoder(minilm_text_config(2), str(tmp_path / "missing"))
     not_bert = tmp_path / "weights.pth"

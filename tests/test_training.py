@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import pretrain
 import train_retrieval
 import train_videoqa
-from test_models import vocab_file
-from utils import (Run, build_precision, cosine_lr, ramped_alpha, step_lr, train_one_epoch,
-                   warmup_lr)
+from engine.optim import (cosine_lr, learning_rate, ramped_alpha, step_lr, warmup_lr,
+                          warmup_schedule)
+from engine.precision import build_precision
+from engine.run import Run
+from engine.train import train_one_epoch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -44,18 +46,19 @@ def synthetic(tmp_path_factory) -> Path:
     return root
 
 
-def write_config(path: Path, shipped: str, **overrides) -> str:
+def write_config(path: Path, shipped: str, vocab: str, **overrides) -> str:
     """A shipped config with the tiny model and `overrides`, written to `path`."""
     config = YAML(typ="safe").load((REPO_ROOT / "configs" / shipped).read_text())
-    config.update(TINY, text_encoder=vocab_file(), **overrides)
+    config.update(TINY, text_encoder=vocab, **overrides)
     YAML(typ="safe").dump(config, path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def retrieval_config(synthetic, tmp_path_factory) -> str:
+def retrieval_config(synthetic, vocab, tmp_path_factory) -> str:
     return write_config(
         tmp_path_factory.mktemp("config") / "retrieval.yaml", "retrieval_activitynet_f32.yaml",
+        vocab,
         video_root=str(synthetic / "videos"), ann_root=str(synthetic / "annotations"),
         num_frm_test=4, max_words=32, batch_size_train=2, batch_size_test=4, embed_dim=16,
         queue_size=8, k_test=4, k_test_batch_size=3)
@@ -151,9 +154,9 @@ def test_two_processes_match_single_process_evaluation(retrieval_config, tmp_pat
 
 
 # VideoQA -----------------------------------------------------------------------------
-def test_videoqa_trains_answers_and_evaluates(synthetic, tmp_path):
+def test_videoqa_trains_answers_and_evaluates(synthetic, vocab, tmp_path):
     config = write_config(
-        tmp_path / "vqa.yaml", "vqa_activitynet_f32.yaml", video_root=str(synthetic / "videos"),
+        tmp_path / "vqa.yaml", "vqa_activitynet_f32.yaml", vocab, video_root=str(synthetic / "videos"),
         ann_root=str(synthetic / "annotations"), num_frm_test=4, max_question_len=12,
         batch_size_train=4, batch_size_test=8, k_test=4, max_epoch=1)
     trained, evaluated = tmp_path / "trained", tmp_path / "evaluated"
@@ -177,13 +180,13 @@ def test_videoqa_trains_answers_and_evaluates(synthetic, tmp_path):
 
 
 # pre-training ------------------------------------------------------------------------
-def test_pretrain_then_zero_shot_retrieval(synthetic, retrieval_config, tmp_path):
+def test_pretrain_then_zero_shot_retrieval(synthetic, retrieval_config, vocab, tmp_path):
     Image.new("RGB", (48, 48), (200, 30, 30)).save(tmp_path / "red.png")
     records = [{"path": str(synthetic / "videos" / f"v_synth{i:05d}.mp4"), "caption": f"clip {i}"}
                for i in range(5)] + [{"path": str(tmp_path / "red.png"), "caption": "a red square"}]
     (tmp_path / "pretrain.json").write_text(json.dumps(records))
     config = write_config(
-        tmp_path / "pretrain.yaml", "pretrain_from_blip.yaml",
+        tmp_path / "pretrain.yaml", "pretrain_from_blip.yaml", vocab,
         train_file=[str(tmp_path / "pretrain.json")],
         video_resize=40, batch_size=2, embed_dim=16, queue_size=8, max_words=16, warmup_steps=2,
         max_epoch=1)
@@ -213,9 +216,9 @@ def test_learning_rate_schedules_and_alpha_ramp():
     assert warmup_lr(2500, 5000, 1e-6, 5e-6) == pytest.approx(3e-6)
     config = {"warmup_steps": 10, "warmup_lr": 1e-6, "init_lr": 5e-6, "min_lr": 5e-7,
               "lr_schedule": "step", "lr_decay_rate": 0.5, "max_epoch": 5}
-    assert pretrain.learning_rate(config, 0, 5) == pytest.approx(3e-6)
-    assert pretrain.learning_rate(config, 1, 12) == pytest.approx(2.5e-6)
-    assert pretrain.learning_rate({**config, "lr_schedule": "cosine"}, 0, 10) == pytest.approx(5e-6)
+    assert learning_rate(warmup_schedule(config), 0, 5) == pytest.approx(3e-6)
+    assert learning_rate(warmup_schedule(config), 1, 12) == pytest.approx(2.5e-6)
+    assert learning_rate(warmup_schedule({**config, "lr_schedule": "cosine"}), 0, 10) == pytest.approx(5e-6)
     assert ramped_alpha(0.4, 0, 5, 10) == pytest.approx(0.2)
     assert ramped_alpha(0.4, 1, 0, 10) == pytest.approx(0.4)
     assert ramped_alpha(0.4, 1, 0, 10, ramp_epochs=2) == pytest.approx(0.2)

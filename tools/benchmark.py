@@ -26,12 +26,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.config import load_config  # noqa: E402
 from models import build_video_encoder  # noqa: E402
-from utils import load_config  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
+from utils import with_defaults  # noqa: E402
 
 
 def encoder_config(config: dict, frames: Optional[int], aggregate: bool) -> dict:
-    config = dict(config, token_merging=aggregate and config.get("token_merging", False))
+    config = with_defaults(config, VIDEO_ENCODER_SETTINGS)
+    config["token_merging"] = aggregate and config["token_merging"]
     if frames is not None:
         config["num_frames"] = frames
     return config
