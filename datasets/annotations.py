@@ -16,8 +16,11 @@ from .issues import DataIssues
 
 JSON_TYPE_NAMES = {dict: "object", list: "list", str: "string", int: "number", float: "number",
                    bool: "boolean", type(None): "null"}
-# the only globals a caption pickle may name: containers pickled by reference
-PICKLE_GLOBALS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict")}
+# the only globals a caption pickle may name: containers pickled by reference (protocols 0-2
+# spell `builtins` as `__builtin__`), and the codec function protocols 0-2 store bytes with
+PICKLE_GLOBALS = {(module, name) for module in ("builtins", "__builtin__")
+                  for name in ("set", "frozenset")} | {("collections", "OrderedDict"),
+                                                       ("_codecs", "encode")}
 
 
 class DataError(ValueError):

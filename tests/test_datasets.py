@@ -298,6 +298,23 @@ def test_queryd_pickle_and_lists(tmp_path, videos):
     assert len(val) == 1
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_caption_pickle_is_read_as_plain_data(tmp_path, protocol):
+    from collections import OrderedDict
+    from datasets.annotations import load_plain_pickle
+    plain = {"video-a": [["a", "man"], "walks"], "n": (1, 2.5, -3, True, None, b"x"),
+             "s": {"a", "b"}, "f": frozenset({1}), "o": OrderedDict(k=[1])}
+    path = tmp_path / "captions.pkl"
+    path.write_bytes(pickle.dumps(plain, protocol=protocol))
+    assert load_plain_pickle(str(path)) == plain
+    path.write_bytes(pickle.dumps({"a": np.float32(1.0)}, protocol=protocol))
+    with pytest.raises(datasets.DataError, match=r"captions.pkl: refused: the pickle names numpy"):
+        load_plain_pickle(str(path))
+    path.write_bytes(pickle.dumps(plain, protocol=protocol)[:-5])
+    with pytest.raises(datasets.DataError, match=r"captions.pkl: not a readable pickle"):
+        load_plain_pickle(str(path))
+
+
 def test_didemo_jsonl_records_share_videos(tmp_path, videos):
     config = base_config(tmp_path, "retrieval_didemo")
     ann, video_root = tmp_path / "ann", tmp_path / "videos"
