@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from datasets import DataError
 from engine.config import resolve_config, save_config
 from engine.distributed import (finish_distributed, get_rank, get_world_size, init_distributed,
                                 select_device)
@@ -80,7 +81,7 @@ def script_errors():
     message naming the file; the process group is released in any case."""
     try:
         yield
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     finally:
         finish_distributed()

@@ -34,6 +34,8 @@ TEXT_SETTINGS: Settings = {
                          "Face folder), for training without a BLIP checkpoint"),
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# bert-base-uncased's vocab.txt, byte for byte (models/vocab/README.md): no hub or cache needed
+SHIPPED_VOCABS = {"bert-base-uncased": REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"}
 logger = logging.getLogger(__name__)
 TOKENIZER_HINT = ("set text_encoder in the config to a directory holding vocab.txt or to the "
                   "vocab.txt file of bert-base-uncased")
@@ -50,11 +52,13 @@ MED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attent
 def build_tokenizer(name_or_path: str = "bert-base-uncased") -> BertTokenizer:
     """BERT uncased WordPiece plus `[DEC]` (bos, id 30522) and `[ENC]` (id 30523).
 
-    `name_or_path`: a `vocab.txt` file, a directory holding one, or a hub name (the
-    local cache is tried first; the hub only when it is reachable). The tokenizer gets
-    an `enc_token_id` attribute.
+    `name_or_path`: a `vocab.txt` file, a directory holding one, or a hub name.
+    `bert-base-uncased` reads the copy of its vocabulary shipped in `models/vocab/`; other
+    hub names try the local cache first, the hub only when it is reachable. The tokenizer
+    gets an `enc_token_id` attribute.
     """
-    tokenizer = _load_bert_tokenizer(str(name_or_path))
+    name_or_path = str(SHIPPED_VOCABS.get(str(name_or_path), name_or_path))
+    tokenizer = _load_bert_tokenizer(name_or_path)
     if tokenizer.vocab_size != BERT_UNCASED_VOCAB_SIZE:
         raise ValueError(f"the tokenizer from {name_or_path!r} has {tokenizer.vocab_size} tokens, "
                          f"not the {BERT_UNCASED_VOCAB_SIZE} of bert-base-uncased; {TOKENIZER_HINT}")

@@ -1,7 +1,7 @@
 """Paragraph-to-video retrieval: its settings, the training losses, and the evaluation
 protocol with its metrics.
 
-Evaluation: every text and video is encoded, similarities `v @ t^T` pick the top
+Evaluation (docs/computation.md, section 6): every text and video is encoded, similarities `v @ t^T` pick the top
 `k_test` candidates of each video row and each text row, and the video-grounded encoder
 re-scores those pairs as `itm_logit + sim`; all other scores are -100. Each rank encodes
 and re-scores the pairs of its own videos, and the score matrices are summed over the

@@ -1,22 +1,9 @@
-"""Fixtures shared by the test modules: the test vocabulary, tiny model configs and
-synthetic clips (tests/helpers.py builds them)."""
-import os
+"""Fixtures shared by the test modules: tiny model configs, synthetic clips and captions
+(tests/helpers.py builds them)."""
 
 import pytest
 
 import helpers
-
-
-@pytest.fixture(scope="session")
-def vocab() -> str:
-    """Path of bert-base-uncased's vocab.txt."""
-    return helpers.vocab_file()
-
-
-@pytest.fixture(scope="session")
-def minilm(vocab) -> str:
-    """Folder of all-MiniLM-L6-v2: a real 6-layer, width-384 BERT beside the vocabulary."""
-    return os.path.dirname(vocab)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,7 @@
 """Tokenizer ids, text configuration, and the BLIP "med" text towers."""
+import hashlib
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -8,12 +11,36 @@ from models.text import (build_text_config, build_text_decoder, build_text_encod
                          build_tokenizer, encode_grounded, encode_text_only,
                          tie_decoder_to_encoder)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
 
 
-def test_tokenizer_adds_dec_and_enc_tokens(vocab, minilm):
-    for source in (vocab, minilm):
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_VOCAB = REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"
+# sha256 of bert-base-uncased's vocab.txt as published by Google and on the Hugging Face hub
+BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+
+
+def test_shipped_vocabulary_is_bert_base_uncased():
+    data = SHIPPED_VOCAB.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == BERT_UNCASED_VOCAB_SHA256
+    assert (len(data), data.count(b"\n")) == (231508, 30522)
+
+
+def test_default_tokenizer_is_offline_and_gives_the_hub_ids(tmp_path, monkeypatch):
+    """`bert-base-uncased` needs neither the hub nor its cache: with both unreachable it still
+    gives the ids of the hub tokenizer (hand-checked ids of bert-base-uncased)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket, "create_connection", None)  # any connection attempt fails
+    tokenizer = build_tokenizer()
+    ids = tokenizer("A man is cooking pasta; unaffable TESTA!").input_ids
+    assert ids == [101, 1037, 2158, 2003, 8434, 24857, 1025, 14477, 20961, 3468, 3231, 2050, 999, 102]
+
+
+def test_tokenizer_adds_dec_and_enc_tokens(tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    shutil.copy(SHIPPED_VOCAB, folder / "vocab.txt")
+    for source in ("bert-base-uncased", str(SHIPPED_VOCAB), str(folder)):
         tokenizer = build_tokenizer(source)
         assert len(tokenizer) == 30524
         assert tokenizer.bos_token == "[DEC]" and tokenizer.bos_token_id == 30522
@@ -35,8 +62,8 @@ def test_tokenizer_errors_say_what_to_set(tmp_path):
         build_tokenizer(str(small_vocab))
 
 
-def test_text_config_from_med_config(tiny_config, vocab):
-    tokenizer = build_tokenizer(vocab)
+def test_text_config_from_med_config(tiny_config):
+    tokenizer = build_tokenizer()
     config = build_text_config({"med_config": MED_CONFIG, "vision_width": 768}, tokenizer)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
     assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (3072, 30524, 512)
@@ -50,7 +77,7 @@ def test_text_config_from_med_config(tiny_config, vocab):
 
 
 def med_layout_keys(layers: int) -> list:
-    """The `text_encoder.*` names of shared/spec/checkpoints.md, without the prefix."""
+    """The `text_encoder.*` names of BLIP's "med" BERT checkpoints, without the prefix."""
     keys = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
             "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
     for i in range(layers):
@@ -66,8 +93,8 @@ def med_layout_keys(layers: int) -> list:
 
 
 @pytest.fixture
-def tiny_text_config(tiny_config, vocab):
-    return build_text_config(tiny_config(), build_tokenizer(vocab))
+def tiny_text_config(tiny_config):
+    return build_text_config(tiny_config(), build_tokenizer())
 
 
 def test_text_towers_load_blip_med_layout(tiny_text_config):
@@ -126,25 +153,40 @@ def test_tied_decoder_shares_everything_but_self_attention(tiny_text_config):
     assert decoder.cls.predictions.decoder.weight is encoder.embeddings.word_embeddings.weight
 
 
-@pytest.fixture
-def minilm_text_config(vocab):
-    """`minilm_text_config(num_layers)` -> the text config of all-MiniLM-L6-v2's sizes."""
-    def text_config(num_layers: int):
-        sizes = dict(hidden_size=384, num_hidden_layers=num_layers, num_attention_heads=12,
-                     intermediate_size=1536)
-        return build_text_config({"med_config": MED_CONFIG, "vision_width": 64,
-                                  "text_config": sizes}, build_tokenizer(vocab))
-    return text_config
+BERT_SIZES = dict(hidden_size=96, num_attention_heads=4, intermediate_size=192)
 
 
-def test_text_tower_from_bert_computes_what_the_bert_computes(vocab, minilm, minilm_text_config):
+@pytest.fixture(scope="module")
+def small_bert(tmp_path_factory) -> str:
+    """A seeded random 6-layer, width-96 BERT uncased saved as a Hugging Face folder
+    (model.safetensors + config.json); every parameter, LayerNorms and the token-type
+    embedding included, is perturbed away from its initial value."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, num_hidden_layers=6, **BERT_SIZES))
+    with torch.no_grad():
+        for param in bert.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    folder = tmp_path_factory.mktemp("bert")
+    bert.save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    return str(folder)
+
+
+def bert_text_config(num_layers: int):
+    return build_text_config({"med_config": MED_CONFIG, "vision_width": 64,
+                              "text_config": {**BERT_SIZES, "num_hidden_layers": num_layers}},
+                             build_tokenizer())
+
+
+def test_text_tower_from_bert_computes_what_the_bert_computes(small_bert):
     """A BLIP tower initialised from a BERT checkpoint reproduces transformers' BertModel
     (token-type embedding folded into the positions), text-only, in float64."""
     from transformers import BertModel
-    bert = BertModel.from_pretrained(minilm).double().eval()
-    tower = build_text_encoder(minilm_text_config(6), minilm).double().eval()
-    decoder = build_text_decoder(minilm_text_config(6), minilm)
-    tokenizer = build_tokenizer(vocab)
+    bert = BertModel.from_pretrained(small_bert).double().eval()
+    tower = build_text_encoder(bert_text_config(6), small_bert).double().eval()
+    decoder = build_text_decoder(bert_text_config(6), small_bert)
+    tokenizer = build_tokenizer()
     batch = tokenizer(["a large blue triangle moves up.", "on a navy background, a cat"],
                       padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -155,24 +197,23 @@ def test_text_tower_from_bert_computes_what_the_bert_computes(vocab, minilm, min
     assert torch.equal(decoder.bert.encoder.layer[5].output.dense.weight.double(),
                        bert.encoder.layer[5].output.dense.weight)
     # the [DEC]/[ENC] rows and the cross-attention keep their initialisation
-    fresh = build_text_encoder(minilm_text_config(6))
+    fresh = build_text_encoder(bert_text_config(6))
     assert not torch.equal(tower.embeddings.word_embeddings.weight[30521].float(),
                            fresh.embeddings.word_embeddings.weight[30521])
-    assert tower.encoder.layer[0].crossattention.self.key.weight.shape == (384, 64)
+    assert tower.encoder.layer[0].crossattention.self.key.weight.shape == (96, 64)
 
 
-def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(
-        tiny_config, vocab, minilm, minilm_text_config, tmp_path):
+def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(tiny_config, small_bert, tmp_path):
     from transformers import BertModel
-    bert = BertModel.from_pretrained(minilm)
-    tower = build_text_encoder(minilm_text_config(2), minilm)
+    bert = BertModel.from_pretrained(small_bert)
+    tower = build_text_encoder(bert_text_config(2), small_bert)
     assert torch.equal(tower.encoder.layer[1].attention.self.query.weight,
                        bert.encoder.layer[1].attention.self.query.weight)
     with pytest.raises(ValueError, match="hidden_size|shape"):
-        build_text_encoder(build_text_config(tiny_config(), build_tokenizer(vocab)), minilm)
+        build_text_encoder(build_text_config(tiny_config(), build_tokenizer()), small_bert)
     with pytest.raises(FileNotFoundError, match="text_init .*missing"):
-        build_text_encoder(minilm_text_config(2), str(tmp_path / "missing"))
+        build_text_encoder(bert_text_config(2), str(tmp_path / "missing"))
     not_bert = tmp_path / "weights.pth"
     torch.save({"visual_encoder.cls_token": torch.zeros(1)}, not_bert)
     with pytest.raises(ValueError, match="not a BERT checkpoint"):
-        build_text_encoder(minilm_text_config(2), str(not_bert))
+        build_text_encoder(bert_text_config(2), str(not_bert))

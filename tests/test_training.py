@@ -25,13 +25,10 @@ from engine.optim import (cosine_lr, learning_rate, ramped_alpha, step_lr, warmu
 from engine.precision import build_precision
 from engine.run import Run
 from engine.train import train_one_epoch
+from helpers import write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    pretrained=None, image_size=32, vision_width=64, num_heads=2, depth=2, num_frames=4,
-    num_frm_train=4, testa_r=[1, 2], num_workers=0, print_freq=1, init_lr=1e-3,
-    text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128))
+
 
 
 # fixtures and helpers ----------------------------------------------------------------
@@ -46,19 +43,10 @@ def synthetic(tmp_path_factory) -> Path:
     return root
 
 
-def write_config(path: Path, shipped: str, vocab: str, **overrides) -> str:
-    """A shipped config with the tiny model and `overrides`, written to `path`."""
-    config = YAML(typ="safe").load((REPO_ROOT / "configs" / shipped).read_text())
-    config.update(TINY, text_encoder=vocab, **overrides)
-    YAML(typ="safe").dump(config, path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def retrieval_config(synthetic, vocab, tmp_path_factory) -> str:
+def retrieval_config(synthetic, tmp_path_factory) -> str:
     return write_config(
         tmp_path_factory.mktemp("config") / "retrieval.yaml", "retrieval_activitynet_f32.yaml",
-        vocab,
         video_root=str(synthetic / "videos"), ann_root=str(synthetic / "annotations"),
         num_frm_test=4, max_words=32, batch_size_train=2, batch_size_test=4, embed_dim=16,
         queue_size=8, k_test=4, k_test_batch_size=3)
@@ -154,9 +142,9 @@ def test_two_processes_match_single_process_evaluation(retrieval_config, tmp_pat
 
 
 # VideoQA -----------------------------------------------------------------------------
-def test_videoqa_trains_answers_and_evaluates(synthetic, vocab, tmp_path):
+def test_videoqa_trains_answers_and_evaluates(synthetic, tmp_path):
     config = write_config(
-        tmp_path / "vqa.yaml", "vqa_activitynet_f32.yaml", vocab, video_root=str(synthetic / "videos"),
+        tmp_path / "vqa.yaml", "vqa_activitynet_f32.yaml", video_root=str(synthetic / "videos"),
         ann_root=str(synthetic / "annotations"), num_frm_test=4, max_question_len=12,
         batch_size_train=4, batch_size_test=8, k_test=4, max_epoch=1)
     trained, evaluated = tmp_path / "trained", tmp_path / "evaluated"
@@ -180,13 +168,13 @@ def test_videoqa_trains_answers_and_evaluates(synthetic, vocab, tmp_path):
 
 
 # pre-training ------------------------------------------------------------------------
-def test_pretrain_then_zero_shot_retrieval(synthetic, retrieval_config, vocab, tmp_path):
+def test_pretrain_then_zero_shot_retrieval(synthetic, retrieval_config, tmp_path):
     Image.new("RGB", (48, 48), (200, 30, 30)).save(tmp_path / "red.png")
     records = [{"path": str(synthetic / "videos" / f"v_synth{i:05d}.mp4"), "caption": f"clip {i}"}
                for i in range(5)] + [{"path": str(tmp_path / "red.png"), "caption": "a red square"}]
     (tmp_path / "pretrain.json").write_text(json.dumps(records))
     config = write_config(
-        tmp_path / "pretrain.yaml", "pretrain_from_blip.yaml", vocab,
+        tmp_path / "pretrain.yaml", "pretrain_from_blip.yaml",
         train_file=[str(tmp_path / "pretrain.json")],
         video_resize=40, batch_size=2, embed_dim=16, queue_size=8, max_words=16, warmup_steps=2,
         max_epoch=1)
