@@ -11,10 +11,8 @@ from models.text import (build_text_config, build_text_decoder, build_text_encod
                          build_tokenizer, encode_grounded, encode_text_only,
                          tie_decoder_to_encoder)
 
-MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
-
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
 SHIPPED_VOCAB = REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"
 # sha256 of bert-base-uncased's vocab.txt as published by Google and on the Hugging Face hub
 BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
