@@ -1,10 +1,13 @@
 """Load BLIP and TESTA checkpoints into the models, and save checkpoints atomically.
 
-Loading follows `shared/spec/checkpoints.md`: queues dropped, spatial attention copied
-to temporal attention where the file has none (BLIP image checkpoints), `pos_embed`
-and `time_embed` resized to the model, non-strict load, momentum towers missing from
-the file copied from their main towers, `position_ids` ignored. Every step is recorded
-in a `LoadReport`.
+Files are read weights-only (no code from the file runs) and may be named by URL or
+hf:// id (see `models.hub`). Loading rules: a DDP `module.` prefix removed, queues
+dropped, spatial attention copied to temporal attention where the file has none (BLIP
+image checkpoints), `pos_embed` and `time_embed` resized to the model, non-strict load,
+momentum towers missing from the file copied from their main towers, `position_ids`
+ignored. A file that fills too little of the model or holds non-finite weights is refused
+before the model changes. Every step is recorded in a `LoadReport`, which also says
+which missing and unexpected keys are expected for the model's task and why.
 """
 import argparse
 import os
@@ -31,6 +34,7 @@ from models.video_encoder import VideoEncoder
 EXPECTED_MISSING = re.compile(r"\.(temporal_fc\.(weight|bias)|temporal_scaling|time_embed)$")
 SPATIAL_TO_TEMPORAL = {"attn": "temporal_attn", "norm1": "temporal_norm1"}
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(attn|norm1)\.(.+)$")
+TEMPORAL_SCALING = re.compile(r"\.temporal_scaling$")
 DDP_PREFIX = "module."
 MODEL_KINDS = {"RetrievalModel": "retrieval", "VideoQAModel": "VideoQA",
                "PretrainModel": "pre-training"}
@@ -38,6 +42,8 @@ PART_NAMES = {"visual_encoder": "video-encoder", "text_encoder": "text-encoder",
               "text_decoder": "text-decoder"}
 # what the parts a model may lack are for, to say why the file's copy goes unused
 PART_ROLES = {"text_decoder": "captioning/answer decoder",
+              "temporal_scaling": "learned per-frame scaling of pre-training; this config has "
+                                  "learnable_temporal_scaling off",
               "itm_head": "video-text matching head",
               "vision_proj": "contrastive projection", "text_proj": "contrastive projection",
               "temp": "contrastive temperature"}
@@ -81,15 +87,21 @@ class LoadReport:
     def other_missing(self) -> List[str]:
         return [key for key in self.missing if not EXPECTED_MISSING.search(key)]
 
+    def _unused_as(self, key: str) -> Optional[str]:
+        """What an unexpected key is, when it is expected to go unused: a part this model
+        does not have, or a temporal_scaling this model's config turned off."""
+        if _part(key) not in self.model_parts:
+            return _part(key)
+        return "temporal_scaling" if TEMPORAL_SCALING.search(key) else None
+
     @property
     def unused_parts(self) -> Dict[str, int]:
-        """Parts of the file's model that this model does not have -> their tensor count."""
-        return dict(Counter(_part(key) for key in self.unexpected
-                            if _part(key) not in self.model_parts))
+        """Parts of the file's model that this model does not use -> their tensor count."""
+        return dict(Counter(filter(None, map(self._unused_as, self.unexpected))))
 
     @property
     def other_unexpected(self) -> List[str]:
-        return [key for key in self.unexpected if _part(key) in self.model_parts]
+        return [key for key in self.unexpected if self._unused_as(key) is None]
 
     def needs_attention(self) -> bool:
         """Keys missing or unexpected for no known reason."""
@@ -141,9 +153,8 @@ class LoadReport:
                 lines.append(f"  {title}:")
                 lines += [f"    {entry}" for entry in _group_keys(keys)]
         if self.unused_parts:
-            lines.append(f"  unexpected, expected: parts a {self.model_kind} model does not have "
-                         f"(not used):")
-            lines += [f"    {part}.* ({count} tensor{'s' * (count != 1)}): {_role(part)}"
+            lines.append(f"  unexpected, expected: parts a {self.model_kind} model does not use:")
+            lines += [f"    {part} ({count} tensor{'s' * (count != 1)}): {_role(part)}"
                       for part, count in self.unused_parts.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -424,13 +435,13 @@ def _part(key: str) -> str:
 def _check_coverage(path: str, state_dict: Mapping[str, torch.Tensor],
                     model_state: Mapping[str, torch.Tensor]) -> None:
     """Every part of the model (video encoder, text encoder, heads; momentum copies and
-    queues aside) must get at least half of its tensors from the file, new video-only
-    parts not counted; otherwise the file is for another model or has renamed keys."""
+    queues aside) must get at least half of its tensors from the file (an image
+    checkpoint fills all but the few new video layers); otherwise the file is for
+    another model or has renamed keys."""
     needed: Dict[str, List[str]] = {}
     for key in model_state:
         part = _part(key)
-        if not (part.endswith("_m") or "queue" in key or key.endswith("position_ids")
-                or EXPECTED_MISSING.search(key)):
+        if not (part.endswith("_m") or "queue" in key or key.endswith("position_ids")):
             needed.setdefault(part, []).append(key)
     main_parts = list(PART_NAMES)  # the towers first, in this order, then the heads
     for part, keys in sorted(needed.items(), key=lambda item: (

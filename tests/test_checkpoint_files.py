@@ -115,8 +115,7 @@ def test_checkpoint_for_another_model_stops_the_run(retrieval_config, weights, t
     renamed = write_state(tmp_path / "renamed.pth", {f"backbone.{k}": v for k, v in state.items()})
     output_dir = tmp_path / "out"
     message = script_error(retrieval_config, output_dir, "--checkpoint", renamed)
-    encoder_tensors = sum(key.startswith("visual_encoder.") and "temporal_fc" not in key
-                          and "time_embed" not in key for key in state)
+    encoder_tensors = sum(key.startswith("visual_encoder.") for key in state)
     assert message == (
         f"error: {renamed}: fills too little of the model: 0 of {encoder_tensors} video-encoder "
         "tensors matched (the file's keys look like 'backbone.temp', the model's like "
@@ -163,6 +162,17 @@ def test_zero_shot_report_explains_the_unused_decoder(retrieval_config, tmp_path
         f"loaded pretrain.pth: {len(pretrain_model.state_dict()) - decoder - 3} tensors, 0 missing, "
         f"{decoder} unexpected ({decoder} expected: text_decoder unused by retrieval), "
         "3 queues dropped"]
+
+
+def test_temporal_scaling_of_pretraining_is_expected_unused(tmp_path):
+    pretrained = tmp_path / "pretrain.pth"
+    save_checkpoint(str(pretrained), build_pretrain_model(
+        tiny_model_config(learnable_temporal_scaling=True)), {}, epoch=0)
+    report = load_checkpoint(build_retrieval_model(tiny_model_config()), str(pretrained))
+    blocks = 2 * 2  # 2 blocks in the main and the momentum video encoder
+    assert report.unused_parts["temporal_scaling"] == blocks
+    assert not report.needs_attention()
+    assert "temporal_scaling (4 tensors): learned per-frame scaling of pre-training" in str(report)
 
 
 def test_unexplained_keys_get_the_full_report(weights, tmp_path):
