@@ -593,6 +593,7 @@ class TrainState:
 
 LAST_CHECKPOINT = "checkpoint_last.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
+RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")
 
 
 def save_weights(run: Run, model: nn.Module, name: str, epoch: int) -> None:
@@ -620,6 +621,9 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trai
         raise CheckpointError(f"{path}: no checkpoint to resume from "
                               f"(run without --resume to start)")
     checkpoint, _ = read_checkpoint(str(path), trust=run.config["trust_checkpoint"])
+    absent = [key for key in RESUME_KEYS if key not in checkpoint]
+    if absent:
+        raise CheckpointError(f"{path}: not the last checkpoint of a run (no {', '.join(absent)})")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:

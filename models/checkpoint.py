@@ -186,12 +186,12 @@ def _group_keys(keys: List[str], max_lines_per_module: int = 8) -> List[str]:
 def _safe_globals() -> List[Any]:
     """The non-tensor objects a checkpoint may hold besides containers, strings and
     numbers: argparse.Namespace (scripts that save their `args`) and numpy scalars,
-    dtypes and arrays (metrics, configs), also under numpy 1's module names."""
-    multiarray = np._core.multiarray
+    dtypes and arrays (metrics, configs), under numpy 1's and numpy 2's module names."""
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
     dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
-    return [argparse.Namespace, np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct,
-            *dtypes, (multiarray.scalar, "numpy.core.multiarray.scalar"),
-            (multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+    return [argparse.Namespace, np.dtype, np.ndarray, *dtypes,
+            *[(getattr(multiarray, name), f"{module}.multiarray.{name}")
+              for name in ("scalar", "_reconstruct") for module in ("numpy.core", "numpy._core")]]
 
 
 SAFE_GLOBALS = _safe_globals()
@@ -519,7 +519,8 @@ def _write(path: str, checkpoint: Mapping[str, Any]) -> None:
     try:
         torch.save(checkpoint, writer)
     except RuntimeError:
-        # torch.save turns a failed write into an opaque RuntimeError; report the OSError
+        # torch.save turns whatever a write raised into an opaque RuntimeError: raise the
+        # original (an OSError, or the SystemExit/KeyboardInterrupt of a signal)
         if writer.error is not None:
             raise writer.error from None
         raise
@@ -528,8 +529,8 @@ def _write(path: str, checkpoint: Mapping[str, Any]) -> None:
 
 
 class _FileWriter:
-    """The file torch.save writes to; keeps the OSError of a failed write, which
-    torch.save itself replaces by a RuntimeError that does not say what happened."""
+    """The file torch.save writes to; keeps what a failed write raised, which torch.save
+    itself replaces by a RuntimeError that does not say what happened."""
 
     def __init__(self, fd: int):
         self.fd, self.error = fd, None
@@ -539,7 +540,7 @@ class _FileWriter:
         try:
             while view:
                 view = view[os.write(self.fd, view):]
-        except OSError as err:
+        except BaseException as err:  # also a signal's exception raised meanwhile
             self.error = err
             raise
         return len(data)
