@@ -5,6 +5,7 @@ when called without video tokens, video-grounded when given them) and
 `BlipTextLMHeadModel` (causal decoder with the LM head). Their parameter names are
 those of the original BLIP "med" BERT, so BLIP and TESTA checkpoints load as they are.
 """
+import inspect
 import json
 import logging
 import os
@@ -16,8 +17,9 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants as hub_constants
 from transformers import BertTokenizer
-from transformers.models.blip.modeling_blip_text import (BlipTextConfig, BlipTextLMHeadModel,
-                                                         BlipTextModel)
+from transformers.models.blip.modeling_blip_text import (BlipTextAttention, BlipTextConfig,
+                                                         BlipTextLMHeadModel, BlipTextModel,
+                                                         BlipTextSelfAttention)
 
 BERT_UNCASED_VOCAB_SIZE = 30522
 DEFAULT_MED_CONFIG = "configs/med_config.json"
@@ -135,11 +137,47 @@ def _read_med_config(path: str) -> dict:
                             f"{', '.join(str(c) for c in candidates)})")
 
 
+class KeyMaskedCrossAttention(BlipTextSelfAttention):
+    """BLIP text cross-attention that applies the padding mask of its keys (the encoder states).
+
+    From transformers 4.54 on, `BlipTextLayer` hands the encoder mask to its
+    `BlipTextAttention` as `attention_mask`, which passes it on as `attention_mask`, while
+    `BlipTextSelfAttention` in cross-attention mode reads only `encoder_attention_mask`:
+    the mask is dropped and padded keys (e.g. a short question's padding in a batch of
+    longer ones) get attention. This module takes the mask under either name.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs):
+        return super().forward(hidden_states, attention_mask=attention_mask,
+                               encoder_attention_mask=attention_mask, **kwargs)
+
+
+# transformers < 4.54 routes the encoder mask through `BlipTextAttention` itself
+CROSS_ATTENTION_DROPS_KEY_MASK = \
+    "encoder_attention_mask" not in inspect.signature(BlipTextAttention.forward).parameters
+
+
+def mask_cross_attention_keys(tower: BlipTextModel) -> None:
+    """Give every layer of `tower` a cross-attention that masks padded keys (see
+    `KeyMaskedCrossAttention`), holding the same parameters under the same names; nothing
+    to do where transformers applies the mask itself."""
+    if not CROSS_ATTENTION_DROPS_KEY_MASK:
+        return
+    for layer in tower.encoder.layer:
+        stock = layer.crossattention.self
+        masked = KeyMaskedCrossAttention(tower.config, is_cross_attention=True,
+                                         layer_idx=stock.layer_idx)
+        masked.load_state_dict(stock.state_dict(), assign=True)
+        layer.crossattention.self = masked
+
+
 def build_text_encoder(text_config: BlipTextConfig, bert_init: Optional[str] = None
                        ) -> BlipTextModel:
     """BERT encoder with cross-attention and no pooler (keys `embeddings.*`, `encoder.layer.*`),
     its BERT weights read from `bert_init` when given (see `init_from_bert`)."""
     encoder = BlipTextModel(text_config, add_pooling_layer=False)
+    mask_cross_attention_keys(encoder)
     if bert_init:
         logger.info(init_from_bert(encoder, bert_init))
     return encoder
@@ -150,6 +188,7 @@ def build_text_decoder(text_config: BlipTextConfig, bert_init: Optional[str] = N
     """Causal BERT decoder with the LM head tied to its word embeddings (`bert.*`, `cls.*`),
     its BERT weights read from `bert_init` when given (see `init_from_bert`)."""
     decoder = BlipTextLMHeadModel(text_config)
+    mask_cross_attention_keys(decoder.bert)
     if bert_init:
         logger.info(init_from_bert(decoder.bert, bert_init))
     return decoder
