@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
 from huggingface_hub import constants as hub_constants
 from transformers import BertTokenizer
@@ -42,7 +43,7 @@ def build_tokenizer(name_or_path: str = "bert-base-uncased") -> BertTokenizer:
     local cache is tried first; the hub only when it is reachable). The tokenizer gets
     an `enc_token_id` attribute.
     """
-    tokenizer = _load_bert_tokenizer(str(name_or_path))
+    tokenizer = BertTokenizer(find_vocab(str(name_or_path)), do_lower_case=True)
     if tokenizer.vocab_size != BERT_UNCASED_VOCAB_SIZE:
         raise ValueError(f"the tokenizer from {name_or_path!r} has {tokenizer.vocab_size} tokens, "
                          f"not the {BERT_UNCASED_VOCAB_SIZE} of bert-base-uncased; {TOKENIZER_HINT}")
@@ -52,33 +53,44 @@ def build_tokenizer(name_or_path: str = "bert-base-uncased") -> BertTokenizer:
     return tokenizer
 
 
-def _load_bert_tokenizer(name_or_path: str) -> BertTokenizer:
+def find_vocab(name_or_path: str) -> str:
+    """The `vocab.txt` named by `name_or_path`: the file itself, the one in that directory,
+    or that hub repository's, from the Hugging Face cache, else downloaded when the hub
+    is reachable. The cache is looked up and the file fetched through huggingface_hub,
+    as transformers' own local-files-only loading differs between versions (it raises
+    in 4.x, returns a tokenizer without vocabulary in 5.x)."""
     if os.path.isfile(name_or_path):
-        return BertTokenizer(name_or_path, do_lower_case=True)  # vocab path: 1st argument in 4.x and 5.x
+        return name_or_path
     if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "vocab.txt")):
+        vocab = os.path.join(name_or_path, "vocab.txt")
+        if not os.path.isfile(vocab):
             raise FileNotFoundError(f"no vocab.txt in {name_or_path}; {TOKENIZER_HINT}")
-        return BertTokenizer.from_pretrained(name_or_path)
+        return vocab
     try:
-        cached = BertTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    except OSError as err:
+        cached = huggingface_hub.try_to_load_from_cache(name_or_path, "vocab.txt")
+    except ValueError:  # not a valid hub repository name either
         raise FileNotFoundError(f"tokenizer {name_or_path!r} is neither a local path nor a hub "
-                                f"name ({err}); {TOKENIZER_HINT}") from None
-    if cached.vocab_size == BERT_UNCASED_VOCAB_SIZE:
+                                f"name; {TOKENIZER_HINT}") from None
+    if isinstance(cached, str):
         return cached
     if not _hub_reachable():
         raise FileNotFoundError(f"tokenizer {name_or_path!r} is neither a local path nor in the "
                                 f"Hugging Face cache, and the hub is not reachable; {TOKENIZER_HINT}")
-    return BertTokenizer.from_pretrained(name_or_path)
+    try:
+        return huggingface_hub.hf_hub_download(name_or_path, "vocab.txt")
+    except Exception as err:  # huggingface_hub raises many kinds (missing repo, HTTP, I/O)
+        raise FileNotFoundError(f"tokenizer {name_or_path!r}: no vocab.txt from the hub "
+                                f"({type(err).__name__}); {TOKENIZER_HINT}") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (skipped when offline mode is set)."""
     if hub_constants.HF_HUB_OFFLINE:
         return False
-    host = urlparse(hub_constants.ENDPOINT).hostname
+    endpoint = urlparse(hub_constants.ENDPOINT)
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError:
         return False
     return True
