@@ -1,9 +1,9 @@
 """Load BLIP and TESTA checkpoints into the models, and save checkpoints atomically.
 
 Files are read weights-only (no code from the file runs) and may be named by URL or
-hf:// id (see `models.hub`). Loading rules: a DDP `module.` prefix removed, queues
-dropped, spatial attention copied to temporal attention where the file has none (BLIP
-image checkpoints), `pos_embed` and `time_embed` resized to the model, non-strict load,
+hf:// id (see `models.hub`). Loading rules (docs/computation.md, section 7): a DDP
+`module.` prefix removed, queues dropped, spatial attention copied to temporal attention
+where the file has none (BLIP image checkpoints), `pos_embed` and `time_embed` resized to the model, non-strict load,
 momentum towers missing from the file copied from their main towers, `position_ids`
 ignored. A file that fills too little of the model or holds non-finite weights is refused
 before the model changes. Every step is recorded in a `LoadReport`, which also says
