@@ -17,12 +17,14 @@ from engine.distributed import (finish_distributed, get_rank, get_world_size, in
                                 select_device)
 from engine.logs import log
 from engine.precision import Precision, build_precision
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, remove_stale_temporaries
 from utils import NONE, ConfigError, Setting, Settings
 
 RUN_SETTINGS: Settings = {
-    "pretrained": Setting((str, NONE), None, "checkpoint to start from (BLIP or TESTA); "
-                          "--checkpoint overrides it"),
+    "pretrained": Setting((str, NONE), None, "checkpoint to start from (BLIP or TESTA): "
+                          "path, http(s) URL or hf:// id; --checkpoint overrides it"),
+    "trust_checkpoint": Setting(bool, False, "unpickle checkpoint files in full, beyond the "
+                                "safe list (runs code from the file; --trust_checkpoint sets it)"),
     "seed": Setting(int, 42, "seed of weights, data order and augmentation", min=0),
 }
 
@@ -51,7 +53,9 @@ class Run:
 def start_run(args: argparse.Namespace, schema: Settings,
               overrides: Optional[Mapping[str, Any]] = None) -> Run:
     """Resolve the config, join the process group, seed, create the output folder and
-    save the config used there."""
+    save the config used there (and remove temporaries an interrupted save left in it)."""
+    if args.trust_checkpoint:
+        overrides = {**(overrides or {}), "trust_checkpoint": True}
     config = resolve_config(args.config, args.opts, schema, overrides)
     device = select_device(args.device)
     init_distributed(device)
@@ -63,6 +67,8 @@ def start_run(args: argparse.Namespace, schema: Settings,
     logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)
     if run.is_main:
         save_config(config, output_dir / "config.yaml")
+        for name in remove_stale_temporaries(str(output_dir)):
+            log(f"removed {output_dir / name}, left by an interrupted save")
     seed_everything(config["seed"])  # the same initial weights on every rank
     log(f"{run.world_size} process(es) on {device.type}, precision {run.precision}, "
         f"output {output_dir}")

@@ -8,6 +8,7 @@ scripts around it.
 """
 import argparse
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
@@ -23,7 +24,8 @@ from engine.distributed import (all_reduce_sum, barrier, get_rank, get_world_siz
 from engine.logs import append_jsonl, format_metrics, log, progress, write_json
 from engine.optim import LRSchedule, build_optimizer, learning_rate, set_lr
 from engine.run import Run, seed_everything
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import (CheckpointError, load_checkpoint, local_file, read_checkpoint,
+                               save_checkpoint)
 from utils import ConfigError, Setting, Settings
 
 TRAIN_SETTINGS: Settings = {
@@ -37,6 +39,7 @@ FINETUNE_BATCH_SETTINGS: Settings = {
 }
 LAST_CHECKPOINT = "checkpoint_last.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
+RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")
 
 LossFn = Callable[[Any, int, int], Dict[str, torch.Tensor]]  # (batch, epoch, step) -> losses
 
@@ -176,7 +179,10 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trai
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from "
                               f"(run without --resume to start)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint, _ = read_checkpoint(str(path), trust=run.config["trust_checkpoint"])
+    absent = [key for key in RESUME_KEYS if key not in checkpoint]
+    if absent:
+        raise CheckpointError(f"{path}: not the last checkpoint of a run (no {', '.join(absent)})")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
@@ -201,11 +207,15 @@ def initial_weights(args: argparse.Namespace, config: Mapping[str, Any]) -> Opti
     return args.checkpoint or config["pretrained"] or None
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a BLIP/TESTA checkpoint and print its load report (in full when keys are
-    missing or unexpected, else its summary line)."""
-    report = load_checkpoint(model, path)
-    log(str(report) if report.missing or report.unexpected else report.summary())
+def load_weights(model: nn.Module, location: str, *, trust: bool = False) -> None:
+    """Load a BLIP/TESTA checkpoint (path, URL or hf:// id) and print its load report (in
+    full when keys are missing or unexpected for no known reason, else its summary line).
+    A URL is downloaded by the first process of each node while the others wait."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        local_file(location)
+    barrier()
+    report = load_checkpoint(model, location, trust=trust)
+    log(str(report) if report.needs_attention() else report.summary())
 
 
 # the loop ----------------------------------------------------------------------------
@@ -265,11 +275,11 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
     if args.evaluate:
         if weights is None:
             raise ConfigError(f"{args.config}: --evaluate needs --checkpoint or pretrained")
-        load_weights(model, weights)
+        load_weights(model, weights, trust=config["trust_checkpoint"])
         return run_test(run, model.to(run.device), task, loaders["test"], weights,
                         "eval_results.json")
     if weights is not None and not args.resume:
-        load_weights(model, weights)
+        load_weights(model, weights, trust=config["trust_checkpoint"])
     check_trainable(loaders["train"], "train set")
     fit(run, model.to(run.device), task, loaders, args.resume, datasets)
     best = str(run.output_dir / BEST_CHECKPOINT)

@@ -3,12 +3,10 @@ and text towers, 32 px, 4 frames): evaluation of a saved checkpoint reproduces t
 training run's test metrics, a resumed run matches an uninterrupted one, two gloo
 processes match one, VideoQA and pre-training run through. Plus the schedule and
 accumulation helpers."""
-import io
 import json
 import os
 import subprocess
 import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -25,45 +23,12 @@ from engine.optim import (cosine_lr, learning_rate, ramped_alpha, step_lr, warmu
 from engine.precision import build_precision
 from engine.run import Run
 from engine.train import train_one_epoch
-from helpers import write_config
+from helpers import read_metrics, run_script, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-
-# fixtures and helpers ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    """12 videos (6 train, 6 held out) in the ActivityNet Captions and -QA formats."""
-    root = tmp_path_factory.mktemp("synthetic")
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_synthetic.py"), "--out",
-                    str(root), "--videos", "12", "--seed", "0", "--size", "32",
-                    "--frames-per-event", "4", "6", "--val-fraction", "0.5", "--workers", "1"],
-                   check=True, capture_output=True)
-    return root
-
-
-@pytest.fixture(scope="module")
-def retrieval_config(synthetic, tmp_path_factory) -> str:
-    return write_config(
-        tmp_path_factory.mktemp("config") / "retrieval.yaml", "retrieval_activitynet_f32.yaml",
-        video_root=str(synthetic / "videos"), ann_root=str(synthetic / "annotations"),
-        num_frm_test=4, max_words=32, batch_size_train=2, batch_size_test=4, embed_dim=16,
-        queue_size=8, k_test=4, k_test_batch_size=3)
-
-
-def run_script(main, *argv) -> str:
-    """Run a script's main in this process; its printed output."""
-    printed = io.StringIO()
-    with redirect_stdout(printed):
-        main([str(arg) for arg in argv])
-    return printed.getvalue()
-
-
-def read_metrics(path: Path) -> dict:
-    return json.loads(path.read_text())["metrics"]
-
-
+# fixtures (`synthetic`, `retrieval_config`: conftest.py) and helpers -------------------
 def read_log(output_dir: Path, kind: str) -> list:
     records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     return [record for record in records if record["kind"] == kind]
