@@ -15,7 +15,7 @@ from datasets import DataError
 from engine.config import resolve_config, save_config
 from engine.distributed import (finish_distributed, get_rank, get_world_size, init_distributed,
                                 select_device)
-from engine.logs import log
+from engine.logs import RunRecords, log, set_progress_bar
 from engine.precision import Precision, build_precision
 from models.checkpoint import CheckpointError, remove_stale_temporaries
 from utils import NONE, ConfigError, Setting, Settings
@@ -31,11 +31,17 @@ RUN_SETTINGS: Settings = {
 
 @dataclass
 class Run:
-    """What a script run works with: its config, output folder, device and precision."""
+    """What a script run works with: its config, output folder, device and precision,
+    and its records (log.jsonl, TensorBoard, summary; plain log.jsonl unless given)."""
     config: Dict[str, Any]
     output_dir: Path
     device: torch.device
     precision: Precision
+    records: Optional[RunRecords] = None
+
+    def __post_init__(self):
+        if self.records is None:
+            self.records = RunRecords(self.output_dir)
 
     @property
     def rank(self) -> int:
@@ -61,7 +67,9 @@ def start_run(args: argparse.Namespace, schema: Settings,
     init_distributed(device)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(config, output_dir, device, build_precision(config["amp"], device))
+    set_progress_bar(config["progress_bar"])
+    run = Run(config, output_dir, device, build_precision(config["amp"], device),
+              RunRecords(output_dir, tensorboard=config["tensorboard"]))
     # the models' one-line reports (e.g. text_init) on rank 0; warnings on every rank
     logging.basicConfig(format="%(message)s")
     logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)

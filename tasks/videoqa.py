@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from datasets.base import FINETUNE_DATA_SETTINGS
 from datasets.text import QUESTION_SETTINGS
 from engine.distributed import gather_objects
-from engine.logs import log, progress, write_json
+from engine.logs import LOG_SETTINGS, log, progress, write_json
 from engine.optim import OPTIM_SETTINGS, finetune_schedule
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
@@ -35,9 +35,9 @@ VIDEOQA_SETTINGS: Settings = {
                               min=1),
 }
 VIDEOQA_SCHEMA: Settings = compose(
-    RUN_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS, OPTIM_SETTINGS,
-    VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, QUESTION_SETTINGS, FINETUNE_DATA_SETTINGS,
-    VIDEOQA_SETTINGS)
+    RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS,
+    OPTIM_SETTINGS, VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, QUESTION_SETTINGS,
+    FINETUNE_DATA_SETTINGS, VIDEOQA_SETTINGS)
 
 
 # evaluation --------------------------------------------------------------------------

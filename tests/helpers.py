@@ -3,7 +3,7 @@
 runs outside pytest."""
 import io
 import json
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import av
@@ -53,9 +53,10 @@ def write_config(path: Path, shipped: str, **overrides) -> str:
 
 
 def run_script(main, *argv) -> str:
-    """Run a script's main in this process; its printed output."""
+    """Run a script's main in this process; what it printed to stdout and stderr (not a
+    terminal)."""
     printed = io.StringIO()
-    with redirect_stdout(printed):
+    with redirect_stdout(printed), redirect_stderr(printed):
         main([str(arg) for arg in argv])
     return printed.getvalue()
 
