@@ -499,13 +499,13 @@ class Precision:
         return names[self.dtype]
 
 
-def cpu_bf16_problem() -> Optional[str]:
-    """Why bfloat16 would not be fast on this CPU; None when it has native bfloat16
-    matrix instructions (x86 AMX-BF16 or AVX512-BF16, Arm BF16)."""
+def cpu_bf16_problem(cpuinfo_path: str = "/proc/cpuinfo") -> Optional[str]:
+    """Why bfloat16 would not be fast on this CPU; None when its flags show native
+    bfloat16 matrix instructions (x86 AMX-BF16 or AVX512-BF16, Arm BF16)."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        cpuinfo = Path(cpuinfo_path).read_text()
     except OSError:
-        return "no /proc/cpuinfo to read the CPU's bfloat16 support from"
+        return f"no {cpuinfo_path} to read the CPU's bfloat16 support from"
     flags = {flag for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))
              for flag in line.split(":", 1)[-1].split()}
     if flags & {"amx_bf16", "avx512_bf16", "bf16"}:
