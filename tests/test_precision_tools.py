@@ -114,9 +114,9 @@ def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
         utils.load_config(str(config)), None, True), decimals=None)["gmacs"]
     for dtype in ("fp32", "bf16"):
         achieved = flops / report["seconds"][dtype] / 1e9
-        assert report["achieved_gflops"][dtype] == pytest.approx(achieved, abs=0.1, rel=0.01)
+        assert report["achieved_gflops"][dtype] == pytest.approx(achieved, abs=0.002, rel=0.01)
         assert report["peak_fraction"][dtype] == pytest.approx(
-            achieved / report["gemm_gflops"][dtype], abs=0.002, rel=0.01)
+            achieved / report["gemm_gflops"][dtype], abs=0.002, rel=0.02)
         profile = report["profile"][dtype]
         assert set(profile) == {"GEMM", "attention", "merging", "norms/elementwise", "copies", "other"}
         assert profile["GEMM"] > 0 and profile["merging"] > 0

@@ -240,8 +240,8 @@ def measure(configs: List[dict], runs: int, device: str, dtypes: List[torch.dtyp
         result["seconds"] = round(secs, 4)
         result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train)
         flops = 2e9 * count(config, decimals=None)["gmacs"] * (3 if train else 1)
-        result["achieved_gflops"] = round(flops / secs / 1e9, 1)
-        result["gemm_gflops"] = round(peaks[dtype], 1)
+        result["achieved_gflops"] = round(flops / secs / 1e9, 3)
+        result["gemm_gflops"] = round(peaks[dtype], 3)
         result["peak_fraction"] = round(flops / secs / 1e9 / peaks[dtype], 3)
     return results
 
