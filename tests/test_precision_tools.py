@@ -140,3 +140,23 @@ def test_gpu_check_dry_run_fills_every_row(capsys):
         ("| forward", "4", "no", "bf16"), ("| forward", "4", "no", "fp16")]
     assert len(rows) == 12 and {r[0] for r in rows[8:]} == {"| train step"}
     assert all(float(r[5]) > 0 and r[6] == "-" for r in rows)
+
+
+def test_bf16_autocast_keeps_the_float32_merges():
+    """A small random encoder (6 blocks, 8 frames, R_T=1, R_S=3) under bf16 autocast makes
+    the same merge decisions as in float32, and its class token stays close."""
+    from models import build_video_encoder
+    torch.manual_seed(0)
+    encoder = build_video_encoder(dict(
+        image_size=64, patch_size=16, num_frames=8, vision_width=192, num_heads=3, depth=6,
+        token_merging=True, testa_r=[1, 3] * 6, merging_type="frame&patch")).eval()
+    for block in encoder.blocks:  # non-zero temporal branches
+        torch.nn.init.trunc_normal_(block.temporal_fc.weight, std=0.02)
+    video = torch.randn(4, 3, 8, 64, 64)
+    with torch.no_grad():
+        expected, expected_state = encoder.forward_with_state(video, track_source=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, state = encoder.forward_with_state(video, track_source=True)
+    assert torch.equal(state.source.float(), expected_state.source)
+    cosine = torch.nn.functional.cosine_similarity(got[:, 0].float(), expected[:, 0], dim=-1)
+    assert cosine.min() > 0.999
