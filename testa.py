@@ -31,7 +31,7 @@ from datasets.transforms import normalize
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models.checkpoint import LoadReport, read_checkpoint
 from train_retrieval import NOT_RERANKED, candidate_masks
-from utils import load_config
+from utils import PRETRAIN_SCHEMA, REQUIRED, RETRIEVAL_SCHEMA, VIDEOQA_SCHEMA, load_config
 
 Video = Union[str, Path, torch.Tensor]
 
@@ -163,6 +163,12 @@ class VideoQA:
         return [answer_list[index] for index in best.tolist()]
 
 
+def with_defaults(config: dict, schema: dict) -> dict:
+    """`config` with the schema's defaults for the keys it leaves out."""
+    defaults = {name: key.default for name, key in schema.items() if key.default is not REQUIRED}
+    return {**defaults, **config}
+
+
 def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] = None,
          device: Union[str, torch.device] = "cpu") -> Union[VideoText, VideoQA]:
     """The model of `checkpoint` in eval mode on `device`, built from the config saved in
@@ -180,6 +186,9 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     elif not isinstance(config, dict):
         config = load_config(config)
     is_videoqa = config.get("dataset") == "activitynet_qa"
+    config = with_defaults(config, VIDEOQA_SCHEMA if is_videoqa else
+                           PRETRAIN_SCHEMA if config.get("dataset") == "pretrain_video" else
+                           RETRIEVAL_SCHEMA)
     model = (build_videoqa_model if is_videoqa else build_retrieval_model)(config)
     report = load_checkpoint(model, checkpoint)
     device = torch.device(device)

@@ -73,6 +73,7 @@ class SyntheticSet:
 FULL_SETS = {"retrieval": SyntheticSet("synthetic", 2100, 100),
              "videoqa": SyntheticSet("synthetic_qa", 400, 100),
              "pretrain": SyntheticSet("synthetic", 2100, 100)}
+PRETRAIN_VIDEOS = 1000  # of the 2000 training videos: two epochs of 62 steps
 QUICK_SET = SyntheticSet("synthetic_quick", 16, 8, frames_per_event=(4, 8))
 
 
@@ -206,14 +207,17 @@ def run_videoqa(demo: Demo) -> dict:
 
 # pretrain ----------------------------------------------------------------------------
 def epoch_losses(demo: Demo) -> List[dict]:
+    """This run's epoch records (log.jsonl keeps those of earlier runs in the folder too)."""
     records = [json.loads(line) for line in (demo.output / "log.jsonl").read_text().splitlines()]
-    return [record for record in records if record.get("kind") == "epoch"]
+    epochs = [record for record in records if record.get("kind") == "epoch"]
+    return epochs[-demo.config()["max_epoch"]:]
 
 
 def run_pretrain(demo: Demo) -> dict:
     """Pre-train from scratch on the training videos' paragraphs, then evaluate the last
     checkpoint zero-shot with the retrieval protocol on the held-out videos."""
-    make_pretrain_list.main(["--data", str(demo.data)])
+    make_pretrain_list.main(["--data", str(demo.data),
+                             *([] if demo.quick else ["--limit", str(PRETRAIN_VIDEOS)])])
     pretrain.main(["--config", str(CONFIGS["pretrain"]), "--output_dir", str(demo.output),
                    "--opts", *demo.overrides])
     epochs = epoch_losses(demo)

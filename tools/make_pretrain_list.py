@@ -23,12 +23,13 @@ def main(argv=None) -> Path:
                         help="a folder tools/make_synthetic.py wrote (annotations/ and videos/ inside)")
     parser.add_argument("--split", choices=("train", "val"), default="train",
                         help="which captions file to read (default: train)")
+    parser.add_argument("--limit", type=int, help="only the first LIMIT videos (default: all)")
     parser.add_argument("--out", type=Path, help="default: DATA/annotations/pretrain.json")
     args = parser.parse_args(argv)
     source = args.data / "annotations" / f"{args.split}.json"
     if not source.is_file():
         raise SystemExit(f"error: {source}: not found (write the set with tools/make_synthetic.py)")
-    records = pretrain_records(json.loads(source.read_text()))
+    records = pretrain_records(json.loads(source.read_text())[:args.limit])
     out = args.out or args.data / "annotations" / "pretrain.json"
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {len(records)} videos with their paragraphs to {out}")
