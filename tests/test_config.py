@@ -11,7 +11,8 @@ from utils import (PRETRAIN_SCHEMA, RETRIEVAL_SCHEMA, VIDEOQA_SCHEMA, ConfigErro
                    resolve_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCHEMAS = {"retrieval": RETRIEVAL_SCHEMA, "vqa": VIDEOQA_SCHEMA, "pretrain": PRETRAIN_SCHEMA}
+SCHEMAS = {"retrieval": RETRIEVAL_SCHEMA, "vqa": VIDEOQA_SCHEMA, "videoqa": VIDEOQA_SCHEMA,
+           "pretrain": PRETRAIN_SCHEMA}
 
 
 def write_config(path: Path, **changes) -> str:
