@@ -159,8 +159,8 @@ class VideoQA:
         if answer_list is None:
             return self.model.generate_answers(video, cleaned, num_beams=self.config["num_beams"],
                                                max_length=self.config["max_answer_len"])
-        best = self.model.rank_answers(video, cleaned, list(answer_list), self.config["k_test"])
-        return [answer_list[index] for index in best.tolist()]
+        ranked = self.model.rank_answers(video, cleaned, list(answer_list), self.config["k_test"])
+        return [answer_list[index] for index in ranked.best.tolist()]
 
 
 def with_defaults(config: dict, schema: dict) -> dict:

@@ -94,7 +94,7 @@ def test_videoqa_answers_match_the_models_ranking_on_the_eval_clips(demo_root, t
     """A VideoQA checkpoint: the API's answers = rank_answers on the test split's clips."""
     data = demo_root / "data" / "synthetic"
     config = YAML(typ="safe").load((REPO_ROOT / "configs" / "demo_videoqa.yaml").read_text())
-    config.update(text_encoder=demo.bert_vocab(), video_root=str(data / "videos"),
+    config.update(video_root=str(data / "videos"),
                   ann_root=str(data / "annotations"), num_frames=4, num_frm_train=4,
                   num_frm_test=4, k_test=4)
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def test_videoqa_answers_match_the_models_ranking_on_the_eval_clips(demo_root, t
     clips = stack_clips([clip for clip, _, _ in items])
     questions = [question for _, question, _ in items]
     expected = [test_set.answer_list[i]
-                for i in model.rank_answers(clips, questions, test_set.answer_list, 4).tolist()]
+                for i in model.rank_answers(clips, questions, test_set.answer_list, 4).best.tolist()]
 
     qa = testa.load(tmp_path / "vqa.pth")
     assert isinstance(qa, testa.VideoQA)

