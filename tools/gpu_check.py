@@ -24,6 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_retrieval_model, build_video_encoder  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from tasks.retrieval import RETRIEVAL_SCHEMA  # noqa: E402
+from utils import with_defaults  # noqa: E402
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # aten ops of torch.nn.functional.scaled_dot_product_attention's kernels
@@ -109,7 +111,7 @@ def rows(config: dict, frame_counts: List[int], batch: int, runs: int, device: s
         for aggregate in (True, False):
             for dtype_name, dtype in AUTOCAST_DTYPES.items():
                 setting = dict(config, num_frames=frames,
-                               token_merging=aggregate and config.get("token_merging", False))
+                               token_merging=aggregate and config["token_merging"])
                 row = {"what": kind, "frames": frames, "aggregation": aggregate,
                        "dtype": dtype_name,
                        "batch": batch if kind == "forward" else setting["batch_size_train"]}
@@ -152,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"gpu_check: no CUDA device here (torch {torch.__version__}); nothing measured")
         return 0
     device = "cpu" if args.cpu_dry_run else "cuda"
-    config = load_config(args.config)
+    config = with_defaults(load_config(args.config), RETRIEVAL_SCHEMA, args.config)
     config.pop("pretrained", None)  # random weights
     if args.cpu_dry_run:
         config.update(DRY_RUN)
