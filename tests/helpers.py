@@ -82,3 +82,11 @@ def write_gray_video(path: str, num_frames: int, size: int = 32) -> None:
             frame = np.full((size, size, 3), 5 + GRAY_STEP * i, dtype=np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+
+
+def write_tiny_encoder_config(path: Path, *, image_size: int, testa_r: list) -> None:
+    """A 2-block, width-32, 4-frame TESTA encoder config (frame&patch merging) at `path`,
+    for the tools that read only the encoder's keys."""
+    path.write_text(f"image_size: {image_size}\npatch_size: 16\nvision_width: 32\nnum_heads: 2\n"
+                    f"depth: 2\nnum_frames: 4\ntoken_merging: True\ntesta_r: {testa_r}\n"
+                    f"merging_type: 'frame&patch'\n")

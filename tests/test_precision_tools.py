@@ -7,20 +7,10 @@ import torch
 
 from engine import precision
 from engine.config import load_config
+from helpers import write_tiny_encoder_config
 from models.aggregation import bipartite_matching, importance_matching
 from tools import benchmark, gpu_check
 
-TINY_CONFIG = """\
-image_size: 32
-patch_size: 16
-vision_width: 32
-num_heads: 2
-depth: 2
-num_frames: 4
-token_merging: True
-testa_r: [1, 1, 1, 1]
-merging_type: 'frame&patch'
-"""
 
 
 # CPU bfloat16 detection and the precision it selects ----------------------------------
@@ -106,7 +96,7 @@ def test_bf16_on_a_cpu_without_it_is_refused_before_any_work(monkeypatch):
 
 def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG)
+    write_tiny_encoder_config(config, image_size=32, testa_r=[1, 1, 1, 1])
     benchmark.main(["--config", str(config), "--compare-dtype", "--runs", "1", "--device", "cpu",
                     "--allow-slow-bf16", "--profile", "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
