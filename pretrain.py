@@ -28,8 +28,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         model = build_pretrain_model(config)
         weights = initial_weights(args, config)
         if weights is not None and not args.resume:
-            load_weights(model, weights)
+            load_weights(model, weights, trust=config["trust_checkpoint"])
         fit(run, model.to(run.device), TASK, loaders, args.resume, (train_set,))
+        run.records.finish()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 - `precision`: autocast dtype and loss scaling;
 - `optim`: the optimizer and the one learning-rate function;
 - `train`: the one epoch loop (`fit`) of fine-tuning and pre-training, checkpoints;
-- `logs`: console lines, progress bars, log.jsonl and result files.
+- `logs`: console lines, progress bars, log.jsonl, TensorBoard scalars, result files
+  and the end-of-run summary.
 
 Modules import only what they need, so `models` can import `engine.distributed`
 without pulling in the rest.

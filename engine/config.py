@@ -102,6 +102,9 @@ def build_arg_parser(description: str, *, evaluate: bool = True) -> argparse.Arg
                              "its checkpoints, log and results")
     parser.add_argument("--checkpoint", help="weights to start from or to evaluate, instead of "
                                              "the config's pretrained")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="allow checkpoints that hold arbitrary Python objects; unpickling "
+                             "them can run code from the file (config key trust_checkpoint)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda when available, else cpu")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",

@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import random
+import shutil
 import signal
 import tempfile
 from contextlib import contextmanager
@@ -19,29 +20,38 @@ from engine.config import resolve_config, save_config
 from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, get_rank,
                                 get_world_size, init_distributed, is_collective_timeout,
                                 select_device)
-from engine.logs import log
+from engine.logs import RunRecords, log, set_progress_bar
 from engine.precision import Precision, build_precision
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, remove_stale_temporaries
 from utils import NONE, ConfigError, Setting, Settings
 
 RUN_SETTINGS: Settings = {
-    "pretrained": Setting((str, NONE), None, "checkpoint to start from (BLIP or TESTA); "
-                          "--checkpoint overrides it"),
+    "pretrained": Setting((str, NONE), None, "checkpoint to start from (BLIP or TESTA): "
+                          "path, http(s) URL or hf:// id; --checkpoint overrides it"),
+    "trust_checkpoint": Setting(bool, False, "unpickle checkpoint files in full, beyond the "
+                                "safe list (runs code from the file; --trust_checkpoint sets it)"),
     "seed": Setting(int, 42, "seed of weights, data order and augmentation", min=0),
     **DISTRIBUTED_SETTINGS,
 }
 # what a run writes into its output folder; a folder holding any of these holds a run
-RUN_OUTPUTS = ("checkpoint_*.pth", "log.jsonl", "eval_results.json", "test_metrics.json",
-               "*_answers.json", "score_test_t2v.npy", "submission.zip")
+RUN_OUTPUTS = ("checkpoint_*.pth", "log.jsonl", "summary.json", "eval_results.json",
+               "test_metrics.json", "*_answers.json", "score_test_t2v.npy", "submission.zip",
+               "tensorboard")
 
 
 @dataclass
 class Run:
-    """What a script run works with: its config, output folder, device and precision."""
+    """What a script run works with: its config, output folder, device and precision,
+    and its records (log.jsonl, TensorBoard, summary; plain log.jsonl unless given)."""
     config: Dict[str, Any]
     output_dir: Path
     device: torch.device
     precision: Precision
+    records: Optional[RunRecords] = None
+
+    def __post_init__(self):
+        if self.records is None:
+            self.records = RunRecords(self.output_dir)
 
     @property
     def rank(self) -> int:
@@ -60,7 +70,10 @@ def start_run(args: argparse.Namespace, schema: Settings,
               overrides: Optional[Mapping[str, Any]] = None) -> Run:
     """Resolve the config, check the output folder, join the process group, check what
     depends on the number of processes, seed, and save the config used in the output
-    folder. Every check comes before any work (one-line errors, see script_errors)."""
+    folder (and remove temporaries an interrupted save left in it). Every check comes
+    before any work (one-line errors, see script_errors)."""
+    if args.trust_checkpoint:
+        overrides = {**(overrides or {}), "trust_checkpoint": True}
     config = resolve_config(args.config, args.opts, schema, overrides)
     device = select_device(args.device)
     output_dir = Path(args.output_dir)
@@ -68,12 +81,16 @@ def start_run(args: argparse.Namespace, schema: Settings,
     init_distributed(device, config["dist_timeout_minutes"])
     if not getattr(args, "evaluate", False):
         check_queue_fits_batch(config, args)
-    run = Run(config, output_dir, device, build_precision(config["amp"], device))
+    set_progress_bar(config["progress_bar"])
+    run = Run(config, output_dir, device, build_precision(config["amp"], device),
+              RunRecords(output_dir, tensorboard=config["tensorboard"]))
     # the models' one-line reports (e.g. text_init) on rank 0; warnings on every rank
     logging.basicConfig(format="%(message)s")
     logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)
     if run.is_main:
         save_config(config, output_dir / "config.yaml")
+        for name in remove_stale_temporaries(str(output_dir)):
+            log(f"removed {output_dir / name}, left by an interrupted save")
     seed_everything(config["seed"])  # the same initial weights on every rank
     log(f"{run.world_size} process(es) on {device.type}, precision {run.precision}, "
         f"output {output_dir}")
@@ -106,7 +123,8 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
                           f"pass --resume to continue it or --overwrite to replace it")
     if get_rank_from_env() == 0:
         for name in previous:
-            (output_dir / name).unlink()
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def get_rank_from_env() -> int:

@@ -9,6 +9,8 @@ scripts around it.
 """
 import argparse
 import math
+import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
@@ -21,10 +23,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datasets import create_loader, summarize
 from engine.distributed import (all_reduce_sum, barrier, get_rank, get_world_size,
                                 gradient_sync, wrap_ddp)
-from engine.logs import append_jsonl, format_metrics, log, progress, write_json
+from engine.logs import format_metrics, log, progress, write_json
 from engine.optim import LRSchedule, build_optimizer, learning_rate, set_lr
 from engine.run import NonFiniteError, Run, seed_everything
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import (CheckpointError, load_checkpoint, local_file, read_checkpoint,
+                               save_checkpoint)
 from utils import ConfigError, Setting, Settings
 
 TRAIN_SETTINGS: Settings = {
@@ -38,6 +41,7 @@ FINETUNE_BATCH_SETTINGS: Settings = {
 }
 LAST_CHECKPOINT = "checkpoint_last.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
+RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")
 
 LossFn = Callable[[Any, int, int], Dict[str, torch.Tensor]]  # (batch, epoch, step) -> losses
 
@@ -108,6 +112,7 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
                                                                       device=run.device))
     watch = NonFiniteWatch(run.device)
     optimizer.zero_grad(set_to_none=True)
+    logged_step, logged_at = -1, time.perf_counter()
     for step, batch in enumerate(progress(loader, f"epoch {epoch}", total=num_steps)):
         if lr_at_step is not None:
             set_lr(optimizer, lr_at_step(step))
@@ -128,8 +133,14 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
             values = {name: loss.item() for name, loss in losses.items()}  # .item() syncs
             lr = optimizer.param_groups[0]["lr"]
             log(f"epoch {epoch} [{step + 1}/{num_steps}]  lr {lr:.3g}  " + format_metrics(values))
-            append_jsonl(run.output_dir, {"kind": "step", "epoch": epoch, "step": step, "lr": lr,
-                                          **values})
+            # after the sync above: the device's time since the previous logged step
+            now = time.perf_counter()
+            seconds, samples = now - logged_at, (step - logged_step) * loader.batch_size
+            logged_step, logged_at = step, now
+            run.records.write({"kind": "step", "epoch": epoch, "step": step,
+                               "global_step": epoch * num_steps + step, "lr": lr, **values,
+                               "seconds": round(seconds, 3),
+                               "samples_per_s": round(samples * run.world_size / seconds, 2)})
     return {**mean_over_ranks(sums, num_steps, run.device), "lr": optimizer.param_groups[0]["lr"]}
 
 
@@ -216,7 +227,10 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trai
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from "
                               f"(run without --resume to start)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint, _ = read_checkpoint(str(path), trust=run.config["trust_checkpoint"])
+    absent = [key for key in RESUME_KEYS if key not in checkpoint]
+    if absent:
+        raise CheckpointError(f"{path}: not the last checkpoint of a run (no {', '.join(absent)})")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
@@ -241,11 +255,15 @@ def initial_weights(args: argparse.Namespace, config: Mapping[str, Any]) -> Opti
     return args.checkpoint or config["pretrained"] or None
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a BLIP/TESTA checkpoint and print its load report (in full when keys are
-    missing or unexpected, else its summary line)."""
-    report = load_checkpoint(model, path)
-    log(str(report) if report.missing or report.unexpected else report.summary())
+def load_weights(model: nn.Module, location: str, *, trust: bool = False) -> None:
+    """Load a BLIP/TESTA checkpoint (path, URL or hf:// id) and print its load report (in
+    full when keys are missing or unexpected for no known reason, else its summary line).
+    A URL is downloaded by the first process of each node while the others wait."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        local_file(location)
+    barrier()
+    report = load_checkpoint(model, location, trust=trust)
+    log(str(report) if report.needs_attention() else report.summary())
 
 
 # the loop ----------------------------------------------------------------------------
@@ -261,44 +279,52 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     schedule = task.schedule(config)
     losses_of = task.make_losses(train_model, run, train_loader)
     for epoch in range(state.epoch, config["max_epoch"]):
+        epoch_started = time.perf_counter()
         start_epoch(train_loader, config["seed"], epoch)
         train_stats = train_one_epoch(
             run, train_model, train_loader, optimizer, epoch, losses_of,
             lr_at_step=lambda step: learning_rate(schedule, epoch, epoch * steps_per_epoch + step))
         record = {f"train_{k}": v for k, v in train_stats.items()}
+        record["train_seconds"] = round(time.perf_counter() - epoch_started, 3)
         # the trained epoch is on disk before validation, which may fail
         state.epoch = epoch + 1
         save_last(run, model, optimizer, state)
         if task.epoch_checkpoint is not None:
             save_weights(run, model, task.epoch_checkpoint.format(epoch=epoch), epoch)
         if task.evaluate is not None:
+            val_started = time.perf_counter()
             val_metrics = task.evaluate(model, loaders["val"], run, "val")
+            record["val_seconds"] = round(time.perf_counter() - val_started, 3)
             if state.improved_by(val_metrics[task.best_metric], epoch):
                 save_weights(run, model, BEST_CHECKPOINT, epoch)
                 save_last(run, model, optimizer, state)  # with the new best result
             record.update({f"val_{k}": v for k, v in val_metrics.items()},
                           best_epoch=state.best_epoch)
-        append_jsonl(run.output_dir, {"kind": "epoch", "epoch": epoch, **record})
+        record["epoch_seconds"] = round(time.perf_counter() - epoch_started, 3)
+        run.records.write({"kind": "epoch", "epoch": epoch, **record})
         log(summarize(*datasets))
     return state
 
 
 # fine-tuning -------------------------------------------------------------------------
 def run_test(run: Run, model: nn.Module, task: Task, loader: DataLoader,
-             checkpoint: str, result_name: str) -> Dict[str, float]:
-    """Metrics of `checkpoint` on the test split, written to output_dir/result_name."""
+             checkpoint: str, result_name: str) -> Dict[str, Any]:
+    """Metrics of `checkpoint` on the test split: the result (checkpoint, split, metrics)
+    written to output_dir/result_name."""
+    started = time.perf_counter()
     metrics = task.evaluate(model, loader, run, "test")
-    write_json(run.output_dir, result_name,
-               {"checkpoint": checkpoint, "split": "test", "metrics": metrics})
-    append_jsonl(run.output_dir, {"kind": "test", "checkpoint": checkpoint,
-                                  **{f"test_{k}": v for k, v in metrics.items()}})
-    return metrics
+    result = {"checkpoint": checkpoint, "split": "test", "metrics": metrics}
+    write_json(run.output_dir, result_name, result)
+    run.records.write({"kind": "test", "checkpoint": checkpoint,
+                       **{f"test_{k}": v for k, v in metrics.items()},
+                       "seconds": round(time.perf_counter() - started, 3)})
+    return result
 
 
 def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
                          task: Task, datasets: Sequence) -> Dict[str, float]:
     """`--evaluate`: test the given weights (eval_results.json). Otherwise fine-tune,
-    then test checkpoint_best.pth (test_metrics.json)."""
+    then test checkpoint_best.pth (test_metrics.json). Ends with the run's summary."""
     config = run.config
     loaders = build_loaders(run, dict(zip(("train", "val", "test"), datasets)),
                             {"train": config["batch_size_train"], "val": config["batch_size_test"],
@@ -307,11 +333,13 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
     if args.evaluate:
         if weights is None:
             raise ConfigError(f"{args.config}: --evaluate needs --checkpoint or pretrained")
-        load_weights(model, weights)
-        return run_test(run, model.to(run.device), task, loaders["test"], weights,
-                        "eval_results.json")
+        load_weights(model, weights, trust=config["trust_checkpoint"])
+        result = run_test(run, model.to(run.device), task, loaders["test"], weights,
+                          "eval_results.json")
+        run.records.finish(test=result)
+        return result["metrics"]
     if weights is not None and not args.resume:
-        load_weights(model, weights)
+        load_weights(model, weights, trust=config["trust_checkpoint"])
     check_trainable(loaders["train"], "train set")
     if len(loaders["val"].dataset) == 0:
         raise ConfigError(f"{args.config}: the val split is empty; validation after every epoch "
@@ -319,5 +347,7 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
     fit(run, model.to(run.device), task, loaders, args.resume, datasets)
     best = str(run.output_dir / BEST_CHECKPOINT)
     load_weights(model, best)
-    return run_test(run, model, task, loaders["test"], best, "test_metrics.json")
+    result = run_test(run, model, task, loaders["test"], best, "test_metrics.json")
+    run.records.finish(test=result)
+    return result["metrics"]
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from datasets.pretrain import PRETRAIN_DATA_SETTINGS
 from datasets.text import CAPTION_SETTINGS
+from engine.logs import LOG_SETTINGS
 from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS, ramped_alpha, warmup_schedule
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
@@ -30,8 +31,8 @@ PRETRAINING_SETTINGS: Settings = {
     "batch_size": Setting(int, meaning="clips per process and step", min=1),
 }
 PRETRAIN_SCHEMA: Settings = compose(
-    RUN_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, OPTIM_SETTINGS, WARMUP_SETTINGS,
-    VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, MOMENTUM_SETTINGS, CAPTION_SETTINGS,
+    RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, OPTIM_SETTINGS,
+    WARMUP_SETTINGS, VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, MOMENTUM_SETTINGS, CAPTION_SETTINGS,
     PRETRAIN_DATA_SETTINGS, PRETRAINING_SETTINGS)
 
 

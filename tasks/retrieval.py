@@ -20,7 +20,7 @@ from datasets import RETRIEVAL_READERS
 from datasets.base import FINETUNE_DATA_SETTINGS
 from datasets.text import CAPTION_SETTINGS
 from engine.distributed import all_reduce_sum
-from engine.logs import format_metrics, log, progress
+from engine.logs import LOG_SETTINGS, format_metrics, log, progress
 from engine.optim import OPTIM_SETTINGS, finetune_schedule, ramped_alpha
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
@@ -43,9 +43,9 @@ RETRIEVAL_SETTINGS: Settings = {
     "k_test_batch_size": Setting(int, 64, "candidate pairs re-scored per forward", min=1),
 }
 RETRIEVAL_SCHEMA: Settings = compose(
-    RUN_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS, OPTIM_SETTINGS,
-    VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, MOMENTUM_SETTINGS, RETRIEVAL_MODEL_SETTINGS,
-    CAPTION_SETTINGS, FINETUNE_DATA_SETTINGS, RETRIEVAL_SETTINGS)
+    RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS,
+    OPTIM_SETTINGS, VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, MOMENTUM_SETTINGS,
+    RETRIEVAL_MODEL_SETTINGS, CAPTION_SETTINGS, FINETUNE_DATA_SETTINGS, RETRIEVAL_SETTINGS)
 
 
 # metrics -----------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Tiny model configs, inputs and test videos shared by several test modules (mostly
-through the fixtures of conftest.py) and by the torchrun worker script, which runs
-outside pytest."""
+"""Tiny model configs, inputs, test videos and script runs shared by several test modules
+(mostly through the fixtures of conftest.py) and by the torchrun worker script, which
+runs outside pytest."""
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import av
@@ -47,6 +50,20 @@ def write_config(path: Path, shipped: str, **overrides) -> str:
     config.update(TINY, **overrides)
     YAML(typ="safe").dump(config, path)
     return str(path)
+
+
+def run_script(main, *argv) -> str:
+    """Run a script's main in this process; what it printed to stdout and stderr (not a
+    terminal)."""
+    printed = io.StringIO()
+    with redirect_stdout(printed), redirect_stderr(printed):
+        main([str(arg) for arg in argv])
+    return printed.getvalue()
+
+
+def read_metrics(path: Path) -> dict:
+    """The metrics of a script's eval_results.json or test_metrics.json."""
+    return json.loads(path.read_text())["metrics"]
 
 
 # test videos -------------------------------------------------------------------------

@@ -1,7 +1,12 @@
-"""Tokenizer ids, text configuration, and the BLIP "med" text towers."""
+"""Tokenizer ids and lookup, text configuration, and the BLIP "med" text towers."""
 import hashlib
+import http.server
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,6 +63,98 @@ def test_tokenizer_errors_say_what_to_set(tmp_path):
     small_vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n")
     with pytest.raises(ValueError, match=hint):
         build_tokenizer(str(small_vocab))
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """A Hugging Face hub on 127.0.0.1 serving one file, bert-base-uncased's `vocab.txt`;
+    `requests` lists the (method, path) pairs it was asked for."""
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, vocab: bytes):
+        super().__init__(("127.0.0.1", 0), FakeHubHandler)
+        self.vocab, self.requests = vocab, []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self._answer(send_body=False)
+
+    def do_GET(self):
+        self._answer(send_body=True)
+
+    def _answer(self, send_body: bool):
+        hub = self.server
+        hub.requests.append((self.command, self.path))
+        if self.path != "/google-bert/bert-base-uncased/resolve/main/vocab.txt":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(hub.vocab)))
+        self.send_header("ETag", f'"{hashlib.sha256(hub.vocab).hexdigest()}"')
+        self.send_header("X-Repo-Commit", hub.commit)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(hub.vocab)
+
+    def log_message(self, *args):
+        pass
+
+
+def build_tokenizers_in_subprocess(names, hf_home, endpoint: str) -> list:
+    """build_tokenizer(name) for each name in a fresh Python (the hub settings are read at
+    import) -> a line per name: the vocabulary size or the error."""
+    code = ("import sys\n"
+            "from models.text import build_tokenizer\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        print(len(build_tokenizer(name)))\n"
+            "    except Exception as err:\n"
+            "        print(type(err).__name__, err)\n")
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True,
+                            text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_tokenizer_from_the_hub_then_from_the_cache(tmp_path):
+    """Downloaded once, then read from the cache, also when the hub cannot be reached;
+    a name neither cached nor reachable is a one-line error, not a hang."""
+    with open(SHIPPED_VOCAB, "rb") as f:
+        hub = FakeHub(f.read())
+    try:
+        lines = build_tokenizers_in_subprocess(
+            ["google-bert/bert-base-uncased", "google-bert/bert-base-uncased", "nobody/no-bert"],
+            tmp_path, hub.endpoint)
+    finally:
+        hub.shutdown()
+    assert lines[:2] == ["30524", "30524"]
+    assert lines[2].startswith("FileNotFoundError tokenizer 'nobody/no-bert': no vocab.txt from "
+                               "the hub")
+    vocab_requests = [r for r in hub.requests
+                      if r[1].startswith("/google-bert/bert-base-uncased/")]
+    assert vocab_requests == [("HEAD", "/google-bert/bert-base-uncased/resolve/main/vocab.txt"),
+                              ("GET", "/google-bert/bert-base-uncased/resolve/main/vocab.txt")]  # once
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    lines = build_tokenizers_in_subprocess(["google-bert/bert-base-uncased", "nobody/no-bert"],
+                                           tmp_path, unreachable)
+    assert lines == ["30524", "FileNotFoundError tokenizer 'nobody/no-bert' is neither a local "
+                     "path nor in the Hugging Face cache, and the hub is not reachable; "
+                     "set text_encoder in the config to a directory holding vocab.txt or to "
+                     "the vocab.txt file of bert-base-uncased"]
 
 
 def test_text_config_from_med_config(tiny_config):
@@ -139,6 +236,29 @@ def test_text_only_grounded_and_causal_modes(tiny_text_config):
     assert not torch.allclose(grounded_a, grounded_b)
     torch.testing.assert_close(logits[:, :3], logits_changed[:, :3])  # causal: no look-ahead
     assert not torch.allclose(logits[:, 3:], logits_changed[:, 3:])
+
+
+def test_cross_attention_ignores_masked_encoder_states(tiny_text_config):
+    """Encoder states the mask hides (padding) change nothing, in both towers."""
+    torch.manual_seed(0)
+    config = tiny_text_config
+    encoder = build_text_encoder(config).double().eval()
+    decoder = build_text_decoder(config).double().eval()
+    input_ids = torch.tensor([[101, 7592, 2088, 999, 102]])
+    mask = torch.ones_like(input_ids)
+    states = torch.randn(1, 4, 64, dtype=torch.float64)
+    padded = torch.cat([states, 100 * torch.randn(1, 3, 64, dtype=torch.float64)], dim=1)
+    padded_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        for tower_output in (
+                lambda s, m: encoder(input_ids, attention_mask=mask, encoder_hidden_states=s,
+                                     encoder_attention_mask=m).last_hidden_state,
+                lambda s, m: decoder(input_ids, attention_mask=mask, encoder_hidden_states=s,
+                                     encoder_attention_mask=m).logits):
+            expected = tower_output(states, None)
+            torch.testing.assert_close(tower_output(padded, padded_mask), expected,
+                                       rtol=0, atol=1e-10)
+            assert not torch.allclose(tower_output(padded, None), expected)
 
 
 def test_tied_decoder_shares_everything_but_self_attention(tiny_text_config):

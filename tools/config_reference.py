@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from datasets.base import FINETUNE_DATA_SETTINGS  # noqa: E402
 from datasets.pretrain import PRETRAIN_DATA_SETTINGS  # noqa: E402
 from datasets.text import CAPTION_SETTINGS, QUESTION_SETTINGS  # noqa: E402
+from engine.logs import LOG_SETTINGS  # noqa: E402
 from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS  # noqa: E402
 from engine.precision import PRECISION_SETTINGS  # noqa: E402
 from engine.run import RUN_SETTINGS  # noqa: E402
@@ -31,6 +32,7 @@ OUTPUT = REPO_ROOT / "docs" / "config_keys.md"
 # (title, file that declares and reads the group, group)
 GROUPS = [
     ("Run", "engine/run.py", RUN_SETTINGS),
+    ("Logs", "engine/logs.py", LOG_SETTINGS),
     ("Precision", "engine/precision.py", PRECISION_SETTINGS),
     ("Training loop", "engine/train.py", TRAIN_SETTINGS),
     ("Fine-tuning batches", "engine/train.py", FINETUNE_BATCH_SETTINGS),
