@@ -212,8 +212,9 @@ def test_full_disk_is_one_line_and_leaves_no_temporary(retrieval_config, tmp_pat
     with pytest.raises(BAD_LINE_EXIT) as ended:
         run_script(train_retrieval.main, "--config", retrieval_config, "--output_dir", output_dir,
                    "--opts", "max_epoch=1")
+    # the first checkpoint written: checkpoint_last.pth, right after the epoch's training
     assert str(ended.value.code) == (f"error: no space left on device while writing "
-                                     f"{output_dir / 'checkpoint_best.pth'}")
+                                     f"{output_dir / 'checkpoint_last.pth'}")
     assert files_in(output_dir) == ["config.yaml", "log.jsonl"]
 
 
@@ -258,7 +259,8 @@ def test_next_start_removes_temporaries_of_a_killed_run(retrieval_config, weight
     printed = evaluate(retrieval_config, output_dir, "--checkpoint", weights)
     for name in sorted(leftovers):
         assert f"removed {output_dir / name}, left by an interrupted save" in printed
-    assert files_in(output_dir) == ["config.yaml", "eval_results.json", "log.jsonl", "notes.tmp"]
+    assert files_in(output_dir) == ["config.yaml", "eval_results.json", "log.jsonl", "notes.tmp",
+                                    "summary.json"]
     assert remove_stale_temporaries(str(output_dir)) == []
 
 
