@@ -151,6 +151,8 @@ PRETRAIN_SCHEMA: Schema = {
     "num_frm_train": Key(int),
     "frm_sampling_strategy": Key(str, "headtail"),
     "video_resize": Key(int, 256),
+    "augment": Key(bool, True),
+    "cache_clips": Key(bool, False),
     "batch_size": Key(int),
     "warmup_lr": Key(NUMBER, 1e-6),
     "warmup_steps": Key(int, 0),

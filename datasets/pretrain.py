@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from .annotations import load_json_list, string_fields
-from .base import ClipDataset, stack_clips
+from .base import ClipDataset, stack_clips, with_clip_cache
 from .issues import DataIssues
 from .text import pre_caption
 from .transforms import PretrainImageTransform, PretrainVideoTransform
@@ -32,12 +32,14 @@ def read_image(path: str) -> torch.Tensor:
 class PretrainDataset(ClipDataset):
     """Records `{"path", "caption"}` of JSON lists; items `(video [T, 3, H, W], caption)`.
 
-    Videos are decoded at `video_resize`, square-cropped to `image_size` and augmented with one
-    RandAugment for the whole clip; an image becomes a static clip of `num_frm` copies.
+    Videos are decoded at `video_resize`, square-cropped to `image_size` and, with `augment`,
+    augmented with one RandAugment for the whole clip; an image becomes a static clip of
+    `num_frm` copies.
     """
 
     def __init__(self, issues: DataIssues, train_files: list[str], video_root: str, max_words: int,
-                 num_frm: int, strategy: str, image_size: int, video_resize: int):
+                 num_frm: int, strategy: str, image_size: int, video_resize: int, *,
+                 augment: bool = True):
         if video_resize < image_size:
             raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
         self.captions: list[str] = []
@@ -60,7 +62,8 @@ class PretrainDataset(ClipDataset):
                 video.append(path)
                 self.captions.append(caption)
         self.image_transform = PretrainImageTransform(image_size, num_frm)
-        super().__init__(issues, video, num_frm, strategy, video_resize, PretrainVideoTransform(image_size))
+        super().__init__(issues, video, num_frm, strategy, video_resize,
+                         PretrainVideoTransform(image_size, augment=augment))
 
     def __len__(self) -> int:
         return len(self.video)
@@ -88,7 +91,8 @@ def build_pretrain_dataset(config: dict) -> PretrainDataset:
     train_files = config["train_file"]
     if isinstance(train_files, str):
         train_files = [train_files]
-    return PretrainDataset(
+    dataset = PretrainDataset(
         DataIssues(f"{config['dataset']}/train"), list(train_files), config.get("video_root", ""),
         config["max_words"], config["num_frm_train"], config.get("frm_sampling_strategy", "headtail"),
-        config["image_size"], config.get("video_resize", 256))
+        config["image_size"], config.get("video_resize", 256), augment=config.get("augment", True))
+    return with_clip_cache(config, (dataset,))[0]
