@@ -30,8 +30,14 @@ from datasets.base import stack_clips
 from datasets.transforms import normalize
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models.checkpoint import LoadReport, read_checkpoint
-from train_retrieval import NOT_RERANKED, candidate_masks
-from utils import PRETRAIN_SCHEMA, REQUIRED, RETRIEVAL_SCHEMA, VIDEOQA_SCHEMA, load_config
+from engine.config import load_config
+from tasks.pretraining import PRETRAIN_SCHEMA
+from tasks.retrieval import NOT_RERANKED, RETRIEVAL_SCHEMA, candidate_masks
+from tasks.videoqa import VIDEOQA_SCHEMA
+from utils import with_defaults
+
+# the schema of a checkpoint's config, by its `dataset` (any other: a retrieval dataset)
+SCHEMAS = {"activitynet_qa": VIDEOQA_SCHEMA, "pretrain_video": PRETRAIN_SCHEMA}
 
 Video = Union[str, Path, torch.Tensor]
 
@@ -59,7 +65,8 @@ class ClipReader:
     frame count and size."""
 
     def __init__(self, config: dict, device: torch.device):
-        self.num_frm = config.get("num_frm_test", config["num_frames"])
+        # pre-training configs have no test split: the encoder's frame count
+        self.num_frm = config["num_frm_test"] if "num_frm_test" in config else config["num_frames"]
         self.size = config["image_size"]
         self.device = device
 
@@ -163,16 +170,14 @@ class VideoQA:
         return [answer_list[index] for index in ranked.best.tolist()]
 
 
-def with_defaults(config: dict, schema: dict) -> dict:
-    """`config` with the schema's defaults for the keys it leaves out."""
-    defaults = {name: key.default for name, key in schema.items() if key.default is not REQUIRED}
-    return {**defaults, **config}
-
-
 def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] = None,
-         device: Union[str, torch.device] = "cpu") -> Union[VideoText, VideoQA]:
+         device: Union[str, torch.device] = "cpu", trust: bool = False
+         ) -> Union[VideoText, VideoQA]:
     """The model of `checkpoint` in eval mode on `device`, built from the config saved in
     the checkpoint (or `config`: a YAML path or a dict, for files that carry none).
+    `checkpoint` is a path, an http(s) URL or an `hf://owner/repo/file` id (downloaded
+    once into the cache); `trust=True` allows files that need full unpickling (only for
+    files from a trusted source: unpickling can run code).
 
     A VideoQA config (`dataset: activitynet_qa`) gives a `VideoQA`; retrieval and
     pre-training configs give a `VideoText` (a pre-training checkpoint's captioning
@@ -180,17 +185,18 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     """
     checkpoint = str(checkpoint)
     if config is None:
-        config = read_checkpoint(checkpoint)[0].get("config")
+        config = read_checkpoint(checkpoint, trust=trust)[0].get("config")
         if not isinstance(config, dict):
             raise ValueError(f"{checkpoint}: holds no config; pass config= (e.g. a configs/*.yaml)")
     elif not isinstance(config, dict):
         config = load_config(config)
-    is_videoqa = config.get("dataset") == "activitynet_qa"
-    config = with_defaults(config, VIDEOQA_SCHEMA if is_videoqa else
-                           PRETRAIN_SCHEMA if config.get("dataset") == "pretrain_video" else
-                           RETRIEVAL_SCHEMA)
+    if "dataset" not in config:
+        raise ValueError(f"{checkpoint}: its config names no dataset; pass config= "
+                         f"(e.g. a configs/*.yaml)")
+    config = with_defaults(config, SCHEMAS.get(config["dataset"], RETRIEVAL_SCHEMA), checkpoint)
+    is_videoqa = config["dataset"] == "activitynet_qa"
     model = (build_videoqa_model if is_videoqa else build_retrieval_model)(config)
-    report = load_checkpoint(model, checkpoint)
+    report = load_checkpoint(model, checkpoint, trust=trust)
     device = torch.device(device)
     model = model.to(device).eval()
     return (VideoQA if is_videoqa else VideoText)(model, config, report, device)

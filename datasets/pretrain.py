@@ -6,12 +6,27 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from utils import Setting, Settings, with_defaults
+
 from .annotations import load_json_list, string_fields
 from .base import ClipDataset, stack_clips, with_clip_cache
 from .issues import DataIssues
-from .text import pre_caption
-from .transforms import PretrainImageTransform, PretrainVideoTransform
-from .video import VideoDecodeError
+from .text import CAPTION_SETTINGS, pre_caption
+from .transforms import FRAME_SETTINGS, PretrainImageTransform, PretrainVideoTransform
+from .video import SAMPLING_STRATEGIES, VideoDecodeError
+
+PRETRAIN_DATA_SETTINGS: Settings = {
+    "train_file": Setting((str, list), meaning="JSON list(s) of {path, caption}; image paths "
+                          "become static clips"),
+    "video_root": Setting(str, "", "prefix of relative paths in train_file ('' = as written)"),
+    "num_frm_train": Setting(int, meaning="frames sampled per clip", min=1),
+    "frm_sampling_strategy": Setting(str, "headtail", "frame sampling of the clips",
+                                     choices=SAMPLING_STRATEGIES),
+    "video_resize": Setting(int, 256, "side videos are decoded at before cropping", min=1),
+    "augment": Setting(bool, True, "RandAugment of the clips (off: the random square crop only)"),
+    "cache_clips": Setting(bool, False, "decode each video once and keep its frames in memory "
+                           "(small datasets; needs num_workers: 0)"),
+}
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".flv", ".webm", ".mkv")
 
@@ -34,11 +49,11 @@ class PretrainDataset(ClipDataset):
 
     Videos are decoded at `video_resize`, square-cropped to `image_size` and, with `augment`,
     augmented with one RandAugment for the whole clip; an image becomes a static clip of
-    `num_frm` copies.
+    `num_frames` copies.
     """
 
     def __init__(self, issues: DataIssues, train_files: list[str], video_root: str, max_words: int,
-                 num_frm: int, strategy: str, image_size: int, video_resize: int, *,
+                 num_frames: int, strategy: str, image_size: int, video_resize: int, *,
                  augment: bool = True):
         if video_resize < image_size:
             raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
@@ -61,8 +76,8 @@ class PretrainDataset(ClipDataset):
                     continue
                 video.append(path)
                 self.captions.append(caption)
-        self.image_transform = PretrainImageTransform(image_size, num_frm)
-        super().__init__(issues, video, num_frm, strategy, video_resize,
+        self.image_transform = PretrainImageTransform(image_size, num_frames)
+        super().__init__(issues, video, num_frames, strategy, video_resize,
                          PretrainVideoTransform(image_size, augment=augment))
 
     def __len__(self) -> int:
@@ -88,11 +103,13 @@ class PretrainDataset(ClipDataset):
 
 
 def build_pretrain_dataset(config: dict) -> PretrainDataset:
+    config = with_defaults(config, {**PRETRAIN_DATA_SETTINGS, **CAPTION_SETTINGS,
+                                    **FRAME_SETTINGS})
     train_files = config["train_file"]
     if isinstance(train_files, str):
         train_files = [train_files]
     dataset = PretrainDataset(
-        DataIssues(f"{config['dataset']}/train"), list(train_files), config.get("video_root", ""),
-        config["max_words"], config["num_frm_train"], config.get("frm_sampling_strategy", "headtail"),
-        config["image_size"], config.get("video_resize", 256), augment=config.get("augment", True))
+        DataIssues(f"{config['dataset']}/train"), list(train_files), config["video_root"],
+        config["max_words"], config["num_frm_train"], config["frm_sampling_strategy"],
+        config["image_size"], config["video_resize"], augment=config["augment"])
     return with_clip_cache(config, (dataset,))[0]

@@ -16,7 +16,7 @@ from datasets import build_datasets, load_video, read_frames
 from datasets.base import stack_clips
 from models import build_videoqa_model, save_checkpoint
 from tools import demo
-from train_retrieval import itm_eval
+from tasks.retrieval import itm_eval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
