@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as F
 from utils import Setting, Settings, with_defaults
 
 from .annotations import load_json_list, string_fields
-from .base import ClipDataset, stack_clips
+from .base import ClipDataset, stack_clips, with_clip_cache
 from .issues import DataIssues
 from .text import CAPTION_SETTINGS, pre_caption
 from .transforms import FRAME_SETTINGS, PretrainImageTransform, PretrainVideoTransform
@@ -23,6 +23,9 @@ PRETRAIN_DATA_SETTINGS: Settings = {
     "frm_sampling_strategy": Setting(str, "headtail", "frame sampling of the clips",
                                      choices=SAMPLING_STRATEGIES),
     "video_resize": Setting(int, 256, "side videos are decoded at before cropping", min=1),
+    "augment": Setting(bool, True, "RandAugment of the clips (off: the random square crop only)"),
+    "cache_clips": Setting(bool, False, "decode each video once and keep its frames in memory "
+                           "(small datasets; needs num_workers: 0)"),
 }
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".flv", ".webm", ".mkv")
@@ -44,12 +47,14 @@ def read_image(path: str) -> torch.Tensor:
 class PretrainDataset(ClipDataset):
     """Records `{"path", "caption"}` of JSON lists; items `(video [T, 3, H, W], caption)`.
 
-    Videos are decoded at `video_resize`, square-cropped to `image_size` and augmented with one
-    RandAugment for the whole clip; an image becomes a static clip of `num_frames` copies.
+    Videos are decoded at `video_resize`, square-cropped to `image_size` and, with `augment`,
+    augmented with one RandAugment for the whole clip; an image becomes a static clip of
+    `num_frames` copies.
     """
 
     def __init__(self, issues: DataIssues, train_files: list[str], video_root: str, max_words: int,
-                 num_frames: int, strategy: str, image_size: int, video_resize: int):
+                 num_frames: int, strategy: str, image_size: int, video_resize: int, *,
+                 augment: bool = True):
         if video_resize < image_size:
             raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
         self.captions: list[str] = []
@@ -72,7 +77,8 @@ class PretrainDataset(ClipDataset):
                 video.append(path)
                 self.captions.append(caption)
         self.image_transform = PretrainImageTransform(image_size, num_frames)
-        super().__init__(issues, video, num_frames, strategy, video_resize, PretrainVideoTransform(image_size))
+        super().__init__(issues, video, num_frames, strategy, video_resize,
+                         PretrainVideoTransform(image_size, augment=augment))
 
     def __len__(self) -> int:
         return len(self.video)
@@ -102,7 +108,8 @@ def build_pretrain_dataset(config: dict) -> PretrainDataset:
     train_files = config["train_file"]
     if isinstance(train_files, str):
         train_files = [train_files]
-    return PretrainDataset(
+    dataset = PretrainDataset(
         DataIssues(f"{config['dataset']}/train"), list(train_files), config["video_root"],
         config["max_words"], config["num_frm_train"], config["frm_sampling_strategy"],
-        config["image_size"], config["video_resize"])
+        config["image_size"], config["video_resize"], augment=config["augment"])
+    return with_clip_cache(config, (dataset,))[0]

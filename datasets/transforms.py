@@ -125,15 +125,16 @@ class TemporalRandAugment:
 
 
 class PretrainVideoTransform:
-    """Pre-training clips decoded at `video_resize`: random square crop + RandAugment(2, 5)."""
+    """Pre-training clips decoded at `video_resize`: random square crop + RandAugment(2, 5)
+    (`augment=False`: the crop only)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, *, augment: bool = True):
         self.image_size = image_size
-        self.augment = TemporalRandAugment(num_ops=2, magnitude=5, ops=VIDEO_OPS)
+        self.augment = TemporalRandAugment(num_ops=2, magnitude=5, ops=VIDEO_OPS) if augment else None
 
     def __call__(self, clip: torch.Tensor, rng: random.Random) -> torch.Tensor:
         clip = random_square_crop(clip, self.image_size, rng)
-        return normalize(self.augment(clip, rng))
+        return normalize(clip if self.augment is None else self.augment(clip, rng))
 
 
 class PretrainImageTransform:

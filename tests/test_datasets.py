@@ -492,6 +492,24 @@ def test_pretrain_video_and_image_records(tmp_path, videos):
         datasets.build_datasets(dict(config, video_resize=8))
 
 
+def test_pretrain_cache_clips_and_crop_without_randaugment(tmp_path, videos):
+    train_file = tmp_path / "pretrain.json"
+    config = base_config(tmp_path, "pretrain_video", train_file=str(train_file), num_frm_train=4,
+                         video_resize=16, cache_clips=True, augment=False)
+    video = tmp_path / "videos" / "v_a.mp4"
+    video.write_bytes(open(videos["long"], "rb").read())
+    train_file.write_text(json.dumps([{"path": "v_a.mp4", "caption": "first"},
+                                      {"path": "v_a.mp4", "caption": "second"}]))
+    train, _, _ = datasets.build_datasets(config)
+    clip, caption = train[0]
+    video.unlink()  # a second decode would now fail and be counted
+    assert caption == "first" and train.num_decode_failures == 0
+    assert frame_numbers(train.decoded_clips[0]) == [0, 10, 20, 30]  # uint8 frames, before normalising
+    # decoded at the crop size, no RandAugment: the clip is the normalised frames as decoded
+    assert torch.equal(clip, normalize(train.decoded_clips[0]))
+    assert torch.equal(train[0][0], clip)
+
+
 # ---------------------------------------------------------------- bad data
 
 def test_unknown_dataset_is_named():
