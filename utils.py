@@ -84,6 +84,7 @@ VIDEO_ENCODER_KEYS: Schema = {
     "learnable_temporal_scaling": Key(bool, False),
     "token_merging": Key(bool, False),
     "testa_r": Key((int, list), 0),
+    "testa_threshold": Key((int, float, list, NONE), None),
     "merging_type": Key((str, list), "frame&patch"),
     "aggregation": Key(str, "geometry"),
     "prop_attn": Key(bool, False),

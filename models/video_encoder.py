@@ -263,6 +263,21 @@ def token_mask(state: TokenState) -> torch.Tensor:
     return torch.cat([live.new_ones(live.shape[0], 1), live], dim=1)
 
 
+def pool_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of the tokens `[B, N, D]` that hold content (all when `mask [B, N]` is None)."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    weight = mask[..., None].to(tokens.dtype)
+    return (tokens * weight).sum(dim=1) / weight.sum(dim=1)
+
+
+def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pad `[B, N, D]` tokens (zeros) and their mask `[B, N]` (False) to `length` slots."""
+    extra = length - tokens.shape[1]
+    return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
+
+
 def _with_class_slot(grid: torch.Tensor, value: float) -> torch.Tensor:
     """Prepend a class-token slot filled with `value`: `[B, T, L, C]` -> `[B, T, 1+L, C]`."""
     slot = torch.full_like(grid[:, :, :1], value)

@@ -95,7 +95,7 @@ def test_retrieval_losses_finite_and_decrease():
 def test_retrieval_evaluation_methods_shapes():
     model = build_retrieval_model(tiny_config()).eval()
     with torch.no_grad():
-        video_feat, video_embeds = model.encode_video(tiny_video(2))
+        video_feat, video_embeds, video_mask = model.encode_video(tiny_video(2))
         text_feat, input_ids, attention_mask = model.encode_text(CAPTIONS[:3])
         logits = model.itm_logits(video_embeds[[0, 1, 1]], input_ids, attention_mask)
         enc_first = input_ids.clone()
@@ -104,7 +104,7 @@ def test_retrieval_evaluation_methods_shapes():
     assert video_feat.shape == (2, 16) and text_feat.shape == (3, 16)
     assert torch.allclose(video_feat.norm(dim=-1), torch.ones(2))
     assert torch.allclose(text_feat.norm(dim=-1), torch.ones(3))
-    assert video_embeds.shape[0] == 2 and video_embeds.shape[2] == 64
+    assert video_embeds.shape[0] == 2 and video_embeds.shape[2] == 64 and video_mask is None
     assert input_ids.shape == attention_mask.shape == (3, 16)
     assert (input_ids[:, 0] == model.tokenizer.cls_token_id).all()
     assert logits.shape == (3, 2)

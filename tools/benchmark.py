@@ -55,6 +55,44 @@ def count(config: dict, decimals: int = 1) -> Dict[str, float]:
             "tokens_in": tokens_in, "tokens_out": tokens.shape[1]}
 
 
+def _matching_macs(tokens: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """MACs of bipartite matching scores over `tokens` live tokens (|A| x |B| x Dh)."""
+    return (tokens + 1).div(2, rounding_mode="floor") * tokens.div(2, rounding_mode="floor") * head_dim
+
+
+def traced_gmacs(config: dict, trace: List[torch.Tensor], plan: List[tuple], class_token: bool
+                 ) -> List[float]:
+    """GMACs of one forward for every video of a batch, counting only the tokens that hold
+    content (size > 0), from the sizes a divided-attention encoder traced
+    (`forward_with_state(..., trace=True)`: per block, the sizes its temporal attention,
+    spatial attention and MLP saw), its `(r_frame, r_patch)` plan and whether it protects a
+    class token (matching is skipped where nothing can merge). The same terms as
+    the FLOP counter: linear layers, attention products (QK^T and AV), matching scores and
+    the patch embedding; norms and softmax are free."""
+    dim, hidden = config["vision_width"], int(config["vision_width"] * config.get("mlp_ratio", 4.0))
+    head_dim = dim // config["num_heads"]
+    first = trace[0]  # [B, T0, 1+L0, 1]
+    frames, patches = first.shape[1], first.shape[2] - 1
+    macs = torch.full((first.shape[0],), float(frames * patches * 3 * config["patch_size"] ** 2 * dim),
+                      dtype=torch.float64)
+    for temporal, spatial, mlp, (r_frame, r_patch) in zip(trace[0::3], trace[1::3], trace[2::3], plan):
+        live = temporal[:, :, 1:, 0] > 0  # [B, T, L]
+        per_position = live.sum(dim=1).double()  # [B, L]: frames each temporal attention sees
+        macs += live.sum(dim=(1, 2)) * 5 * dim * dim + 2 * dim * per_position.square().sum(dim=1)
+        live_frames = live.any(dim=2).sum(dim=1)  # [B]
+        if r_frame > 0:
+            can_merge = live_frames - int(class_token) >= 2
+            macs += _matching_macs(per_position, head_dim).sum(dim=1) * can_merge
+        live = spatial[:, :, 1:, 0] > 0
+        per_frame = (1 + live.sum(dim=2).double()) * live.any(dim=2)  # [B, T]: frames with content
+        macs += per_frame.sum(dim=1) * 4 * dim * dim + 2 * dim * per_frame.square().sum(dim=1)
+        if r_patch > 0:
+            can_merge = per_frame - int(class_token) >= 2
+            macs += (_matching_macs(per_frame, head_dim) * can_merge).sum(dim=1)
+        macs += (1 + (mlp[:, :, 1:, 0] > 0).sum(dim=(1, 2))) * 2 * dim * hidden
+    return (macs / 1e9).tolist()
+
+
 def build(config: dict, device: str, dtype: torch.dtype, train: bool):
     encoder = build_video_encoder(config).to(device=device, dtype=dtype).train(train)
     video = torch.randn(video_shape(config), device=device, dtype=dtype)
