@@ -3,9 +3,13 @@
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --runs 0 --json
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --compare-no-agg --runs 3
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --train --compare-no-agg
+    python tools/benchmark.py --config configs/retrieval_queryd_f32_adaptive.yaml --video clip.mp4 --runs 0 --json
 
 GMACs are multiply-accumulates of the forward / 1e9, counted with torch's FLOP counter
-on the meta device (no computation runs). `seconds` is the median wall time of `--runs`
+on the meta device (no computation runs). With `--video` the encoder (random weights,
+`--seed`) runs on that video, decoded and sampled as the config says, and `tokens_out` /
+`gmacs` count the tokens that hold content (adaptive aggregation keeps more tokens for busy
+videos; see `traced_gmacs`). `seconds` is the median wall time of `--runs`
 forwards (forward + backward with `--train`) after one warm-up. `peak_mem_mb` is the
 memory the forward (or training step) needs beyond the loaded model and input: on CUDA
 the allocator's peak, on CPU the growth of the peak resident set of a fresh process
@@ -26,7 +30,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datasets.transforms import normalize  # noqa: E402
+from datasets.video import read_frames  # noqa: E402
 from models import build_video_encoder  # noqa: E402
+from models.video_encoder import token_mask  # noqa: E402
 from utils import load_config  # noqa: E402
 
 
@@ -93,10 +100,34 @@ def traced_gmacs(config: dict, trace: List[torch.Tensor], plan: List[tuple], cla
     return (macs / 1e9).tolist()
 
 
-def build(config: dict, device: str, dtype: torch.dtype, train: bool):
+def load_video(config: dict, path: str) -> torch.Tensor:
+    """A real video `[1, 3, T, H, W]`, normalised, sampled as the config says for testing."""
+    frames = read_frames(path, config["num_frames"], config.get("frm_sampling_strategy", "uniform"),
+                         config["image_size"])  # [T, 3, H, W] uint8
+    return normalize(frames).transpose(0, 1)[None]
+
+
+def count_on_video(config: dict, video: torch.Tensor, seed: int, decimals: int = 1
+                   ) -> Dict[str, float]:
+    """GMACs and token counts of one forward on `video`, counting tokens with content."""
+    if config.get("attention_type", "divided_space_time") != "divided_space_time":
+        return count(config, decimals)  # no content-dependent modes there
+    torch.manual_seed(seed)
+    encoder = build_video_encoder(config).eval()
+    with torch.no_grad():
+        _, state = encoder.forward_with_state(video, trace=True)
+    gmacs = traced_gmacs(config, state.trace, encoder.plan, encoder.blocks[0].class_token)[0]
+    tokens_in = 1 + video.shape[2] * (video.shape[3] // config["patch_size"]) ** 2
+    return {"gmacs": round(gmacs, decimals), "tokens_in": tokens_in,
+            "tokens_out": int(token_mask(state).sum())}
+
+
+def build(config: dict, device: str, dtype: torch.dtype, train: bool,
+          video: Optional[torch.Tensor] = None):
     encoder = build_video_encoder(config).to(device=device, dtype=dtype).train(train)
-    video = torch.randn(video_shape(config), device=device, dtype=dtype)
-    return encoder, video
+    if video is None:
+        video = torch.randn(video_shape(config))
+    return encoder, video.to(device=device, dtype=dtype)
 
 
 def step(encoder, video: torch.Tensor, train: bool) -> None:
@@ -143,18 +174,20 @@ def _current_rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int, queue) -> None:
+def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int,
+                       video: Optional[torch.Tensor], queue) -> None:
     torch.set_num_threads(threads)
-    encoder, video = build(config, "cpu", dtype, train)
+    encoder, video = build(config, "cpu", dtype, train, video)
     baseline = _current_rss_mb()
     step(encoder, video, train)
     queue.put(_rss_peak_mb() - baseline)
 
 
-def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool) -> float:
+def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool,
+                   video: Optional[torch.Tensor] = None) -> float:
     """Memory one step needs beyond the model and input (MB)."""
     if device.startswith("cuda"):
-        encoder, video = build(config, device, dtype, train)
+        encoder, video = build(config, device, dtype, train, video)
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -166,7 +199,7 @@ def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool) -
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_peak_memory_child,
-                            args=(config, dtype, train, torch.get_num_threads(), queue))
+                            args=(config, dtype, train, torch.get_num_threads(), video, queue))
     # Large blocks straight from mmap go back to the system when freed, so the child's
     # peak resident set follows the live tensors instead of malloc's cached arenas.
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
@@ -184,19 +217,20 @@ def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool) -
     return round(queue.get(timeout=60), 1)
 
 
-def measure(configs: List[dict], runs: int, device: str, dtype: torch.dtype, train: bool
-            ) -> List[Dict[str, float]]:
-    results = [count(config) for config in configs]
+def measure(configs: List[dict], runs: int, device: str, dtype: torch.dtype, train: bool,
+            video: Optional[torch.Tensor] = None, seed: int = 0) -> List[Dict[str, float]]:
+    results = [count(config) if video is None else count_on_video(config, video, seed)
+               for config in configs]
     if runs == 0:
         for result in results:
             result.update(seconds=None, peak_mem_mb=None)
         return results
-    setups = [build(config, device, dtype, train) for config in configs]
+    setups = [build(config, device, dtype, train, video) for config in configs]
     seconds = time_alternately(setups, runs, train)
     del setups
     for result, config, secs in zip(results, configs, seconds):
         result["seconds"] = round(secs, 4)
-        result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train)
+        result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train, video)
     return results
 
 
@@ -207,21 +241,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-agg", action="store_true", help="turn token aggregation off")
     parser.add_argument("--compare-no-agg", action="store_true",
                         help="also measure the no-aggregation twin, alternately, and report speedup")
+    parser.add_argument("--video", help="count (and time) on this video instead of random input")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (--video)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (0: count only)")
     parser.add_argument("--train", action="store_true", help="time forward + backward at batch 1")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
+    if args.runs < 0:
+        raise SystemExit(f"--runs must be 0 or more, got {args.runs}")
+    if args.video and not Path(args.video).is_file():
+        raise SystemExit(f"--video {args.video}: no such file")
 
     config = encoder_config(load_config(args.config), args.frames, aggregate=not args.no_agg)
     configs = [config]
     if args.compare_no_agg:
         configs.append(encoder_config(config, None, aggregate=False))
     dtype = getattr(torch, args.dtype)
-    results = measure(configs, args.runs, args.device, dtype, args.train)
+    video = None if args.video is None else load_video(config, args.video)
+    results = measure(configs, args.runs, args.device, dtype, args.train, video, args.seed)
 
-    report = dict(config=args.config, frames=config["num_frames"],
+    report = dict(config=args.config, video=args.video, frames=config["num_frames"],
                   aggregation=bool(config["token_merging"]), mode="train" if args.train else "forward",
                   device=args.device, dtype=args.dtype, **results[0])
     if args.compare_no_agg:
