@@ -5,7 +5,7 @@
     python train_retrieval.py --config configs/retrieval_queryd_f32.yaml --output_dir out/zs \
         --evaluate --checkpoint checkpoints/testa_model_base_pretrain.pth
 
-Evaluation (`shared/spec/TESTA.md` §7): every text and video is encoded, similarities
+Evaluation (docs/computation.md, section 6): every text and video is encoded, similarities
 `v @ t^T` pick the top `k_test` candidates of each video row and each text row, and the
 video-grounded encoder re-scores those pairs as `itm_logit + sim`; all other scores are
 -100. Each rank encodes and re-scores the pairs of its own videos, and the score

@@ -34,28 +34,33 @@ def accuracy(answers: Mapping[Any, str], ground_truth: Mapping[Any, str]) -> flo
 
 @torch.no_grad()
 def answer_batch(model: nn.Module, video: torch.Tensor, questions: List[str],
-                 answer_list: Sequence[str], run: Run) -> List[str]:
-    """An answer per question: the best of `answer_list`, or generated (config `inference`)."""
+                 answer_list: Sequence[str], run: Run) -> List[Dict[str, Any]]:
+    """A record per question: its answer, the best of `answer_list` (with the full-answer
+    score and first-token probability it was ranked by) or generated (config `inference`)."""
     config = run.config
     with run.precision.autocast():
         if config["inference"] == "generate":
-            return model.generate_answers(video, questions, num_beams=config["num_beams"],
-                                          max_length=config["max_answer_len"])
-        best = model.rank_answers(video, questions, answer_list, config["k_test"])
-    return [answer_list[index] for index in best.tolist()]
+            generated = model.generate_answers(video, questions, num_beams=config["num_beams"],
+                                               max_length=config["max_answer_len"])
+            return [{"answer": answer} for answer in generated]
+        ranked = model.rank_answers(video, questions, answer_list, config["k_test"])
+    chosen = ranked.candidates == ranked.best[:, None]  # [B, k], one True a row
+    return [{"answer": answer_list[index], "score": score, "first_token_prob": prob}
+            for index, score, prob in zip(ranked.best.tolist(), ranked.scores[chosen].tolist(),
+                                          ranked.first_token_probs[chosen].tolist())]
 
 
 @torch.no_grad()
-def answer_questions(model: nn.Module, loader: DataLoader, run: Run) -> Dict[Any, str]:
-    """question_id -> answer for every question of the loader's dataset, gathered from
-    all ranks (the distributed sampler's padding repeats are dropped)."""
+def answer_questions(model: nn.Module, loader: DataLoader, run: Run) -> Dict[Any, Dict[str, Any]]:
+    """question_id -> answer record (see `answer_batch`) for every question of the loader's
+    dataset, gathered from all ranks (the distributed sampler's padding repeats are dropped)."""
     model.eval()
     answer_list = loader.dataset.answer_list
     answers = {}
     for video, questions, question_ids in progress(loader, "questions"):
-        predicted = answer_batch(model, video.to(run.device, non_blocking=True), questions,
-                                 answer_list, run)
-        answers.update(zip(question_ids, predicted))
+        records = answer_batch(model, video.to(run.device, non_blocking=True), questions,
+                               answer_list, run)
+        answers.update(zip(question_ids, records))
     merged = {}
     for rank_answers in gather_objects(answers):
         merged.update(rank_answers)
@@ -63,12 +68,14 @@ def answer_questions(model: nn.Module, loader: DataLoader, run: Run) -> Dict[Any
 
 
 def evaluate_split(model: nn.Module, loader: DataLoader, run: Run, split: str) -> Dict[str, float]:
-    """Accuracy on `split`; the answers go to output_dir/{split}_answers.json."""
+    """Accuracy on `split`; every question's answer record and ground truth go to
+    output_dir/{split}_answers.json."""
     ground_truth = loader.dataset.answers_by_qid
-    answers = answer_questions(model, loader, run)
+    records = answer_questions(model, loader, run)
+    answers = {qid: record["answer"] for qid, record in records.items()}
     metrics = {"accuracy": accuracy(answers, ground_truth), "num_questions": len(ground_truth)}
     write_json(run, f"{split}_answers.json", [
-        {"question_id": qid, "answer": answers.get(qid), "ground_truth": answer}
+        {"question_id": qid, **records.get(qid, {"answer": None}), "ground_truth": answer}
         for qid, answer in ground_truth.items()])
     log(f"{split}: accuracy {metrics['accuracy']:.2f} on {len(ground_truth)} questions")
     return metrics

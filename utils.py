@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from datasets import create_loader, summarize
+from datasets import DataError, create_loader, summarize
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.dist_utils import get_rank, get_world_size, is_distributed
 
@@ -339,7 +339,7 @@ def script_errors():
     message naming the file; the process group is released in any case."""
     try:
         yield
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     finally:
         finish_run()

@@ -3,6 +3,7 @@
 `build_datasets(config)` returns `(train, val, test)` for `config["dataset"]`; every dataset has a
 `collate_fn` (videos batched as `[B, 3, T, H, W]`) and `summary()` of its bad data.
 """
+from .annotations import DataError
 from .base import ClipDataset
 from .loader import create_loader
 from .pretrain import PretrainDataset, build_pretrain_dataset
@@ -16,15 +17,25 @@ DATASETS = (*RETRIEVAL_READERS, "activitynet_qa", "pretrain_video")
 
 
 def build_datasets(config: dict):
-    """(train, val, test) datasets of `config["dataset"]`; pre-training gives (train, None, None)."""
+    """(train, val, test) datasets of `config["dataset"]`; pre-training gives (train, None, None).
+
+    An annotation file that is not valid JSON (or CSV, text, a plain-data pickle), has the wrong
+    shape, or leaves a split with no usable record or no decodable video raises DataError
+    naming the file; bad records inside a good file are skipped and counted instead.
+    """
     name = config["dataset"]
     if name in RETRIEVAL_READERS:
-        return build_retrieval_datasets(config)
-    if name == "activitynet_qa":
-        return build_videoqa_datasets(config)
-    if name == "pretrain_video":
-        return build_pretrain_dataset(config), None, None
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        splits = build_retrieval_datasets(config)
+    elif name == "activitynet_qa":
+        splits = build_videoqa_datasets(config)
+    elif name == "pretrain_video":
+        splits = build_pretrain_dataset(config), None, None
+    else:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    for dataset in splits:
+        if dataset is not None:
+            dataset.check_usable()
+    return splits
 
 
 def summarize(*datasets) -> str:
@@ -39,7 +50,7 @@ def summarize(*datasets) -> str:
 
 
 __all__ = [
-    "DATASETS", "ClipDataset", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
+    "DATASETS", "ClipDataset", "DataError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
     "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
     "create_loader", "load_video", "pre_caption", "pre_question", "read_frames",
     "sample_frame_indices", "summarize",

@@ -6,6 +6,7 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from .annotations import DataError
 from .issues import DataIssues
 from .video import RANDOM_STRATEGIES, VideoDecodeError, read_frames
 
@@ -105,7 +106,33 @@ class ClipDataset(Dataset):
             clip = self._try_load(candidate, rng)
             if clip is not None:
                 return self.make_item(candidate, clip)
-        raise RuntimeError(f"{self.issues.name}: no video of the dataset can be decoded")
+        raise DataError(f"{self.where}: no video of the {self.split} split can be decoded")
+
+    @property
+    def split(self) -> str:
+        return self.issues.name.rsplit("/", 1)[-1]
+
+    @property
+    def where(self) -> str:
+        """The annotation files of the dataset, for error messages."""
+        return ", ".join(self.issues.files) or self.issues.name
+
+    def check_usable(self) -> None:
+        """Raise DataError naming the annotation files when the split has no item, or when
+        none of its videos decodes (probed in order until one does; failures are counted)."""
+        if len(self) == 0:
+            reasons = self.issues.skip_reasons()
+            problem = f"no usable record ({reasons})" if reasons else "no records"
+            raise DataError(f"{self.where}: the {self.split} split has {problem}")
+        probe_rng = random.Random(0)  # not torch's generator: the model's initialisation stays put
+        for video_index in range(len(self.video)):
+            try:
+                self.load_clip(video_index, probe_rng)
+                return
+            except VideoDecodeError as error:
+                self.issues.record_decode_failure(video_index, error, self.fallback)
+        raise DataError(f"{self.where}: none of the {len(self.video)} videos of the {self.split} "
+                        f"split can be decoded")
 
     @property
     def num_decode_failures(self) -> int:

@@ -18,6 +18,7 @@ class DataIssues:
 
     def __init__(self, name: str):
         self.name = name
+        self.files: list[str] = []  # the annotation files read, named by errors about the split
         self.skipped = Counter()
         self.seen = set()
         self.reported = 0
@@ -29,6 +30,11 @@ class DataIssues:
             logger.warning("%s: %s", self.name, message)
         elif self.reported == MAX_REPORTED + 1:
             logger.warning("%s: more bad data; counted in the summary only", self.name)
+
+    def reading(self, path: str) -> str:
+        """`path`, noted as an annotation file of this dataset."""
+        self.files.append(path)
+        return path
 
     def skip(self, reason: str, where: str) -> None:
         """A record dropped while building the dataset; each (reason, where) is reported once."""
@@ -58,13 +64,17 @@ class DataIssues:
     def num_decode_failures(self) -> int:
         return int(self.decode_failed.sum())
 
+    def skip_reasons(self) -> str:
+        """'1 empty caption, 2 missing video' (sorted by reason), '' when nothing was skipped."""
+        return ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
+
     def summary(self, fallback: str) -> str:
         """One line, e.g. 'x/train: 2 records skipped at build (1 missing video, 1 empty caption);
         1 video failed to decode (next record used)'."""
         if not self.num_skipped and not self.num_decode_failures:
             return f"{self.name}: no bad data"
-        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
-        parts = [f"{self.num_skipped} records skipped at build ({reasons})" if self.num_skipped
+        parts = [f"{self.num_skipped} records skipped at build ({self.skip_reasons()})"
+                 if self.num_skipped
                  else "no records skipped at build"]
         failures = self.num_decode_failures
         parts.append(f"{failures} video{'s' if failures != 1 else ''} failed to decode ({fallback})")

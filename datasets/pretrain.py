@@ -43,7 +43,7 @@ class PretrainDataset(ClipDataset):
         self.captions: list[str] = []
         video: list[str] = []
         for train_file in train_files:
-            for position, record in enumerate(load_json_list(train_file)):
+            for position, record in enumerate(load_json_list(issues.reading(train_file))):
                 source = f"{train_file}[{position}]"
                 fields = string_fields(record, "path", "caption")
                 if fields is None:

@@ -1,12 +1,11 @@
 """Paragraph-to-video retrieval: QuerYD, DiDeMo, ActivityNet Captions, Condensed Movies."""
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
 
-from .annotations import (first_existing, iter_csv, iter_jsonl, load_json_list, require_file,
-                          string_fields)
+from .annotations import (DataError, first_existing, iter_csv, iter_jsonl, load_json_list,
+                          load_plain_pickle, require_file, string_fields, utf8_text)
 from .base import ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
 from .text import pre_caption
@@ -33,12 +32,15 @@ def join_sentences(sentences: list) -> str:
 
 
 def read_queryd(ann_root: str, video_root: str, split: str, issues: DataIssues) -> list[TextVideoPair]:
-    """`exists_{split}_list.txt` names the videos; the pickle maps each name to its sentences."""
-    caption_file = require_file(os.path.join(ann_root, "raw_captions_combined_filtered.pkl"))
-    list_file = require_file(os.path.join(ann_root, f"exists_{split}_list.txt"))
-    with open(caption_file, "rb") as f:
-        captions = pickle.load(f)
-    with open(list_file, encoding="utf-8") as f:
+    """`exists_{split}_list.txt` names the videos; the pickle maps each name to its sentences
+    (read as plain data only, see `load_plain_pickle`)."""
+    list_file = issues.reading(require_file(os.path.join(ann_root, f"exists_{split}_list.txt")))
+    caption_file = issues.reading(require_file(os.path.join(ann_root, "raw_captions_combined_filtered.pkl")))
+    captions = load_plain_pickle(caption_file)
+    if not isinstance(captions, dict):
+        raise DataError(f"{caption_file}: expected a dict of video name -> sentences, got a "
+                        f"{type(captions).__name__}")
+    with utf8_text(list_file) as f:
         names = [line.strip() for line in f if line.strip()]
     pairs = []
     for name in names:
@@ -59,7 +61,8 @@ def read_queryd(ann_root: str, video_root: str, split: str, issues: DataIssues) 
 def read_didemo(ann_root: str, video_root: str, split: str, issues: DataIssues) -> list[TextVideoPair]:
     """`{split}.jsonl`: one `{"clip_name", "caption"}` a line; videos `<clip_name>.mp4`."""
     pairs = []
-    for source, record in iter_jsonl(os.path.join(ann_root, f"{split}.jsonl"), issues):
+    for source, record in iter_jsonl(issues.reading(os.path.join(ann_root, f"{split}.jsonl")),
+                                      issues):
         fields = string_fields(record, "clip_name", "caption")
         if fields is None:
             issues.skip("malformed annotation", source)
@@ -71,7 +74,7 @@ def read_didemo(ann_root: str, video_root: str, split: str, issues: DataIssues) 
 
 def read_activitynet(ann_root: str, video_root: str, split: str, issues: DataIssues) -> list[TextVideoPair]:
     """`{split}.json`: a JSON list of `{"video": "v_xxx.mp4", "caption": [sentences]}`."""
-    path = os.path.join(ann_root, f"{split}.json")
+    path = issues.reading(os.path.join(ann_root, f"{split}.json"))
     pairs = []
     for position, record in enumerate(load_json_list(path)):
         source = f"{path}[{position}]"
@@ -96,7 +99,7 @@ def read_condensed_movies(ann_root: str, video_root: str, split: str,
     Videos `<videoid>.mkv` (or `.mp4` after compression)."""
     filename = "test_challf0.csv" if split == "test" else "train_val_challf0.csv"
     pairs = []
-    for source, row in iter_csv(_condensed_movies_csv(ann_root, filename)):
+    for source, row in iter_csv(issues.reading(_condensed_movies_csv(ann_root, filename))):
         fields = string_fields(row, "videoid", "caption")
         if fields is None or not fields[0]:
             issues.skip("malformed annotation", source)

@@ -1,25 +1,16 @@
-"""Video decoding with decord: frame-index sampling and resize on decode."""
+"""Frame-index sampling and clip reading, through decord or PyAV (`datasets/decoders.py`)."""
 import math
 import random
 
-import decord
 import torch
 from einops import rearrange
 from torchvision.transforms.v2 import functional as F
 
+from .decoders import Decoder, VideoDecodeError, open_reader
 from .transforms import normalize
 
 SAMPLING_STRATEGIES = ("uniform", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
 RANDOM_STRATEGIES = ("nlvl_rand", "rand", "headtail")
-DECODE_THREADS = 1  # one decoding thread per reader: DataLoader workers give the parallelism
-# decord 0.6 returns frames of the wrong size for these output widths (whatever the source);
-# such clips are decoded SAFE_DECODE_WIDTH wide and resized with torchvision
-DECORD_BAD_WIDTHS = frozenset({2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
-SAFE_DECODE_WIDTH = 96
-
-
-class VideoDecodeError(RuntimeError):
-    """A video file that exists but cannot be opened or decoded."""
 
 
 def evenly_spaced_indices(start: int, length: int, num_frm: int) -> list[int]:
@@ -73,43 +64,23 @@ def frame_range(num_frames: int, fps: float, start_time: float | None,
     return start, max(end, start + 1)
 
 
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    return lines[0][:200]
-
-
-def open_video(path: str, size: int | None) -> tuple[decord.VideoReader, int]:
-    """A decord reader resizing to `size` x `size` (native size if None), and its output width."""
-    width = SAFE_DECODE_WIDTH if size in DECORD_BAD_WIDTHS else size
-    resize = {"width": width, "height": size} if size else {}
-    try:
-        reader = decord.VideoReader(path, num_threads=DECODE_THREADS, **resize)
-    except Exception as error:  # decord raises RuntimeError or DECORDError on a bad file
-        raise VideoDecodeError(f"{path}: {_first_line(error)}") from error
-    if len(reader) == 0:
-        raise VideoDecodeError(f"{path}: the video has no frames")
-    return reader, width
-
-
 def read_frames(path: str, num_frm: int, strategy: str = "uniform", size: int | None = None,
                 rng: random.Random | None = None, start_time: float | None = None,
-                end_time: float | None = None) -> torch.Tensor:
-    """Decode `num_frm` frames as uint8 `[T, 3, H, W]`, resized to `size` x `size` on decode."""
-    reader, width = open_video(path, size)
-    start, end = frame_range(len(reader), reader.get_avg_fps(), start_time, end_time)
-    indices = sample_frame_indices(len(reader), num_frm, strategy, rng, start, end)
-    try:
-        frames = torch.from_numpy(reader.get_batch(indices).asnumpy())
-    except Exception as error:  # DECORDError on a damaged stream
-        raise VideoDecodeError(f"{path}: {_first_line(error)}") from error
-    frames = rearrange(frames, "t h w c -> t c h w").contiguous()
-    if width != size:
+                end_time: float | None = None, *, decoder: Decoder | None = None) -> torch.Tensor:
+    """Decode `num_frm` frames as uint8 `[T, 3, H, W]`, resized to `size` x `size` on decode,
+    by `decoder` (default: decord if installed, else PyAV; see `datasets/decoders.py`)."""
+    reader = open_reader(path, size, decoder)
+    start, end = frame_range(reader.num_frames, reader.fps, start_time, end_time)
+    indices = sample_frame_indices(reader.num_frames, num_frm, strategy, rng, start, end)
+    frames = rearrange(reader.get(indices), "t h w c -> t c h w").contiguous()  # [T, 3, H, W]
+    if reader.width != size:
         frames = F.resize(frames, [size, size], antialias=True)
     return frames
 
 
 def load_video(path: str, num_frm: int, strategy: str = "uniform", size: int | None = None,
                rng: random.Random | None = None, start_time: float | None = None,
-               end_time: float | None = None) -> torch.Tensor:
+               end_time: float | None = None, *, decoder: Decoder | None = None) -> torch.Tensor:
     """`read_frames` then CLIP normalisation: float32 `[T, 3, H, W]`."""
-    return normalize(read_frames(path, num_frm, strategy, size, rng, start_time, end_time))
+    return normalize(read_frames(path, num_frm, strategy, size, rng, start_time, end_time,
+                                 decoder=decoder))

@@ -49,8 +49,8 @@ class VideoQADataset(ClipDataset):
     def __init__(self, issues: DataIssues, ann_root: str, video_root: str, split: str,
                  max_question_len: int, num_frm: int, strategy: str, image_size: int,
                  transform: ClipTransform):
-        question_path = os.path.join(ann_root, f"{split}_q.json")
-        answers = read_answers(os.path.join(ann_root, f"{split}_a.json"), issues)
+        question_path = issues.reading(os.path.join(ann_root, f"{split}_q.json"))
+        answers = read_answers(issues.reading(os.path.join(ann_root, f"{split}_a.json")), issues)
         self.answer_list = sorted({answer for given in answers.values() for answer in given})
         self.questions: list[Question] = []
         video: list[str] = []

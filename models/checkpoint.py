@@ -1,6 +1,6 @@
 """Load BLIP and TESTA checkpoints into the models, and save checkpoints atomically.
 
-Loading follows `shared/spec/checkpoints.md`: queues dropped, spatial attention copied
+Loading (docs/computation.md, section 7): queues dropped, spatial attention copied
 to temporal attention where the file has none (BLIP image checkpoints), `pos_embed`
 and `time_embed` resized to the model, non-strict load, momentum towers missing from
 the file copied from their main towers, `position_ids` ignored. Every step is recorded

@@ -5,6 +5,7 @@ when called without video tokens, video-grounded when given them) and
 `BlipTextLMHeadModel` (causal decoder with the LM head). Their parameter names are
 those of the original BLIP "med" BERT, so BLIP and TESTA checkpoints load as they are.
 """
+import inspect
 import json
 import logging
 import os
@@ -13,15 +14,19 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
 from huggingface_hub import constants as hub_constants
 from transformers import BertTokenizer
-from transformers.models.blip.modeling_blip_text import (BlipTextConfig, BlipTextLMHeadModel,
-                                                         BlipTextModel)
+from transformers.models.blip.modeling_blip_text import (BlipTextAttention, BlipTextConfig,
+                                                         BlipTextLMHeadModel, BlipTextModel,
+                                                         BlipTextSelfAttention)
 
 BERT_UNCASED_VOCAB_SIZE = 30522
 DEFAULT_MED_CONFIG = "configs/med_config.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# bert-base-uncased's vocab.txt, byte for byte (models/vocab/README.md): no hub or cache needed
+SHIPPED_VOCABS = {"bert-base-uncased": REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"}
 logger = logging.getLogger(__name__)
 TOKENIZER_HINT = ("set text_encoder in the config to a directory holding vocab.txt or to the "
                   "vocab.txt file of bert-base-uncased")
@@ -36,11 +41,13 @@ MED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attent
 def build_tokenizer(name_or_path: str = "bert-base-uncased") -> BertTokenizer:
     """BERT uncased WordPiece plus `[DEC]` (bos, id 30522) and `[ENC]` (id 30523).
 
-    `name_or_path`: a `vocab.txt` file, a directory holding one, or a hub name (the
-    local cache is tried first; the hub only when it is reachable). The tokenizer gets
-    an `enc_token_id` attribute.
+    `name_or_path`: a `vocab.txt` file, a directory holding one, or a hub name.
+    `bert-base-uncased` reads the copy of its vocabulary shipped in `models/vocab/`; other
+    hub names try the local cache first, the hub only when it is reachable. The tokenizer
+    gets an `enc_token_id` attribute.
     """
-    tokenizer = _load_bert_tokenizer(str(name_or_path))
+    name_or_path = str(SHIPPED_VOCABS.get(str(name_or_path), name_or_path))
+    tokenizer = BertTokenizer(find_vocab(name_or_path), do_lower_case=True)
     if tokenizer.vocab_size != BERT_UNCASED_VOCAB_SIZE:
         raise ValueError(f"the tokenizer from {name_or_path!r} has {tokenizer.vocab_size} tokens, "
                          f"not the {BERT_UNCASED_VOCAB_SIZE} of bert-base-uncased; {TOKENIZER_HINT}")
@@ -50,33 +57,44 @@ def build_tokenizer(name_or_path: str = "bert-base-uncased") -> BertTokenizer:
     return tokenizer
 
 
-def _load_bert_tokenizer(name_or_path: str) -> BertTokenizer:
+def find_vocab(name_or_path: str) -> str:
+    """The `vocab.txt` named by `name_or_path`: the file itself, the one in that directory,
+    or that hub repository's, from the Hugging Face cache, else downloaded when the hub
+    is reachable. The cache is looked up and the file fetched through huggingface_hub,
+    as transformers' own local-files-only loading differs between versions (it raises
+    in 4.x, returns a tokenizer without vocabulary in 5.x)."""
     if os.path.isfile(name_or_path):
-        return BertTokenizer(name_or_path, do_lower_case=True)  # vocab path: 1st argument in 4.x and 5.x
+        return name_or_path
     if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "vocab.txt")):
+        vocab = os.path.join(name_or_path, "vocab.txt")
+        if not os.path.isfile(vocab):
             raise FileNotFoundError(f"no vocab.txt in {name_or_path}; {TOKENIZER_HINT}")
-        return BertTokenizer.from_pretrained(name_or_path)
+        return vocab
     try:
-        cached = BertTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    except OSError as err:
+        cached = huggingface_hub.try_to_load_from_cache(name_or_path, "vocab.txt")
+    except ValueError:  # not a valid hub repository name either
         raise FileNotFoundError(f"tokenizer {name_or_path!r} is neither a local path nor a hub "
-                                f"name ({err}); {TOKENIZER_HINT}") from None
-    if cached.vocab_size == BERT_UNCASED_VOCAB_SIZE:
+                                f"name; {TOKENIZER_HINT}") from None
+    if isinstance(cached, str):
         return cached
     if not _hub_reachable():
         raise FileNotFoundError(f"tokenizer {name_or_path!r} is neither a local path nor in the "
                                 f"Hugging Face cache, and the hub is not reachable; {TOKENIZER_HINT}")
-    return BertTokenizer.from_pretrained(name_or_path)
+    try:
+        return huggingface_hub.hf_hub_download(name_or_path, "vocab.txt")
+    except Exception as err:  # huggingface_hub raises many kinds (missing repo, HTTP, I/O)
+        raise FileNotFoundError(f"tokenizer {name_or_path!r}: no vocab.txt from the hub "
+                                f"({type(err).__name__}); {TOKENIZER_HINT}") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (skipped when offline mode is set)."""
     if hub_constants.HF_HUB_OFFLINE:
         return False
-    host = urlparse(hub_constants.ENDPOINT).hostname
+    endpoint = urlparse(hub_constants.ENDPOINT)
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError:
         return False
     return True
@@ -135,11 +153,47 @@ def _read_med_config(path: str) -> dict:
                             f"{', '.join(str(c) for c in candidates)})")
 
 
+class KeyMaskedCrossAttention(BlipTextSelfAttention):
+    """BLIP text cross-attention that applies the padding mask of its keys (the encoder states).
+
+    From transformers 4.54 on, `BlipTextLayer` hands the encoder mask to its
+    `BlipTextAttention` as `attention_mask`, which passes it on as `attention_mask`, while
+    `BlipTextSelfAttention` in cross-attention mode reads only `encoder_attention_mask`:
+    the mask is dropped and padded keys (e.g. a short question's padding in a batch of
+    longer ones) get attention. This module takes the mask under either name.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs):
+        return super().forward(hidden_states, attention_mask=attention_mask,
+                               encoder_attention_mask=attention_mask, **kwargs)
+
+
+# transformers < 4.54 routes the encoder mask through `BlipTextAttention` itself
+CROSS_ATTENTION_DROPS_KEY_MASK = \
+    "encoder_attention_mask" not in inspect.signature(BlipTextAttention.forward).parameters
+
+
+def mask_cross_attention_keys(tower: BlipTextModel) -> None:
+    """Give every layer of `tower` a cross-attention that masks padded keys (see
+    `KeyMaskedCrossAttention`), holding the same parameters under the same names; nothing
+    to do where transformers applies the mask itself."""
+    if not CROSS_ATTENTION_DROPS_KEY_MASK:
+        return
+    for layer in tower.encoder.layer:
+        stock = layer.crossattention.self
+        masked = KeyMaskedCrossAttention(tower.config, is_cross_attention=True,
+                                         layer_idx=stock.layer_idx)
+        masked.load_state_dict(stock.state_dict(), assign=True)
+        layer.crossattention.self = masked
+
+
 def build_text_encoder(text_config: BlipTextConfig, bert_init: Optional[str] = None
                        ) -> BlipTextModel:
     """BERT encoder with cross-attention and no pooler (keys `embeddings.*`, `encoder.layer.*`),
     its BERT weights read from `bert_init` when given (see `init_from_bert`)."""
     encoder = BlipTextModel(text_config, add_pooling_layer=False)
+    mask_cross_attention_keys(encoder)
     if bert_init:
         logger.info(init_from_bert(encoder, bert_init))
     return encoder
@@ -150,6 +204,7 @@ def build_text_decoder(text_config: BlipTextConfig, bert_init: Optional[str] = N
     """Causal BERT decoder with the LM head tied to its word embeddings (`bert.*`, `cls.*`),
     its BERT weights read from `bert_init` when given (see `init_from_bert`)."""
     decoder = BlipTextLMHeadModel(text_config)
+    mask_cross_attention_keys(decoder.bert)
     if bert_init:
         logger.info(init_from_bert(decoder.bert, bert_init))
     return decoder

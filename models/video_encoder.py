@@ -3,7 +3,7 @@
 Tokens between blocks are `[B, 1 + L*T, D]`: one class token, then the patch tokens in
 patch-major, time-minor order (token `1 + l*T + t` is patch `l` of frame `t`). A
 divided space-time block attends over time, may merge frames, attends over space, may
-merge patches, then applies its MLP (`../shared/spec/TESTA.md` §2). Aggregation is part
+merge patches, then applies its MLP (docs/computation.md, section 2). Aggregation is part
 of every block and is switched by the per-block plan built from the config.
 """
 from dataclasses import dataclass, replace

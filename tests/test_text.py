@@ -1,5 +1,12 @@
-"""Tokenizer ids, text configuration, and the BLIP "med" text towers."""
+"""Tokenizer ids and lookup, text configuration, and the BLIP "med" text towers."""
+import hashlib
+import http.server
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -7,13 +14,37 @@ import torch
 from models.text import (build_text_config, build_text_decoder, build_text_encoder,
                          build_tokenizer, encode_grounded, encode_text_only,
                          tie_decoder_to_encoder)
-from test_models import REPO_ROOT, tiny_config, vocab_file
+from test_models import REPO_ROOT, tiny_config
 
 MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
 
 
-def test_tokenizer_adds_dec_and_enc_tokens():
-    for source in (vocab_file(), os.path.dirname(vocab_file())):
+SHIPPED_VOCAB = REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"
+# sha256 of bert-base-uncased's vocab.txt as published by Google and on the Hugging Face hub
+BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+
+
+def test_shipped_vocabulary_is_bert_base_uncased():
+    data = SHIPPED_VOCAB.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == BERT_UNCASED_VOCAB_SHA256
+    assert (len(data), data.count(b"\n")) == (231508, 30522)
+
+
+def test_default_tokenizer_is_offline_and_gives_the_hub_ids(tmp_path, monkeypatch):
+    """`bert-base-uncased` needs neither the hub nor its cache: with both unreachable it still
+    gives the ids of the hub tokenizer (hand-checked ids of bert-base-uncased)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket, "create_connection", None)  # any connection attempt fails
+    tokenizer = build_tokenizer()
+    ids = tokenizer("A man is cooking pasta; unaffable TESTA!").input_ids
+    assert ids == [101, 1037, 2158, 2003, 8434, 24857, 1025, 14477, 20961, 3468, 3231, 2050, 999, 102]
+
+
+def test_tokenizer_adds_dec_and_enc_tokens(tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    shutil.copy(SHIPPED_VOCAB, folder / "vocab.txt")
+    for source in ("bert-base-uncased", str(SHIPPED_VOCAB), str(folder)):
         tokenizer = build_tokenizer(source)
         assert len(tokenizer) == 30524
         assert tokenizer.bos_token == "[DEC]" and tokenizer.bos_token_id == 30522
@@ -35,8 +66,100 @@ def test_tokenizer_errors_say_what_to_set(tmp_path):
         build_tokenizer(str(small_vocab))
 
 
+class FakeHub(http.server.ThreadingHTTPServer):
+    """A Hugging Face hub on 127.0.0.1 serving one file, bert-base-uncased's `vocab.txt`;
+    `requests` lists the (method, path) pairs it was asked for."""
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, vocab: bytes):
+        super().__init__(("127.0.0.1", 0), FakeHubHandler)
+        self.vocab, self.requests = vocab, []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self._answer(send_body=False)
+
+    def do_GET(self):
+        self._answer(send_body=True)
+
+    def _answer(self, send_body: bool):
+        hub = self.server
+        hub.requests.append((self.command, self.path))
+        if self.path != "/google-bert/bert-base-uncased/resolve/main/vocab.txt":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(hub.vocab)))
+        self.send_header("ETag", f'"{hashlib.sha256(hub.vocab).hexdigest()}"')
+        self.send_header("X-Repo-Commit", hub.commit)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(hub.vocab)
+
+    def log_message(self, *args):
+        pass
+
+
+def build_tokenizers_in_subprocess(names, hf_home, endpoint: str) -> list:
+    """build_tokenizer(name) for each name in a fresh Python (the hub settings are read at
+    import) -> a line per name: the vocabulary size or the error."""
+    code = ("import sys\n"
+            "from models.text import build_tokenizer\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        print(len(build_tokenizer(name)))\n"
+            "    except Exception as err:\n"
+            "        print(type(err).__name__, err)\n")
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True,
+                            text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_tokenizer_from_the_hub_then_from_the_cache(tmp_path):
+    """Downloaded once, then read from the cache, also when the hub cannot be reached;
+    a name neither cached nor reachable is a one-line error, not a hang."""
+    with open(SHIPPED_VOCAB, "rb") as f:
+        hub = FakeHub(f.read())
+    try:
+        lines = build_tokenizers_in_subprocess(
+            ["google-bert/bert-base-uncased", "google-bert/bert-base-uncased", "nobody/no-bert"],
+            tmp_path, hub.endpoint)
+    finally:
+        hub.shutdown()
+    assert lines[:2] == ["30524", "30524"]
+    assert lines[2].startswith("FileNotFoundError tokenizer 'nobody/no-bert': no vocab.txt from "
+                               "the hub")
+    vocab_requests = [r for r in hub.requests
+                      if r[1].startswith("/google-bert/bert-base-uncased/")]
+    assert vocab_requests == [("HEAD", "/google-bert/bert-base-uncased/resolve/main/vocab.txt"),
+                              ("GET", "/google-bert/bert-base-uncased/resolve/main/vocab.txt")]  # once
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    lines = build_tokenizers_in_subprocess(["google-bert/bert-base-uncased", "nobody/no-bert"],
+                                           tmp_path, unreachable)
+    assert lines == ["30524", "FileNotFoundError tokenizer 'nobody/no-bert' is neither a local "
+                     "path nor in the Hugging Face cache, and the hub is not reachable; "
+                     "set text_encoder in the config to a directory holding vocab.txt or to "
+                     "the vocab.txt file of bert-base-uncased"]
+
+
 def test_text_config_from_med_config():
-    tokenizer = build_tokenizer(vocab_file())
+    tokenizer = build_tokenizer()
     config = build_text_config({"med_config": MED_CONFIG, "vision_width": 768}, tokenizer)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
     assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (3072, 30524, 512)
@@ -50,7 +173,7 @@ def test_text_config_from_med_config():
 
 
 def med_layout_keys(layers: int) -> list:
-    """The `text_encoder.*` names of shared/spec/checkpoints.md, without the prefix."""
+    """The `text_encoder.*` names of BLIP's "med" BERT checkpoints, without the prefix."""
     keys = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
             "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
     for i in range(layers):
@@ -66,7 +189,7 @@ def med_layout_keys(layers: int) -> list:
 
 
 def tiny_text_config():
-    return build_text_config(tiny_config(), build_tokenizer(vocab_file()))
+    return build_text_config(tiny_config(), build_tokenizer())
 
 
 def test_text_towers_load_blip_med_layout():
@@ -115,6 +238,29 @@ def test_text_only_grounded_and_causal_modes():
     assert not torch.allclose(logits[:, 3:], logits_changed[:, 3:])
 
 
+def test_cross_attention_ignores_masked_encoder_states():
+    """Encoder states the mask hides (padding) change nothing, in both towers."""
+    torch.manual_seed(0)
+    config = tiny_text_config()
+    encoder = build_text_encoder(config).double().eval()
+    decoder = build_text_decoder(config).double().eval()
+    input_ids = torch.tensor([[101, 7592, 2088, 999, 102]])
+    mask = torch.ones_like(input_ids)
+    states = torch.randn(1, 4, 64, dtype=torch.float64)
+    padded = torch.cat([states, 100 * torch.randn(1, 3, 64, dtype=torch.float64)], dim=1)
+    padded_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        for tower_output in (
+                lambda s, m: encoder(input_ids, attention_mask=mask, encoder_hidden_states=s,
+                                     encoder_attention_mask=m).last_hidden_state,
+                lambda s, m: decoder(input_ids, attention_mask=mask, encoder_hidden_states=s,
+                                     encoder_attention_mask=m).logits):
+            expected = tower_output(states, None)
+            torch.testing.assert_close(tower_output(padded, padded_mask), expected,
+                                       rtol=0, atol=1e-10)
+            assert not torch.allclose(tower_output(padded, None), expected)
+
+
 def test_tied_decoder_shares_everything_but_self_attention():
     config = tiny_text_config()
     encoder, decoder = build_text_encoder(config), build_text_decoder(config)
@@ -125,24 +271,40 @@ def test_tied_decoder_shares_everything_but_self_attention():
     assert decoder.cls.predictions.decoder.weight is encoder.embeddings.word_embeddings.weight
 
 
-MINILM = os.path.dirname(vocab_file())  # all-MiniLM-L6-v2: a real 6-layer, width-384 BERT
+BERT_SIZES = dict(hidden_size=96, num_attention_heads=4, intermediate_size=192)
 
 
-def minilm_text_config(num_layers: int):
-    sizes = dict(hidden_size=384, num_hidden_layers=num_layers, num_attention_heads=12,
-                 intermediate_size=1536)
+@pytest.fixture(scope="module")
+def small_bert(tmp_path_factory) -> str:
+    """A seeded random 6-layer, width-96 BERT uncased saved as a Hugging Face folder
+    (model.safetensors + config.json); every parameter, LayerNorms and the token-type
+    embedding included, is perturbed away from its initial value."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, num_hidden_layers=6, **BERT_SIZES))
+    with torch.no_grad():
+        for param in bert.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    folder = tmp_path_factory.mktemp("bert")
+    bert.save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    return str(folder)
+
+
+def bert_text_config(num_layers: int):
     return build_text_config({"med_config": MED_CONFIG, "vision_width": 64,
-                              "text_config": sizes}, build_tokenizer(vocab_file()))
+                              "text_config": {**BERT_SIZES, "num_hidden_layers": num_layers}},
+                             build_tokenizer())
 
 
-def test_text_tower_from_bert_computes_what_the_bert_computes():
+def test_text_tower_from_bert_computes_what_the_bert_computes(small_bert):
     """A BLIP tower initialised from a BERT checkpoint reproduces transformers' BertModel
     (token-type embedding folded into the positions), text-only, in float64."""
     from transformers import BertModel
-    bert = BertModel.from_pretrained(MINILM).double().eval()
-    tower = build_text_encoder(minilm_text_config(6), MINILM).double().eval()
-    decoder = build_text_decoder(minilm_text_config(6), MINILM)
-    tokenizer = build_tokenizer(vocab_file())
+    bert = BertModel.from_pretrained(small_bert).double().eval()
+    tower = build_text_encoder(bert_text_config(6), small_bert).double().eval()
+    decoder = build_text_decoder(bert_text_config(6), small_bert)
+    tokenizer = build_tokenizer()
     batch = tokenizer(["a large blue triangle moves up.", "on a navy background, a cat"],
                       padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -153,23 +315,23 @@ def test_text_tower_from_bert_computes_what_the_bert_computes():
     assert torch.equal(decoder.bert.encoder.layer[5].output.dense.weight.double(),
                        bert.encoder.layer[5].output.dense.weight)
     # the [DEC]/[ENC] rows and the cross-attention keep their initialisation
-    fresh = build_text_encoder(minilm_text_config(6))
+    fresh = build_text_encoder(bert_text_config(6))
     assert not torch.equal(tower.embeddings.word_embeddings.weight[30521].float(),
                            fresh.embeddings.word_embeddings.weight[30521])
-    assert tower.encoder.layer[0].crossattention.self.key.weight.shape == (384, 64)
+    assert tower.encoder.layer[0].crossattention.self.key.weight.shape == (96, 64)
 
 
-def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(tmp_path):
+def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(small_bert, tmp_path):
     from transformers import BertModel
-    bert = BertModel.from_pretrained(MINILM)
-    tower = build_text_encoder(minilm_text_config(2), MINILM)
+    bert = BertModel.from_pretrained(small_bert)
+    tower = build_text_encoder(bert_text_config(2), small_bert)
     assert torch.equal(tower.encoder.layer[1].attention.self.query.weight,
                        bert.encoder.layer[1].attention.self.query.weight)
     with pytest.raises(ValueError, match="hidden_size|shape"):
-        build_text_encoder(build_text_config(tiny_config(), build_tokenizer(vocab_file())), MINILM)
+        build_text_encoder(build_text_config(tiny_config(), build_tokenizer()), small_bert)
     with pytest.raises(FileNotFoundError, match="text_init .*missing"):
-        build_text_encoder(minilm_text_config(2), str(tmp_path / "missing"))
+        build_text_encoder(bert_text_config(2), str(tmp_path / "missing"))
     not_bert = tmp_path / "weights.pth"
     torch.save({"visual_encoder.cls_token": torch.zeros(1)}, not_bert)
     with pytest.raises(ValueError, match="not a BERT checkpoint"):
-        build_text_encoder(minilm_text_config(2), str(not_bert))
+        build_text_encoder(bert_text_config(2), str(not_bert))

