@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         model = build_pretrain_model(config)
         weights = initial_weights(args, config)
         if weights is not None and not args.resume:
-            load_weights(model, weights)
+            load_weights(model, weights, trust=config["trust_checkpoint"])
         pretrain(run, model.to(run.device), loader, args.resume)
 
 

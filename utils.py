@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from datasets import DataError, create_loader, summarize
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import (CheckpointError, load_checkpoint, local_file, read_checkpoint,
+                               remove_stale_temporaries, save_checkpoint)
 from models.dist_utils import get_rank, get_world_size, is_distributed
 
 
@@ -99,6 +100,7 @@ TEXT_KEYS: Schema = {
 }
 RUN_KEYS: Schema = {
     "pretrained": Key((str, NONE), None),
+    "trust_checkpoint": Key(bool, False),
     "seed": Key(int, 42),
     "amp": Key(str, "bf16", ("bf16", "fp16", "none")),
     "accum_steps": Key(int, 1),
@@ -244,6 +246,9 @@ def build_arg_parser(description: str, evaluate: bool = True) -> argparse.Argume
                         help="continue from output_dir/checkpoint_last.pth")
     parser.add_argument("--checkpoint", help="weights to start from or to evaluate, instead of "
                                              "the config's pretrained")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="allow checkpoints that hold arbitrary Python objects; unpickling "
+                             "them can run code from the file (config key trust_checkpoint)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda when available, else cpu")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
@@ -311,6 +316,8 @@ def start_run(args: argparse.Namespace, schema: Schema,
               overrides: Optional[Mapping[str, Any]] = None) -> Run:
     """Resolve the config, join the process group, seed, create the output folder and
     save the config used there."""
+    if args.trust_checkpoint:
+        overrides = {**(overrides or {}), "trust_checkpoint": True}
     config = resolve_config(args.config, args.opts, schema, overrides)
     device = select_device(args.device)
     init_distributed(device)
@@ -322,6 +329,8 @@ def start_run(args: argparse.Namespace, schema: Schema,
     logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)
     if run.is_main:
         save_config(config, output_dir / "config.yaml")
+        for name in remove_stale_temporaries(str(output_dir)):
+            log(f"removed {output_dir / name}, left by an interrupted save")
     seed_everything(config["seed"])  # the same initial weights on every rank
     log(f"{run.world_size} process(es) on {device.type}, precision {run.precision}, "
         f"output {output_dir}")
@@ -585,6 +594,7 @@ class TrainState:
 
 LAST_CHECKPOINT = "checkpoint_last.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
+RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")
 
 
 def save_weights(run: Run, model: nn.Module, name: str, epoch: int) -> None:
@@ -611,7 +621,10 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trai
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from "
                               f"(run without --resume to start)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint, _ = read_checkpoint(str(path), trust=run.config["trust_checkpoint"])
+    absent = [key for key in RESUME_KEYS if key not in checkpoint]
+    if absent:
+        raise CheckpointError(f"{path}: not the last checkpoint of a run (no {', '.join(absent)})")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
@@ -636,11 +649,15 @@ def initial_weights(args: argparse.Namespace, config: Mapping[str, Any]) -> Opti
     return args.checkpoint or config["pretrained"] or None
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a BLIP/TESTA checkpoint and print its load report (in full when keys are
-    missing or unexpected, else its summary line)."""
-    report = load_checkpoint(model, path)
-    log(str(report) if report.missing or report.unexpected else report.summary())
+def load_weights(model: nn.Module, location: str, *, trust: bool = False) -> None:
+    """Load a BLIP/TESTA checkpoint (path, URL or hf:// id) and print its load report (in
+    full when keys are missing or unexpected for no known reason, else its summary line).
+    A URL is downloaded by the first process of each node while the others wait."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        local_file(location)
+    barrier()
+    report = load_checkpoint(model, location, trust=trust)
+    log(str(report) if report.needs_attention() else report.summary())
 
 
 # fine-tuning -------------------------------------------------------------------------
@@ -715,11 +732,11 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
     if args.evaluate:
         if weights is None:
             raise ConfigError(f"{args.config}: --evaluate needs --checkpoint or pretrained")
-        load_weights(model, weights)
+        load_weights(model, weights, trust=run.config["trust_checkpoint"])
         return run_test(run, model.to(run.device), task, loaders["test"], weights,
                         "eval_results.json")
     if weights is not None and not args.resume:
-        load_weights(model, weights)
+        load_weights(model, weights, trust=run.config["trust_checkpoint"])
     check_trainable(loaders["train"], "train set")
     fit(run, model.to(run.device), task, loaders, args.resume, datasets)
     best = str(run.output_dir / BEST_CHECKPOINT)

@@ -1,30 +1,52 @@
 """Load BLIP and TESTA checkpoints into the models, and save checkpoints atomically.
 
-Loading (docs/computation.md, section 7): queues dropped, spatial attention copied
-to temporal attention where the file has none (BLIP image checkpoints), `pos_embed`
-and `time_embed` resized to the model, non-strict load, momentum towers missing from
-the file copied from their main towers, `position_ids` ignored. Every step is recorded
-in a `LoadReport`.
+Files are read weights-only (no code from the file runs) and may be named by URL or
+hf:// id (see `models.hub`). Loading rules (docs/computation.md, section 7): a DDP
+`module.` prefix removed, queues dropped, spatial attention copied to temporal attention
+where the file has none (BLIP image checkpoints), `pos_embed` and `time_embed` resized to the model, non-strict load,
+momentum towers missing from the file copied from their main towers, `position_ids`
+ignored. A file that fills too little of the model or holds non-finite weights is refused
+before the model changes. Every step is recorded in a `LoadReport`, which also says
+which missing and unexpected keys are expected for the model's task and why.
 """
+import argparse
 import os
 import pickle
 import re
-import tempfile
+import secrets
+import signal
+import threading
+from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models import hub
 from models.video_encoder import VideoEncoder
 
 # missing keys that image (BLIP) checkpoints cannot provide: new layers keep their init
 EXPECTED_MISSING = re.compile(r"\.(temporal_fc\.(weight|bias)|temporal_scaling|time_embed)$")
 SPATIAL_TO_TEMPORAL = {"attn": "temporal_attn", "norm1": "temporal_norm1"}
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(attn|norm1)\.(.+)$")
+TEMPORAL_SCALING = re.compile(r"\.temporal_scaling$")
+DDP_PREFIX = "module."
+MODEL_KINDS = {"RetrievalModel": "retrieval", "VideoQAModel": "VideoQA",
+               "PretrainModel": "pre-training"}
+PART_NAMES = {"visual_encoder": "video-encoder", "text_encoder": "text-encoder",
+              "text_decoder": "text-decoder"}
+# what the parts a model may lack are for, to say why the file's copy goes unused
+PART_ROLES = {"text_decoder": "captioning/answer decoder",
+              "temporal_scaling": "learned per-frame scaling of pre-training; this config has "
+                                  "learnable_temporal_scaling off",
+              "itm_head": "video-text matching head",
+              "vision_proj": "contrastive projection", "text_proj": "contrastive projection",
+              "temp": "contrastive temperature"}
 
 
 class CheckpointError(ValueError):
@@ -39,7 +61,9 @@ class LoadReport:
     keys the file did not fill / file keys the model has no place for; temporal_copied:
     temporal keys made from spatial ones; interpolated: `"key old->new"` resizes;
     dropped: queue entries left out; momentum_copied: momentum keys filled from their
-    main towers; ignored: `position_ids` buffers; notes: anything else worth knowing.
+    main towers; ignored: `position_ids` buffers; notes: anything else worth knowing;
+    model_kind / model_parts: the task of the model and its top-level modules, which
+    tell unexpected keys of parts this model does not have (expected, unused) from others.
     """
     path: str
     loaded: int = 0
@@ -51,6 +75,9 @@ class LoadReport:
     momentum_copied: List[str] = field(default_factory=list)
     ignored: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    model_kind: str = "model"
+    model_parts: List[str] = field(default_factory=list)
+    ddp_prefix_removed: int = 0
 
     @property
     def expected_missing(self) -> List[str]:
@@ -60,13 +87,42 @@ class LoadReport:
     def other_missing(self) -> List[str]:
         return [key for key in self.missing if not EXPECTED_MISSING.search(key)]
 
+    def _unused_as(self, key: str) -> Optional[str]:
+        """What an unexpected key is, when it is expected to go unused: a part this model
+        does not have, or a temporal_scaling this model's config turned off."""
+        if _part(key) not in self.model_parts:
+            return _part(key)
+        return "temporal_scaling" if TEMPORAL_SCALING.search(key) else None
+
+    @property
+    def unused_parts(self) -> Dict[str, int]:
+        """Parts of the file's model that this model does not use -> their tensor count."""
+        return dict(Counter(filter(None, map(self._unused_as, self.unexpected))))
+
+    @property
+    def other_unexpected(self) -> List[str]:
+        return [key for key in self.unexpected if self._unused_as(key) is None]
+
+    def needs_attention(self) -> bool:
+        """Keys missing or unexpected for no known reason."""
+        return bool(self.other_missing or self.other_unexpected)
+
     def summary(self) -> str:
-        """One line, e.g. `loaded ckpt.pth: 512 tensors, 0 missing, 0 unexpected,
-        24 temporal copied, time_embed 8->32 interpolated, 4 queues dropped`."""
+        """One line, e.g. `loaded ckpt.pth: 512 tensors, 0 missing, 71 unexpected (71
+        expected: text_decoder unused by retrieval), 4 queues dropped`."""
         missing = f"{len(self.missing)} missing"
         if self.expected_missing:
             missing += f" ({len(self.expected_missing)} expected)"
-        parts = [f"{self.loaded} tensors", missing, f"{len(self.unexpected)} unexpected"]
+        unexpected = f"{len(self.unexpected)} unexpected"
+        if self.unused_parts:
+            names = [part for part in self.unused_parts if not part.endswith("_m")]
+            if len(names) < len(self.unused_parts):
+                names.append("momentum towers")
+            unexpected += (f" ({sum(self.unused_parts.values())} expected: "
+                           f"{', '.join(names)} unused by {self.model_kind})")
+        parts = [f"{self.loaded} tensors", missing, unexpected]
+        if self.ddp_prefix_removed:
+            parts.append(f"{DDP_PREFIX!r} prefix removed")
         if self.temporal_copied:
             parts.append(f"{len(self.temporal_copied)} temporal copied")
         resizes = dict.fromkeys(entry.split(".")[-1] for entry in self.interpolated)
@@ -81,11 +137,14 @@ class LoadReport:
         lines = [self.summary(), f"  file: {self.path}"]
         sections = [
             ("missing, not in the file (left at their initial values)", self.other_missing),
-            ("missing, expected: video-only parts an image checkpoint lacks", self.expected_missing),
-            ("unexpected, in the file but not in the model (not used)", self.unexpected),
-            ("temporal attention copied from spatial attention", self.temporal_copied),
-            ("interpolated", self.interpolated),
-            ("queues dropped", self.dropped),
+            ("missing, expected: video-only parts an image checkpoint lacks (temporal_fc "
+             "starts at its initial values, time_embed too)", self.expected_missing),
+            ("unexpected, in the file but not in the model (not used)", self.other_unexpected),
+            ("temporal attention initialised from spatial attention (the image checkpoint "
+             "has none)", self.temporal_copied),
+            ("interpolated to the model's frames or patch grid", self.interpolated),
+            ("queues dropped (the model starts its own; sizes differ between configs)",
+             self.dropped),
             ("momentum towers copied from their main towers", self.momentum_copied),
             ("ignored (position_ids buffers of older transformers)", self.ignored),
         ]
@@ -93,8 +152,18 @@ class LoadReport:
             if keys:
                 lines.append(f"  {title}:")
                 lines += [f"    {entry}" for entry in _group_keys(keys)]
+        if self.unused_parts:
+            lines.append(f"  unexpected, expected: parts a {self.model_kind} model does not use:")
+            lines += [f"    {part} ({count} tensor{'s' * (count != 1)}): {_role(part)}"
+                      for part, count in self.unused_parts.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def _role(part: str) -> str:
+    if part.endswith("_m"):
+        return f"momentum copy of {part[:-2]} (used only in training with distillation)"
+    return PART_ROLES.get(part, "part of another task's model")
 
 
 def _group_keys(keys: List[str], max_lines_per_module: int = 8) -> List[str]:
@@ -114,29 +183,84 @@ def _group_keys(keys: List[str], max_lines_per_module: int = 8) -> List[str]:
 
 
 # reading -----------------------------------------------------------------------------
-def read_checkpoint(path: str, allow_pickle: bool = True) -> Tuple[Dict[str, Any], List[str]]:
-    """The checkpoint dict at `path` and notes on how it was read.
+def _safe_globals() -> List[Any]:
+    """The non-tensor objects a checkpoint may hold besides containers, strings and
+    numbers: argparse.Namespace (scripts that save their `args`) and numpy scalars,
+    dtypes and arrays (metrics, configs), under numpy 1's and numpy 2's module names."""
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [argparse.Namespace, np.dtype, np.ndarray, *dtypes,
+            *[(getattr(multiarray, name), f"{module}.multiarray.{name}")
+              for name in ("scalar", "_reconstruct") for module in ("numpy.core", "numpy._core")]]
 
-    Tried with `torch.load(weights_only=True)` first; a file holding other Python
-    objects is unpickled in full only when `allow_pickle` (only for files you trust).
+
+SAFE_GLOBALS = _safe_globals()
+TRUST_HINT = ("pass --trust_checkpoint (config key trust_checkpoint: true) only if you trust "
+              "where the file comes from")
+
+
+def local_file(location: str) -> str:
+    """`location` itself, or for a URL or hf:// id its copy in the download cache."""
+    try:
+        return hub.resolve(location)
+    except hub.DownloadError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_checkpoint(location: str, *, trust: bool = False) -> Tuple[Dict[str, Any], List[str]]:
+    """The checkpoint dict at `location` (a path, URL or hf:// id) and notes on how it
+    was read.
+
+    Read with `torch.load(weights_only=True)`, which builds tensors, containers, numbers
+    and the `SAFE_GLOBALS` only; nothing in the file can run code. A file holding other
+    Python objects is unpickled in full (which can run code) only with `trust`.
     """
+    path = local_file(location)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     notes = []
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err) or not allow_pickle:
+        if "Weights only load failed" not in str(err):
             raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint "
                                   f"({_first_line(err)})") from None
+        unsafe = _unsafe_globals(path)
+        if not trust:
+            if unsafe:
+                raise CheckpointError(f"{path}: holds Python objects outside the safe list "
+                                      f"({unsafe}), and unpickling them can run code from the "
+                                      f"file; {TRUST_HINT}") from None
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint that loads safely "
+                                  f"({_weights_only_reason(err)}); {TRUST_HINT}") from None
         checkpoint = _load_full_pickle(path)
-        notes.append("the file holds non-tensor Python objects; it was unpickled in full "
-                     "(weights_only=False)")
+        notes.append(f"unpickled in full, trusted ({unsafe or 'legacy pickle'})")
     except Exception as err:  # torch.load raises many kinds for damaged files
         raise CheckpointError(f"{path}: not a PyTorch checkpoint, or truncated "
                               f"({type(err).__name__}: {_first_line(err)})") from None
     _check_layout(path, checkpoint)
     return checkpoint, notes
+
+
+def _unsafe_globals(path: str) -> str:
+    """The file's globals that are not on the safe list, read without running them
+    ("" when there are none or the file cannot be scanned)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint, or damaged: torch.load has said enough
+        return ""
+
+
+def _weights_only_reason(err: Exception) -> str:
+    """The line of torch's weights-only error that says what it could not read."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            reason = line[len("WeightsUnpickler error:"):].strip()
+            return (reason or (lines[index + 1] if index + 1 < len(lines) else ""))[:200]
+    return _first_line(err)
 
 
 def _load_full_pickle(path: str) -> Any:
@@ -263,23 +387,85 @@ def _check_shapes(path: str, state_dict: Mapping[str, torch.Tensor],
 
 
 # loading -----------------------------------------------------------------------------
-def load_checkpoint(model: nn.Module, path: str, allow_pickle: bool = True) -> LoadReport:
-    """Load a BLIP or TESTA checkpoint file into `model` (non-strict) and report what
-    happened. Bad files raise `CheckpointError`."""
+def load_checkpoint(model: nn.Module, location: str, *, trust: bool = False) -> LoadReport:
+    """Load a BLIP or TESTA checkpoint (path, URL or hf:// id) into `model` (non-strict)
+    and report what happened. Bad files, files that fill too little of the model and
+    non-finite weights raise `CheckpointError` before the model is changed."""
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    checkpoint, notes = read_checkpoint(path, allow_pickle)
-    report = LoadReport(path=path, notes=notes)
-    state_dict = convert_state_dict(checkpoint["model"], model, report)
+    path = local_file(location)
+    checkpoint, notes = read_checkpoint(path, trust=trust)
+    if path != location:
+        notes.insert(0, f"downloaded from {location}")
+    report = LoadReport(path=path, notes=notes,
+                        model_kind=MODEL_KINDS.get(type(model).__name__, type(model).__name__))
+    state_dict = _strip_ddp_prefix(checkpoint["model"], report)
+    state_dict = convert_state_dict(state_dict, model, report)
     model_state = model.state_dict()
     _check_shapes(path, state_dict, model_state)
+    _check_coverage(path, state_dict, model_state)
+    _check_finite(path, state_dict, model_state)
 
     result = model.load_state_dict(state_dict, strict=False)
     report.loaded = sum(key in model_state for key in state_dict)
     report.unexpected = list(result.unexpected_keys)
+    report.model_parts = sorted({_part(key) for key in model_state})
     missing = [key for key in result.missing_keys if "queue" not in key]
     report.momentum_copied = _copy_missing_momentum(model, missing)
     report.missing = [key for key in missing if key not in set(report.momentum_copied)]
     return report
+
+
+def _strip_ddp_prefix(state_dict: Mapping[str, torch.Tensor],
+                      report: LoadReport) -> Dict[str, torch.Tensor]:
+    """Keys saved from a DistributedDataParallel wrapper (`module.visual_encoder...`)
+    without their `module.` prefix, noted in the report."""
+    stripped = {key[len(DDP_PREFIX):] if key.startswith(DDP_PREFIX) else key: value
+                for key, value in state_dict.items()}
+    report.ddp_prefix_removed = sum(key.startswith(DDP_PREFIX) for key in state_dict)
+    if report.ddp_prefix_removed:
+        report.notes.append(f"removed the {DDP_PREFIX!r} prefix of {report.ddp_prefix_removed} "
+                            f"keys (saved from a DistributedDataParallel wrapper)")
+    return stripped
+
+
+def _part(key: str) -> str:
+    return key.split(".")[0]
+
+
+def _check_coverage(path: str, state_dict: Mapping[str, torch.Tensor],
+                    model_state: Mapping[str, torch.Tensor]) -> None:
+    """Every part of the model (video encoder, text encoder, heads; momentum copies and
+    queues aside) must get at least half of its tensors from the file (an image
+    checkpoint fills all but the few new video layers); otherwise the file is for
+    another model or has renamed keys."""
+    needed: Dict[str, List[str]] = {}
+    for key in model_state:
+        part = _part(key)
+        if not (part.endswith("_m") or "queue" in key or key.endswith("position_ids")):
+            needed.setdefault(part, []).append(key)
+    main_parts = list(PART_NAMES)  # the towers first, in this order, then the heads
+    for part, keys in sorted(needed.items(), key=lambda item: (
+            main_parts.index(item[0]) if item[0] in main_parts else len(main_parts))):
+        matched = sum(key in state_dict for key in keys)
+        if 2 * matched < len(keys):
+            raise CheckpointError(
+                f"{path}: fills too little of the model: {matched} of {len(keys)} "
+                f"{PART_NAMES.get(part, part)} tensors matched (the file's keys look like "
+                f"{_example_key(state_dict)!r}, the model's like {keys[0]!r})")
+
+
+def _example_key(state_dict: Mapping[str, torch.Tensor]) -> str:
+    return next(iter(state_dict), "<none>")
+
+
+def _check_finite(path: str, state_dict: Mapping[str, torch.Tensor],
+                  model_state: Mapping[str, torch.Tensor]) -> None:
+    for key, value in state_dict.items():
+        if key in model_state and value.is_floating_point():
+            bad = value.numel() - int(torch.isfinite(value).sum())
+            if bad:
+                raise CheckpointError(f"{path}: {key} holds {bad} non-finite values (NaN or "
+                                      f"inf) of {value.numel()}; the model would be broken")
 
 
 @torch.no_grad()
@@ -297,26 +483,115 @@ def _copy_missing_momentum(model: nn.Module, missing: List[str]) -> List[str]:
 
 
 # saving ------------------------------------------------------------------------------
+TEMPORARY = re.compile(r"^\..+\.pth\.\w+\.tmp$")  # `.checkpoint_last.pth.<random>.tmp`
+
+
 def save_checkpoint(path: str, model: nn.Module, config: Mapping, epoch: int,
                     optimizer: Optional[torch.optim.Optimizer] = None, **extra: Any) -> None:
-    """Write `{"model", "config", "epoch", "optimizer", **extra}` to `path` atomically (a
-    temporary file in the same directory, then `os.replace`)."""
+    """Write `{"model", "config", "epoch", "optimizer", **extra}` to `path` atomically:
+    a temporary file in the same folder, synced, then renamed over `path`.
+
+    The file's permissions follow the umask like every other output. The temporary
+    file is removed when writing fails or SIGINT/SIGTERM arrive meanwhile; a failed
+    write raises CheckpointError naming the file and the reason ("no space left on
+    device while writing ...").
+    """
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     checkpoint = {"model": model.state_dict(), "config": _plain(config), "epoch": epoch,
                   "optimizer": None if optimizer is None else optimizer.state_dict(), **extra}
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                        suffix=".tmp")
+    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    with _terminate_raises():
+        try:
+            os.makedirs(directory, exist_ok=True)
+            _write(tmp_path, checkpoint)
+            os.replace(tmp_path, path)
+        except OSError as err:
+            raise CheckpointError(f"{_reason(err)} while writing {path}") from None
+        finally:
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
+
+
+def _write(path: str, checkpoint: Mapping[str, Any]) -> None:
+    # mode 0o666 less the umask, as open() gives every other output
+    writer = _FileWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
+        torch.save(checkpoint, writer)
+    except RuntimeError:
+        # torch.save turns whatever a write raised into an opaque RuntimeError: raise the
+        # original (an OSError, or the SystemExit/KeyboardInterrupt of a signal)
+        if writer.error is not None:
+            raise writer.error from None
         raise
+    finally:
+        writer.close()
+
+
+class _FileWriter:
+    """The file torch.save writes to; keeps what a failed write raised, which torch.save
+    itself replaces by a RuntimeError that does not say what happened."""
+
+    def __init__(self, fd: int):
+        self.fd, self.error = fd, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except BaseException as err:  # also a signal's exception raised meanwhile
+            self.error = err
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        try:
+            if self.error is None:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def _reason(err: OSError) -> str:
+    """`No space left on device` -> `no space left on device`."""
+    text = err.strerror or str(err)
+    return text[:1].lower() + text[1:]
+
+
+@contextmanager
+def _terminate_raises():
+    """During the block SIGTERM raises SystemExit(143), so that cleanup code runs (SIGINT
+    raises KeyboardInterrupt already). Only where SIGTERM has its default action and on
+    the main thread, where Python handles signals; a handler set by the program stays."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Delete the temporary checkpoint files that killed runs left in `directory`; their
+    names. Call it before this run saves anything there."""
+    removed = []
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            if TEMPORARY.match(name):
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+    return removed
 
 
 def _plain(value: Any) -> Any:

@@ -1,5 +1,6 @@
 """Checkpoint loading rules (BLIP -> TESTA, other frame counts and image sizes), atomic
 saving, and clear errors for bad files."""
+import argparse
 import os
 import pickle
 import re
@@ -10,6 +11,7 @@ import torch
 
 from models import (CheckpointError, build_pretrain_model, build_retrieval_model,
                     load_checkpoint, save_checkpoint)
+from models.checkpoint import read_checkpoint
 from test_models import tiny_config
 
 TEMPORAL = re.compile(r"\.(temporal_\w+|time_embed)(\.|$)")
@@ -119,14 +121,17 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert os.listdir(path.parent) == ["checkpoint_best.pth"]
 
 
-def test_files_with_python_objects_need_allow_pickle(tmp_path):
+def test_numpy_scalars_and_namespaces_load_without_trust(tmp_path):
+    """What BLIP-style training scripts put next to the weights is on the safe list."""
     model = build_retrieval_model(tiny_config())
     path = tmp_path / "numpy_config.pth"
-    torch.save({"model": model.state_dict(), "config": {"lr": np.float64(1e-5)}}, path)
-    with pytest.raises(CheckpointError, match="numpy_config.pth"):
-        load_checkpoint(model, str(path), allow_pickle=False)
+    torch.save({"model": model.state_dict(), "config": {"lr": np.float64(1e-5)},
+                "args": argparse.Namespace(seed=np.int64(3)), "scores": np.zeros(3)}, path)
+    checkpoint, notes = read_checkpoint(str(path))
+    assert checkpoint["config"]["lr"] == 1e-5 and checkpoint["args"].seed == 3
+    assert notes == []
     report = load_checkpoint(model, str(path))
-    assert report.missing == [] and "weights_only=False" in report.notes[0]
+    assert report.missing == [] and report.notes == []
 
 
 @pytest.fixture(scope="module")
