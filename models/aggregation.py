@@ -303,10 +303,11 @@ class AdaptiveMerge:
         set_a, set_b = x[..., ::2, :], x[..., 1::2, :]
         size_a, size_b = size[..., ::2, :], size[..., 1::2, :]
         moved_size = size_a * self.merged  # [..., |A|, 1], 0 where not merged
-        index = _expand_index(self.dst_idx, moved_size)
-        merged_size = size_b.scatter_add(-2, index, moved_size)
+        received = torch.zeros_like(size_b).scatter_add(
+            -2, _expand_index(self.dst_idx, moved_size), moved_size)
+        merged_size = size_b + received
         total = (set_b * size_b).scatter_add(-2, _expand_index(self.dst_idx, set_a), set_a * moved_size)
-        took = merged_size.new_zeros(merged_size.shape).scatter_add(-2, index, moved_size) > 0
+        took = received > 0
         denominator = torch.where(took, merged_size, torch.ones_like(merged_size))
         set_b = torch.where(took, total / denominator, set_b)
         return (self._interleave_and_keep(set_a, set_b),
