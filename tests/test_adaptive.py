@@ -284,3 +284,21 @@ def test_benchmark_video_on_a_fixed_config_matches_the_meta_count(tmp_path):
     report = _benchmark_tokens(config_path, busy)
     expected = count(config)
     assert (report["tokens_out"], report["gmacs"]) == (expected["tokens_out"], expected["gmacs"])
+
+
+def test_visualize_compare_draws_two_clips_side_by_side(tmp_path):
+    import matplotlib.pyplot as plt
+    from ruamel.yaml import YAML
+    from tools.visualize_aggregation import main
+    config = load_config(ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml")
+    config.update(image_size=64, num_frames=8, depth=4, vision_width=128, num_heads=4,
+                  testa_r=[2, 6] * 4)
+    config_path = tmp_path / "tiny_adaptive.yaml"
+    with open(config_path, "w") as f:
+        YAML(typ="safe").dump(config, f)
+    still, busy = _still_and_busy(tmp_path)
+    single = main([str(still), "--config", str(config_path), "--out", str(tmp_path / "one.png")])
+    pair = main([str(still), "--compare", str(busy), "--config", str(config_path),
+                 "--out", str(tmp_path / "two.png")])
+    assert plt.imread(str(pair)).shape[1] == 2 * plt.imread(str(single)).shape[1]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["one.png", "two.png"]
