@@ -34,7 +34,7 @@ class TokenState:
         tokens `t0 * L0 + l0`; class-token rows are zero.
     frame_source: optional `[B, T, T0]` 0/1 map from current to original frames.
     trace: optional list that every block extends with the sizes its attention and MLP
-        saw, for cost accounting (`block_sizes`).
+        saw, for cost accounting (tools/benchmark.py, `traced_gmacs`).
     """
     num_frames: int
     num_patches: int
@@ -363,7 +363,7 @@ class VideoEncoder(nn.Module):
                            ) -> Tuple[torch.Tensor, TokenState]:
         """Tokens and their `TokenState` (sizes, and sources if `track_source`) after
         `num_blocks` blocks (default all) and the final norm; with `trace`, the state's
-        `trace` lists the sizes every attention and MLP saw (see `block_sizes`)."""
+        `trace` lists the sizes every attention and MLP saw (tools/benchmark.py, `traced_gmacs`)."""
         batch, _, num_frames, height, width = video.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"video frames of {height}x{width} px do not fit the "
