@@ -227,8 +227,8 @@ def parse_threshold(threshold: Union[None, float, Sequence[float]]
                     ) -> Optional[Tuple[float, float]]:
     """`testa_threshold` -> (frame, patch) cosine-similarity thresholds, or None (off).
 
-    One number sets both; a pair sets them apart. Each lies in [-1, 1] (-1: merge up to r
-    always).
+    One number sets both; a pair sets them apart. Each lies in [-1, 1] (a pair merges when
+    its score is above it, so -1 merges up to r unless keys point exactly apart).
     """
     if threshold is None:
         return None
