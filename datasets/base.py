@@ -6,11 +6,27 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from utils import Setting, Settings
+
 from .annotations import DataError
 from .issues import DataIssues
-from .video import RANDOM_STRATEGIES, VideoDecodeError, read_frames
+from .video import RANDOM_STRATEGIES, SAMPLING_STRATEGIES, VideoDecodeError, read_frames
 
 ClipTransform = Callable[[torch.Tensor, random.Random], torch.Tensor]
+
+# the fine-tuning datasets (retrieval and VideoQA)
+FINETUNE_DATA_SETTINGS: Settings = {
+    "video_root": Setting(str, meaning="folder of the videos"),
+    "ann_root": Setting(str, meaning="folder of the annotation files (DATASETS.md)"),
+    "num_frm_train": Setting(int, meaning="frames sampled per training clip", min=1),
+    "num_frm_test": Setting(int, meaning="frames sampled per evaluation clip", min=1),
+    "frm_sampling_strategy": Setting(str, "uniform", "frame sampling of training clips "
+                                     "(evaluation samples uniformly)",
+                                     choices=SAMPLING_STRATEGIES),
+    "augment": Setting(bool, False, "random crops and flips of training clips"),
+    "cache_clips": Setting(bool, False, "decode each video once and keep its frames in memory "
+                           "(small datasets; needs num_workers: 0)"),
+}
 
 
 def item_rng() -> random.Random:
@@ -25,7 +41,7 @@ def stack_clips(clips: list[torch.Tensor]) -> torch.Tensor:
 
 def with_clip_cache(config: dict, datasets: tuple) -> tuple:
     """`datasets`, each keeping its decoded clips in memory when `config["cache_clips"]`."""
-    if config.get("cache_clips", False):
+    if config["cache_clips"]:
         for dataset in datasets:
             dataset.keep_decoded_clips()
     return datasets
@@ -41,11 +57,11 @@ class ClipDataset(Dataset):
 
     substitute_next_record = True
 
-    def __init__(self, issues: DataIssues, video: list[str], num_frm: int, strategy: str,
+    def __init__(self, issues: DataIssues, video: list[str], num_frames: int, strategy: str,
                  size: int, transform: ClipTransform):
         self.issues = issues
         self.video = video
-        self.num_frm = num_frm
+        self.num_frames = num_frames
         self.strategy = strategy
         self.size = size
         self.transform = transform
@@ -70,7 +86,7 @@ class ClipDataset(Dataset):
         """uint8 `[T, 3, H, W]`."""
         if self.decoded_clips is not None and video_index in self.decoded_clips:
             return self.decoded_clips[video_index]
-        clip = read_frames(self.video[video_index], self.num_frm, self.strategy, self.size, rng)
+        clip = read_frames(self.video[video_index], self.num_frames, self.strategy, self.size, rng)
         if self.decoded_clips is not None:
             self.decoded_clips[video_index] = clip
         return clip
@@ -80,7 +96,7 @@ class ClipDataset(Dataset):
         return self.transform(self.read_clip(video_index, rng), rng)
 
     def blank_clip(self) -> torch.Tensor:
-        return torch.zeros(self.num_frm, 3, self.size, self.size)
+        return torch.zeros(self.num_frames, 3, self.size, self.size)
 
     @property
     def fallback(self) -> str:

@@ -6,12 +6,24 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from utils import Setting, Settings, with_defaults
+
 from .annotations import load_json_list, string_fields
 from .base import ClipDataset, stack_clips
 from .issues import DataIssues
-from .text import pre_caption
-from .transforms import PretrainImageTransform, PretrainVideoTransform
-from .video import VideoDecodeError
+from .text import CAPTION_SETTINGS, pre_caption
+from .transforms import FRAME_SETTINGS, PretrainImageTransform, PretrainVideoTransform
+from .video import SAMPLING_STRATEGIES, VideoDecodeError
+
+PRETRAIN_DATA_SETTINGS: Settings = {
+    "train_file": Setting((str, list), meaning="JSON list(s) of {path, caption}; image paths "
+                          "become static clips"),
+    "video_root": Setting(str, "", "prefix of relative paths in train_file ('' = as written)"),
+    "num_frm_train": Setting(int, meaning="frames sampled per clip", min=1),
+    "frm_sampling_strategy": Setting(str, "headtail", "frame sampling of the clips",
+                                     choices=SAMPLING_STRATEGIES),
+    "video_resize": Setting(int, 256, "side videos are decoded at before cropping", min=1),
+}
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".flv", ".webm", ".mkv")
 
@@ -33,11 +45,11 @@ class PretrainDataset(ClipDataset):
     """Records `{"path", "caption"}` of JSON lists; items `(video [T, 3, H, W], caption)`.
 
     Videos are decoded at `video_resize`, square-cropped to `image_size` and augmented with one
-    RandAugment for the whole clip; an image becomes a static clip of `num_frm` copies.
+    RandAugment for the whole clip; an image becomes a static clip of `num_frames` copies.
     """
 
     def __init__(self, issues: DataIssues, train_files: list[str], video_root: str, max_words: int,
-                 num_frm: int, strategy: str, image_size: int, video_resize: int):
+                 num_frames: int, strategy: str, image_size: int, video_resize: int):
         if video_resize < image_size:
             raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
         self.captions: list[str] = []
@@ -59,8 +71,8 @@ class PretrainDataset(ClipDataset):
                     continue
                 video.append(path)
                 self.captions.append(caption)
-        self.image_transform = PretrainImageTransform(image_size, num_frm)
-        super().__init__(issues, video, num_frm, strategy, video_resize, PretrainVideoTransform(image_size))
+        self.image_transform = PretrainImageTransform(image_size, num_frames)
+        super().__init__(issues, video, num_frames, strategy, video_resize, PretrainVideoTransform(image_size))
 
     def __len__(self) -> int:
         return len(self.video)
@@ -85,10 +97,12 @@ class PretrainDataset(ClipDataset):
 
 
 def build_pretrain_dataset(config: dict) -> PretrainDataset:
+    config = with_defaults(config, {**PRETRAIN_DATA_SETTINGS, **CAPTION_SETTINGS,
+                                    **FRAME_SETTINGS})
     train_files = config["train_file"]
     if isinstance(train_files, str):
         train_files = [train_files]
     return PretrainDataset(
-        DataIssues(f"{config['dataset']}/train"), list(train_files), config.get("video_root", ""),
-        config["max_words"], config["num_frm_train"], config.get("frm_sampling_strategy", "headtail"),
-        config["image_size"], config.get("video_resize", 256))
+        DataIssues(f"{config['dataset']}/train"), list(train_files), config["video_root"],
+        config["max_words"], config["num_frm_train"], config["frm_sampling_strategy"],
+        config["image_size"], config["video_resize"])

@@ -4,12 +4,14 @@ from dataclasses import dataclass
 
 import torch
 
+from utils import with_defaults
+
 from .annotations import (DataError, first_existing, iter_csv, iter_jsonl, load_json_list,
                           load_plain_pickle, require_file, string_fields, utf8_text)
-from .base import ClipDataset, ClipTransform, stack_clips, with_clip_cache
+from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
-from .text import pre_caption
-from .transforms import FinetuneTransform
+from .text import CAPTION_SETTINGS, pre_caption
+from .transforms import FRAME_SETTINGS, FinetuneTransform
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class RetrievalDataset(ClipDataset):
     describe only what remains. Records naming the same video share its index.
     """
 
-    def __init__(self, issues: DataIssues, pairs: list[TextVideoPair], max_words: int, num_frm: int,
+    def __init__(self, issues: DataIssues, pairs: list[TextVideoPair], max_words: int, num_frames: int,
                  strategy: str, image_size: int, transform: ClipTransform):
         self.text: list[str] = []
         self.txt2video: list[int] = []
@@ -150,7 +152,7 @@ class RetrievalDataset(ClipDataset):
             self.video2txt[video_index[path]].append(len(self.text))
             self.txt2video.append(video_index[path])
             self.text.append(caption)
-        super().__init__(issues, video, num_frm, strategy, image_size, transform)
+        super().__init__(issues, video, num_frames, strategy, image_size, transform)
 
 
 class RetrievalTrainDataset(RetrievalDataset):
@@ -195,6 +197,8 @@ class RetrievalEvalDataset(RetrievalDataset):
 
 def build_retrieval_datasets(config: dict):
     """(train, val, test) of `config["dataset"]`; ActivityNet Captions tests on `val`."""
+    config = with_defaults(config, {**FINETUNE_DATA_SETTINGS, **CAPTION_SETTINGS,
+                                    **FRAME_SETTINGS})
     name = config["dataset"]
     read = READERS[name]
 
@@ -205,8 +209,8 @@ def build_retrieval_datasets(config: dict):
         if train:
             return RetrievalTrainDataset(
                 issues, pairs, config["max_words"], config["num_frm_train"],
-                config.get("frm_sampling_strategy", "uniform"), config["image_size"],
-                FinetuneTransform(config.get("augment", False)))
+                config["frm_sampling_strategy"], config["image_size"],
+                FinetuneTransform(config["augment"]))
         return RetrievalEvalDataset(issues, pairs, config["max_words"], config["num_frm_test"],
                                     "uniform", config["image_size"], FinetuneTransform(False))
 

@@ -10,6 +10,13 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from utils import Setting
+
+FRAME_SETTINGS = {
+    "image_size": Setting(int, meaning="frame side in pixels after the transforms (and the "
+                          "video encoder's position grid)", min=1),
+}
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -131,18 +138,18 @@ class PretrainVideoTransform:
 
 class PretrainImageTransform:
     """Pre-training images `[3, H, W]`: random resized crop, flip, RandAugment(2, 7), then a
-    static clip `[num_frm, 3, image_size, image_size]`."""
+    static clip `[num_frames, 3, image_size, image_size]`."""
 
-    def __init__(self, image_size: int, num_frm: int):
+    def __init__(self, image_size: int, num_frames: int):
         self.image_size = image_size
-        self.num_frm = num_frm
+        self.num_frames = num_frames
         self.augment = TemporalRandAugment(num_ops=2, magnitude=7, ops=IMAGE_OPS)
 
     def __call__(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
         image = random_resized_crop(image, self.image_size, (0.5, 1.0), rng)
         image = random_horizontal_flip(image, rng)
         image = normalize(self.augment(image, rng))
-        return image.expand(self.num_frm, -1, -1, -1).contiguous()  # [3, H, W] -> [T, 3, H, W]
+        return image.expand(self.num_frames, -1, -1, -1).contiguous()  # [3, H, W] -> [T, 3, H, W]
 
 
 class FinetuneTransform:

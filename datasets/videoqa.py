@@ -5,11 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
+from utils import with_defaults
+
 from .annotations import first_existing, load_json_list, string_fields
-from .base import ClipDataset, ClipTransform, stack_clips, with_clip_cache
+from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
-from .text import pre_question
-from .transforms import FinetuneTransform
+from .text import QUESTION_SETTINGS, pre_question
+from .transforms import FRAME_SETTINGS, FinetuneTransform
 
 TRAIN_ANSWER_WEIGHT = 0.2  # per answer occurrence, as in the reference
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv")
@@ -47,7 +49,7 @@ class VideoQADataset(ClipDataset):
     """
 
     def __init__(self, issues: DataIssues, ann_root: str, video_root: str, split: str,
-                 max_question_len: int, num_frm: int, strategy: str, image_size: int,
+                 max_question_len: int, num_frames: int, strategy: str, image_size: int,
                  transform: ClipTransform):
         question_path = issues.reading(os.path.join(ann_root, f"{split}_q.json"))
         answers = read_answers(issues.reading(os.path.join(ann_root, f"{split}_a.json")), issues)
@@ -79,7 +81,7 @@ class VideoQADataset(ClipDataset):
                 video.append(path)
             self.questions.append(Question(qid, question, tuple(answers[qid]), video_index[path]))
         self.answers_by_qid = {q.question_id: q.answers[0] for q in self.questions}
-        super().__init__(issues, video, num_frm, strategy, image_size, transform)
+        super().__init__(issues, video, num_frames, strategy, image_size, transform)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -124,14 +126,16 @@ class VideoQAEvalDataset(VideoQADataset):
 
 def build_videoqa_datasets(config: dict):
     """(train, val, test) of ActivityNet-QA."""
+    config = with_defaults(config, {**FINETUNE_DATA_SETTINGS, **QUESTION_SETTINGS,
+                                    **FRAME_SETTINGS})
 
     def build(split: str, train: bool) -> VideoQADataset:
         issues = DataIssues(f"{config['dataset']}/{split}")
         if train:
             return VideoQATrainDataset(
                 issues, config["ann_root"], config["video_root"], split, config["max_question_len"],
-                config["num_frm_train"], config.get("frm_sampling_strategy", "uniform"),
-                config["image_size"], FinetuneTransform(config.get("augment", False)))
+                config["num_frm_train"], config["frm_sampling_strategy"],
+                config["image_size"], FinetuneTransform(config["augment"]))
         return VideoQAEvalDataset(
             issues, config["ann_root"], config["video_root"], split, config["max_question_len"],
             config["num_frm_test"], "uniform", config["image_size"], FinetuneTransform(False))

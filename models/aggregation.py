@@ -4,6 +4,9 @@ Every reducer works on tokens laid out `[..., N, C]` (the token axis is -2; any 
 dims are batch-like) and returns a `Reduction`: a callable that applies the same choice
 of tokens to any tensor of that layout (features, sizes, sources).
 
+The rules a config can name (`aggregation`) are the entries of `AGGREGATION_RULES`; a
+new rule is one function choosing tokens and one entry there.
+
 Two token axes are reduced in a TESTA block:
 - patches, per frame: tokens `[B, T, 1+L, C]` with the class token at position 0;
 - frames, per patch position: tokens `[B, L, T, C]`. The frame choice is shared by all
@@ -11,14 +14,24 @@ Two token axes are reduced in a TESTA block:
   averaged over patches for the importance-based modes).
 """
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
-Reduction = Callable[..., torch.Tensor]
-
 MERGING_TYPES = ("patch", "frame", "frame&patch", "frame-patch", "patch-frame")
-AGGREGATIONS = ("geometry", "importance", "prune")
+
+
+class Reduction(Protocol):
+    """A choice of tokens, applied alike to any tensor `[..., N, C]` of the same layout."""
+
+    def __call__(self, x: torch.Tensor, mode: Literal["mean", "sum", "amax"] = "mean"
+                  ) -> torch.Tensor:
+        """`[..., N, C]` -> `[..., N - r, C]`, merged tokens reduced by `mode`."""
+
+    def weighted(self, x: torch.Tensor, size: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted merge of `x [..., N, C]` with sizes `[..., N, 1]` -> (x', size')."""
 
 
 def _expand_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -102,13 +115,8 @@ def max_reduction(num_tokens: int, protected: int) -> int:
     return (num_tokens - protected) // 2
 
 
-def bipartite_matching(
-    metric: torch.Tensor,
-    r: int,
-    class_token: bool,
-    protect_first: bool,
-    vote_frames: bool,
-) -> Optional[BipartiteMerge]:
+def bipartite_matching(metric: torch.Tensor, r: int, *, class_token: bool, protect_first: bool,
+                       vote_frames: bool) -> Optional[BipartiteMerge]:
     """Geometry-based bipartite soft matching (ToMe), with TESTA's frame voting.
 
     metric: `[..., N, Dh]`. `class_token` protects one token in the cap on r (the
@@ -159,7 +167,7 @@ def _least_important(importance: torch.Tensor, r: int, protect_first: bool,
     return order[..., :r, :], order[..., r:, :].sort(dim=-2).values
 
 
-def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int,
+def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, *,
                         class_token: bool, protect_first: bool,
                         share_over_patches: bool) -> Optional[SubsetMerge]:
     """Merge the r least important tokens (attention received) into their most similar kept token."""
@@ -180,7 +188,7 @@ def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int,
     return SubsetMerge(keep_idx, src_idx, dst_idx)
 
 
-def pruning(importance: torch.Tensor, r: int, class_token: bool, protect_first: bool,
+def pruning(importance: torch.Tensor, r: int, *, class_token: bool, protect_first: bool,
             share_over_patches: bool) -> Optional[SubsetMerge]:
     """Drop the r least important tokens."""
     r = min(r, max_reduction(importance.shape[-1], int(class_token)))
@@ -191,6 +199,47 @@ def pruning(importance: torch.Tensor, r: int, class_token: bool, protect_first: 
     return SubsetMerge(keep_idx)
 
 
+# the rules a config names ---------------------------------------------------------------
+@dataclass(frozen=True)
+class AggregationRule:
+    """One way of choosing tokens.
+
+    needs_attention: the rule reads the head-averaged attention weights (as importance),
+        so attention is computed explicitly rather than by the fused kernel.
+    choose(metric, importance, r, *, class_token, protect_first, across_frames) -> the
+        Reduction removing r tokens, or None. `metric` are the keys `[..., N, Dh]`,
+        `importance` the attention each token receives `[..., N]` (None unless
+        `needs_attention`); `across_frames`: tokens are `[B, L, T, Dh]` frames, and one
+        decision is taken per video.
+    """
+    needs_attention: bool
+    choose: Callable[..., Optional[Reduction]]
+
+
+def _by_geometry(metric, importance, r, *, class_token, protect_first, across_frames):
+    return bipartite_matching(metric, r, class_token=class_token, protect_first=protect_first,
+                              vote_frames=across_frames)
+
+
+def _by_importance(metric, importance, r, *, class_token, protect_first, across_frames):
+    return importance_matching(metric, importance, r, class_token=class_token,
+                               protect_first=protect_first, share_over_patches=across_frames)
+
+
+def _by_pruning(metric, importance, r, *, class_token, protect_first, across_frames):
+    return pruning(importance, r, class_token=class_token, protect_first=protect_first,
+                   share_over_patches=across_frames)
+
+
+AGGREGATION_RULES: Dict[str, AggregationRule] = {
+    "geometry": AggregationRule(needs_attention=False, choose=_by_geometry),  # TESTA, ToMe
+    "importance": AggregationRule(needs_attention=True, choose=_by_importance),
+    "prune": AggregationRule(needs_attention=True, choose=_by_pruning),
+}
+AGGREGATIONS = tuple(AGGREGATION_RULES)
+
+
+# applying a reduction ----------------------------------------------------------------
 def merge_weighted(reduce: Reduction, x: torch.Tensor, size: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average: `x' = reduce(x*s, sum) / reduce(s, sum)`, `s' = reduce(s, sum)`.

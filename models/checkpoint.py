@@ -23,11 +23,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from models import hub
+from models.resize import grid_side, resize_along_time, resize_patch_grid
 from models.video_encoder import VideoEncoder
 
 # missing keys that image (BLIP) checkpoints cannot provide: new layers keep their init
@@ -352,19 +351,11 @@ def _resize_pos_embed(pos_embed: torch.Tensor, shape: torch.Size, key: str,
                       path: str) -> torch.Tensor:
     """`[1, 1+L0, D]` -> `[1, 1+L, D]`: the square patch grid resized bicubically (as
     BLIP does), the class slot kept."""
-    old_side, new_side = _grid_side(pos_embed.shape[1] - 1), _grid_side(shape[1] - 1)
+    old_side, new_side = grid_side(pos_embed.shape[1] - 1), grid_side(shape[1] - 1)
     if old_side is None or new_side is None or pos_embed.shape[2] != shape[2]:
         raise CheckpointError(f"{path}: {key} has shape {tuple(pos_embed.shape)}, which cannot "
                               f"be resized to the model's {tuple(shape)}")
-    grid = rearrange(pos_embed[:, 1:].float(), "1 (h w) d -> 1 d h w", h=old_side)
-    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    patches = rearrange(grid, "1 d h w -> 1 (h w) d").to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], patches], dim=1)
-
-
-def _grid_side(num_patches: int) -> Optional[int]:
-    side = round(num_patches ** 0.5)
-    return side if side * side == num_patches else None
+    return resize_patch_grid(pos_embed, (new_side, new_side), mode="bicubic")
 
 
 def _resize_along_time(embed: torch.Tensor, shape: torch.Size, key: str,
@@ -373,9 +364,7 @@ def _resize_along_time(embed: torch.Tensor, shape: torch.Size, key: str,
     if embed.dim() != 3 or embed.shape[0] != 1 or embed.shape[2] != shape[2]:
         raise CheckpointError(f"{path}: {key} has shape {tuple(embed.shape)}, which cannot "
                               f"be resized to the model's {tuple(shape)}")
-    resized = F.interpolate(rearrange(embed.float(), "1 t c -> 1 c t"), size=shape[1],
-                            mode="nearest")
-    return rearrange(resized, "1 c t -> 1 t c").to(embed.dtype)
+    return resize_along_time(embed, shape[1])
 
 
 def _check_shapes(path: str, state_dict: Mapping[str, torch.Tensor],
@@ -501,10 +490,11 @@ def save_checkpoint(path: str, model: nn.Module, config: Mapping, epoch: int,
                   "optimizer": None if optimizer is None else optimizer.state_dict(), **extra}
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    with _terminate_raises():
+    with _signals_raise() as signals:
         try:
             os.makedirs(directory, exist_ok=True)
-            _write(tmp_path, checkpoint)
+            _write(tmp_path, checkpoint, signals)
+            signals.check()  # nothing replaces `path` once a signal came
             os.replace(tmp_path, path)
         except OSError as err:
             raise CheckpointError(f"{_reason(err)} while writing {path}") from None
@@ -513,9 +503,9 @@ def save_checkpoint(path: str, model: nn.Module, config: Mapping, epoch: int,
                 os.unlink(tmp_path)
 
 
-def _write(path: str, checkpoint: Mapping[str, Any]) -> None:
+def _write(path: str, checkpoint: Mapping[str, Any], signals: "_Signals") -> None:
     # mode 0o666 less the umask, as open() gives every other output
-    writer = _FileWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    writer = _FileWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), signals)
     try:
         torch.save(checkpoint, writer)
     except RuntimeError:
@@ -530,14 +520,16 @@ def _write(path: str, checkpoint: Mapping[str, Any]) -> None:
 
 class _FileWriter:
     """The file torch.save writes to; keeps what a failed write raised, which torch.save
-    itself replaces by a RuntimeError that does not say what happened."""
+    itself replaces by a RuntimeError that does not say what happened. Each write first
+    raises for a signal that came meanwhile (see `_Signals`)."""
 
-    def __init__(self, fd: int):
-        self.fd, self.error = fd, None
+    def __init__(self, fd: int, signals: "_Signals"):
+        self.fd, self.signals, self.error = fd, signals, None
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         try:
+            self.signals.check()
             while view:
                 view = view[os.write(self.fd, view):]
         except BaseException as err:  # also a signal's exception raised meanwhile
@@ -562,24 +554,43 @@ def _reason(err: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+class _Signals:
+    """The SIGTERM/SIGINT that came during a save. The handler raises at once, but an
+    exception raised while a finalizer runs (e.g. a `__del__` during garbage collection)
+    is printed and dropped, so `check` raises it again where the save can act on it."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+
+    def handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self.check()
+
+    def check(self) -> None:
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
+
+
 @contextmanager
-def _terminate_raises():
-    """During the block SIGTERM raises SystemExit(143), so that cleanup code runs (SIGINT
-    raises KeyboardInterrupt already). Only where SIGTERM has its default action and on
-    the main thread, where Python handles signals; a handler set by the program stays."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
+def _signals_raise():
+    """During the block SIGTERM raises SystemExit(143) and SIGINT KeyboardInterrupt, so
+    that cleanup code runs; yields the `_Signals` to check. Only for signals with their
+    default handling and on the main thread, where Python handles signals; a handler set
+    by the program stays."""
+    signals = _Signals()
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    handled = ([signum for signum, default in defaults.items()
+                if signal.getsignal(signum) is default]
+               if threading.current_thread() is threading.main_thread() else [])
+    for signum in handled:
+        signal.signal(signum, signals.handle)
     try:
-        yield
+        yield signals
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in handled:
+            signal.signal(signum, defaults[signum])
 
 
 def remove_stale_temporaries(directory: str) -> List[str]:

@@ -4,15 +4,16 @@ The caption decoder shares every module with the text encoder except its
 self-attention layers; the state dict still lists both `text_encoder.*` and
 `text_decoder.*`, as BLIP and TESTA checkpoints do.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from models.dist_utils import concat_all_gather
-from models.retrieval import (MomentumVideoTextModel, NegativePool, enqueue,
-                              momentum_contrastive_loss, pick_hard_negatives)
+from engine.distributed import concat_all_gather
+from models.blip_base import (BLIP_BASE_SETTINGS, MomentumVideoTextModel, NegativePool,
+                              enqueue, momentum_contrastive_loss, pick_hard_negatives,
+                              register_queues)
 from models.text import build_text_decoder, tie_decoder_to_encoder, with_first_token
+from utils import with_defaults
 
 
 class PretrainModel(MomentumVideoTextModel):
@@ -22,15 +23,12 @@ class PretrainModel(MomentumVideoTextModel):
     process's batch.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        embed_dim = config.get("embed_dim", 256)
-        queue_size = config.get("queue_size", 57600)
-        self.text_decoder = build_text_decoder(self.text_encoder.config, config.get("text_init"))
+        config = with_defaults(config, BLIP_BASE_SETTINGS)
+        self.text_decoder = build_text_decoder(self.text_encoder.config, config["text_init"])
         tie_decoder_to_encoder(self.text_encoder, self.text_decoder)
-        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        register_queues(self, config["embed_dim"], config["queue_size"], pointer="queue_ptr")
 
     def forward(self, video: torch.Tensor, caption: Sequence[str], alpha: float
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,6 +74,6 @@ class PretrainModel(MomentumVideoTextModel):
         return output.loss
 
 
-def build_pretrain_model(config: dict) -> PretrainModel:
+def build_pretrain_model(config: Mapping[str, Any]) -> PretrainModel:
     """The pre-training model from a config dict (the keys of configs/pretrain_*.yaml)."""
     return PretrainModel(config)

@@ -1,137 +1,18 @@
-"""Video-text retrieval model: VTC with momentum distillation and VTM with hard negatives.
-
-`MomentumVideoTextModel` holds what retrieval and pre-training share: the video and
-text towers, the 256-d projections, the ITM head, the temperature and the momentum
-copies. `RetrievalModel` adds the feature queues with their video-index queue.
-"""
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+"""Video-text retrieval model: VTC with momentum distillation and VTM with hard negatives,
+on the BLIP base (models/blip_base.py), with feature queues that carry video indices."""
+from typing import Any, Mapping, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from models.dist_utils import all_gather_with_grad, concat_all_gather, is_distributed
-from models.text import (build_text_config, build_text_encoder, build_tokenizer,
-                         encode_grounded, encode_text_only, tokenize, with_first_token)
-from models.video_encoder import build_video_encoder, pad_tokens, pool_tokens
+from engine.distributed import concat_all_gather
+from models.blip_base import (BLIP_BASE_SETTINGS, MomentumVideoTextModel, NegativePool,
+                              enqueue, momentum_contrastive_loss, pick_hard_negatives,
+                              register_queues)
+from utils import Setting, Settings, with_defaults
 
-
-class MomentumVideoTextModel(nn.Module):
-    """Video encoder, text encoder, projections, ITM head, temperature, momentum towers."""
-
-    momentum_towers = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
-
-    def __init__(self, config: dict):
-        super().__init__()
-        self.tokenizer = build_tokenizer(config.get("text_encoder", "bert-base-uncased"))
-        text_config = build_text_config(config, self.tokenizer)
-        embed_dim = config.get("embed_dim", 256)
-        self.max_words = config.get("max_words", 30)
-        self.momentum = config.get("momentum", 0.995)
-
-        self.visual_encoder = build_video_encoder(config)
-        self.text_encoder = build_text_encoder(text_config, config.get("text_init"))
-        vision_width, text_width = self.visual_encoder.embed_dim, text_config.hidden_size
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(text_width, embed_dim)
-        self.itm_head = nn.Linear(text_width, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
-
-        self.visual_encoder_m = build_video_encoder(config)
-        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
-        self.text_encoder_m = build_text_encoder(text_config)
-        self.text_proj_m = nn.Linear(text_width, embed_dim)
-        self.copy_to_momentum()
-
-    def encode_video(self, video: torch.Tensor
-                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """video `[B, 3, T, H, W]` -> (feature `[B, E]` L2-normalised from the mean of the
-        tokens, all tokens `[B, N, D]`, which tokens hold content `[B, N]` or None if all:
-        adaptive aggregation pads the videos that kept fewer tokens)."""
-        video_embeds, video_mask = self.visual_encoder.forward_with_mask(video)
-        video_feat = F.normalize(self.vision_proj(pool_tokens(video_embeds, video_mask)), dim=-1)
-        return video_feat, video_embeds, video_mask
-
-    def tokenize(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """captions -> (input_ids, attention_mask) `[B, max_words]` on the model's device."""
-        return tokenize(self.tokenizer, captions, self.temp.device, max_length=self.max_words,
-                        padding="max_length")
-
-    def encode_text(self, captions: Sequence[str]
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """captions -> (feature `[B, E]` L2-normalised from `[CLS]`, input_ids `[B, S]`,
-        attention_mask `[B, S]`)."""
-        input_ids, attention_mask = self.tokenize(captions)
-        text_embeds = encode_text_only(self.text_encoder, input_ids, attention_mask)
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
-        return text_feat, input_ids, attention_mask
-
-    def itm_logits(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, video_mask: Optional[torch.Tensor] = None
-                   ) -> torch.Tensor:
-        """Match scores `[K, 2]` of K (video tokens `[K, N, D]` with their content mask
-        `[K, N]` or None, text `[K, S]`) pairs: the video-grounded encoder with `[ENC]`
-        first, ITM head on its first output."""
-        input_ids = with_first_token(input_ids, self.tokenizer.enc_token_id)
-        grounded = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds,
-                                   video_mask)
-        return self.itm_head(grounded[:, 0])
-
-    def clamp_temperature(self) -> None:
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-
-    @torch.no_grad()
-    def momentum_features(self, video: torch.Tensor, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(video feature `[B, E]`, text feature `[B, E]`) from the momentum towers."""
-        video_embeds, video_mask = self.visual_encoder_m.forward_with_mask(video)
-        video_feat = F.normalize(self.vision_proj_m(pool_tokens(video_embeds, video_mask)), dim=-1)
-        text_embeds = encode_text_only(self.text_encoder_m, input_ids, attention_mask)
-        text_feat = F.normalize(self.text_proj_m(text_embeds[:, 0]), dim=-1)
-        return video_feat, text_feat
-
-    def _tower_pairs(self):
-        for name in self.momentum_towers:
-            yield getattr(self, name), getattr(self, name + "_m")
-
-    @torch.no_grad()
-    def copy_to_momentum(self) -> None:
-        """Momentum towers := main towers; they take no gradient."""
-        for tower, tower_m in self._tower_pairs():
-            tower_m.load_state_dict(tower.state_dict())
-            tower_m.requires_grad_(False)
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """`p_m <- momentum * p_m + (1 - momentum) * p` for every tower parameter."""
-        params, params_m = [], []
-        for tower, tower_m in self._tower_pairs():
-            params += [param.detach() for param in tower.parameters()]
-            params_m += list(tower_m.parameters())
-        torch._foreach_mul_(params_m, self.momentum)  # one fused kernel per list, not per tensor
-        torch._foreach_add_(params_m, params, alpha=1.0 - self.momentum)
-
-    def matching_loss(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, negatives: "HardNegatives",
-                      video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """VTM cross-entropy over B positive pairs, B (text, negative video) pairs and
-        B (negative text, video) pairs."""
-        batch = video_embeds.shape[0]
-        if video_mask is not None:  # the negatives may come padded to more slots
-            video_embeds, video_mask = pad_tokens(video_embeds, video_mask,
-                                                  negatives.video_embeds.shape[1])
-            video_masks = torch.cat([video_mask, negatives.video_mask, video_mask])
-        else:
-            video_masks = None
-        videos = torch.cat([video_embeds, negatives.video_embeds, video_embeds])  # [3B, N, D]
-        texts = torch.cat([input_ids, input_ids, negatives.input_ids])  # [3B, S]
-        masks = torch.cat([attention_mask, attention_mask, negatives.attention_mask])
-        logits = self.itm_logits(videos, texts, masks, video_masks)  # [3B, 2]
-        labels = torch.cat([torch.ones(batch, dtype=torch.long),
-                            torch.zeros(2 * batch, dtype=torch.long)]).to(logits.device)
-        return F.cross_entropy(logits, labels)
+RETRIEVAL_MODEL_SETTINGS: Settings = {
+    "negative_all_rank": Setting(bool, False, "mine hard negatives from every rank's batch"),
+}
 
 
 class RetrievalModel(MomentumVideoTextModel):
@@ -140,15 +21,12 @@ class RetrievalModel(MomentumVideoTextModel):
     Pairs with the same video index count as positives, in the batch and in the queue.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        embed_dim = config.get("embed_dim", 256)
-        queue_size = config.get("queue_size", 57600)
-        self.negative_all_rank = config.get("negative_all_rank", False)
-        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
-        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        config = with_defaults(config, {**BLIP_BASE_SETTINGS, **RETRIEVAL_MODEL_SETTINGS})
+        self.negative_all_rank = config["negative_all_rank"]
+        register_queues(self, config["embed_dim"], config["queue_size"], pointer="ptr_queue",
+                        with_video_index=True)
 
     def forward(self, video: torch.Tensor, caption: Sequence[str], alpha: float,
                 idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -183,116 +61,6 @@ class RetrievalModel(MomentumVideoTextModel):
         return loss_vtc, loss_vtm
 
 
-def build_retrieval_model(config: dict) -> RetrievalModel:
+def build_retrieval_model(config: Mapping[str, Any]) -> RetrievalModel:
     """The retrieval model from a config dict (the keys of configs/retrieval_*.yaml)."""
     return RetrievalModel(config)
-
-
-# losses and queues, shared with pre-training -------------------------------------------
-def momentum_contrastive_loss(video_feat: torch.Tensor, text_feat: torch.Tensor,
-                              video_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
-                              video_queue: torch.Tensor, text_queue: torch.Tensor,
-                              targets: torch.Tensor, alpha: float, temp: torch.Tensor
-                              ) -> torch.Tensor:
-    """Video-text contrastive loss with momentum distillation, in float32 or wider.
-
-    Features `[B, E]` (momentum ones `*_m` without gradient), queues `[E, Q]`, targets
-    `[B, B+Q]` (rows sum to 1); each direction's soft target is
-    `alpha * softmax(momentum similarities) + (1 - alpha) * targets`.
-    """
-    dtype = torch.promote_types(video_feat.dtype, torch.float32)  # float64 runs stay float64
-    video_feat, text_feat, video_feat_m, text_feat_m = (
-        feat.to(dtype) for feat in (video_feat, text_feat, video_feat_m, text_feat_m))
-    with torch.autocast(device_type=video_feat.device.type, enabled=False):
-        video_bank = torch.cat([video_feat_m.t(), video_queue.to(dtype)], dim=1)  # [E, B+Q]
-        text_bank = torch.cat([text_feat_m.t(), text_queue.to(dtype)], dim=1)  # [E, B+Q]
-        with torch.no_grad():
-            v2t_targets = alpha * F.softmax(video_feat_m @ text_bank / temp, dim=1) \
-                + (1 - alpha) * targets
-            t2v_targets = alpha * F.softmax(text_feat_m @ video_bank / temp, dim=1) \
-                + (1 - alpha) * targets
-        v2t_logits = video_feat @ text_bank / temp  # [B, B+Q]
-        t2v_logits = text_feat @ video_bank / temp
-        loss_v2t = -(F.log_softmax(v2t_logits, dim=1) * v2t_targets).sum(dim=1).mean()
-        loss_t2v = -(F.log_softmax(t2v_logits, dim=1) * t2v_targets).sum(dim=1).mean()
-    return (loss_v2t + loss_t2v) / 2
-
-
-@torch.no_grad()
-def enqueue(queues: Sequence[torch.Tensor], columns: Sequence[torch.Tensor],
-            ptr: torch.Tensor) -> None:
-    """Write `columns[i]` `[M, C_i]` (the whole world's batch) into `queues[i]` `[C_i, Q]`
-    at the pointer, then advance the pointer `[1]` by M modulo Q."""
-    batch, queue_size = columns[0].shape[0], queues[0].shape[1]
-    if queue_size % batch:
-        raise ValueError(f"queue_size {queue_size} is not a multiple of the global batch size "
-                         f"{batch} (batch per process x processes); change queue_size or the batch")
-    start = int(ptr)
-    for queue, column in zip(queues, columns):
-        queue[:, start:start + batch] = column.t()
-    ptr[0] = (start + batch) % queue_size
-
-
-@dataclass
-class NegativePool:
-    """Hard-negative candidates: this process's batch or, `gathered()`, every rank's.
-
-    video_embeds `[M, N, D]` (carries gradient), video_feat / text_feat `[M, E]`,
-    input_ids / attention_mask `[M, S]`, idx `[M]` (video index of each pair),
-    video_mask `[M, N]` (tokens with content; None: all).
-    """
-    video_embeds: torch.Tensor
-    video_feat: torch.Tensor
-    text_feat: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    idx: torch.Tensor
-    video_mask: Optional[torch.Tensor] = None
-
-    def gathered(self) -> "NegativePool":
-        video_embeds, video_mask = self.video_embeds, self.video_mask
-        if video_mask is not None and is_distributed():  # ranks may keep different token counts
-            length = torch.tensor(video_embeds.shape[1], device=video_embeds.device)
-            torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
-            video_embeds, video_mask = pad_tokens(video_embeds, video_mask, int(length))
-        return NegativePool(all_gather_with_grad(video_embeds),
-                            concat_all_gather(self.video_feat), concat_all_gather(self.text_feat),
-                            concat_all_gather(self.input_ids),
-                            concat_all_gather(self.attention_mask), concat_all_gather(self.idx),
-                            None if video_mask is None else concat_all_gather(video_mask))
-
-
-@dataclass
-class HardNegatives:
-    """One negative video for each text and one negative text for each video.
-
-    video_embeds `[B, N, D]`, input_ids / attention_mask `[B, S]`, video_mask `[B, N]`
-    (tokens with content; None: all).
-    """
-    video_embeds: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    video_mask: Optional[torch.Tensor] = None
-
-
-def pick_hard_negatives(video_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor,
-                        pool: NegativePool, temp: torch.Tensor) -> HardNegatives:
-    """Sample from `pool` a negative video per text (by text-video similarity) and a
-    negative text per video (by video-text similarity); same-index entries never."""
-    with torch.no_grad():
-        is_positive = idx[:, None] == pool.idx[None]  # [B, M]
-        video_for_text = sample_negatives(text_feat @ pool.video_feat.t() / temp, is_positive)
-        text_for_video = sample_negatives(video_feat @ pool.text_feat.t() / temp, is_positive)
-    return HardNegatives(pool.video_embeds[video_for_text], pool.input_ids[text_for_video],
-                         pool.attention_mask[text_for_video],
-                         None if pool.video_mask is None else pool.video_mask[video_for_text])
-
-
-def sample_negatives(sim: torch.Tensor, is_positive: torch.Tensor) -> torch.Tensor:
-    """One column per row of `sim [B, M]`, drawn with probability softmax(sim) over the
-    columns where `is_positive [B, M]` is False -> indices `[B]`."""
-    if is_positive.all(dim=1).any():
-        raise ValueError("hard-negative mining found a pair with no negative: every candidate "
-                         "shares its video index; use a larger batch or negative_all_rank")
-    weights = sim.float().masked_fill(is_positive, float("-inf")).softmax(dim=1)
-    return torch.multinomial(weights, 1).squeeze(1)

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import huggingface_hub
@@ -22,14 +22,28 @@ from transformers.models.blip.modeling_blip_text import (BlipTextAttention, Blip
                                                          BlipTextLMHeadModel, BlipTextModel,
                                                          BlipTextSelfAttention)
 
+from models.video_encoder import VIDEO_ENCODER_SETTINGS
+from utils import NONE, Setting, Settings, with_defaults
+
 BERT_UNCASED_VOCAB_SIZE = 30522
-DEFAULT_MED_CONFIG = "configs/med_config.json"
+TEXT_SETTINGS: Settings = {
+    "text_encoder": Setting(str, "bert-base-uncased", "tokenizer: hub name, local directory or "
+                            "vocab.txt of bert-base-uncased"),
+    "med_config": Setting(str, "configs/med_config.json", "JSON of the BLIP text towers' BERT "
+                          "configuration (relative: from the working directory or the repo)"),
+    "text_config": Setting((dict, NONE), None, "med_config keys (and label_smoothing) to "
+                           "override, e.g. {hidden_size: 64}"),
+    "text_init": Setting((str, NONE), None, "BERT weights for the text towers (file or Hugging "
+                         "Face folder), for training without a BLIP checkpoint"),
+}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # bert-base-uncased's vocab.txt, byte for byte (models/vocab/README.md): no hub or cache needed
 SHIPPED_VOCABS = {"bert-base-uncased": REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"}
 logger = logging.getLogger(__name__)
 TOKENIZER_HINT = ("set text_encoder in the config to a directory holding vocab.txt or to the "
                   "vocab.txt file of bert-base-uncased")
+# text_config / med_config.json keys beyond BERT's, with their defaults
+MED_DEFAULTS = {"label_smoothing": 0.1}
 # med_config.json keys that BlipTextConfig takes under the same name
 MED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                    "intermediate_size", "hidden_act", "hidden_dropout_prob",
@@ -118,15 +132,17 @@ def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 
 
 # text towers -------------------------------------------------------------------------
-def build_text_config(config: dict, tokenizer: BertTokenizer) -> BlipTextConfig:
+def build_text_config(config: Mapping[str, Any], tokenizer: BertTokenizer) -> BlipTextConfig:
     """The BLIP "med" BERT configuration of the text towers.
 
     Read from the JSON file at `config["med_config"]`, with the optional
     `config["text_config"]` dict (med_config.json key names, plus `label_smoothing`)
     merged over it; cross-attention reads video tokens of width `config["vision_width"]`.
     """
-    med = _read_med_config(config.get("med_config", DEFAULT_MED_CONFIG))
-    med.update(config.get("text_config") or {})
+    config = with_defaults(config, {**TEXT_SETTINGS,
+                                    "vision_width": VIDEO_ENCODER_SETTINGS["vision_width"]})
+    med = {**MED_DEFAULTS, **_read_med_config(config["med_config"])}
+    med.update(config["text_config"] or {})
     if len(tokenizer) > med["vocab_size"]:
         raise ValueError(f"text vocab_size {med['vocab_size']} is smaller than the tokenizer "
                          f"({len(tokenizer)} tokens)")
@@ -134,7 +150,7 @@ def build_text_config(config: dict, tokenizer: BertTokenizer) -> BlipTextConfig:
         **{key: med[key] for key in MED_CONFIG_KEYS},
         encoder_hidden_size=config["vision_width"],
         is_decoder=True,  # gives every layer its cross-attention, as the "med" towers have
-        label_smoothing=med.get("label_smoothing", 0.1),
+        label_smoothing=med["label_smoothing"],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.sep_token_id,
         sep_token_id=tokenizer.sep_token_id,

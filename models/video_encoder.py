@@ -7,7 +7,7 @@ merge patches, then applies its MLP (docs/computation.md, section 2). Aggregatio
 of every block and is switched by the per-block plan built from the config.
 """
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,44 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.aggregation import (AGGREGATIONS, adaptive_matching, attention_received,
-                                bipartite_matching, importance_matching, max_reduction,
-                                merge_source, merge_weighted, parse_merging_types, parse_r,
-                                parse_threshold, pruning)
+from datasets.transforms import FRAME_SETTINGS
+from models.aggregation import (AGGREGATION_RULES, AGGREGATIONS, Reduction, adaptive_matching,
+                                attention_received, max_reduction, merge_source,
+                                merge_weighted, parse_merging_types, parse_r, parse_threshold)
+from models.resize import resize_along_time, resize_patch_grid
+from utils import NONE, Setting, Settings, with_defaults
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
+
+VIDEO_ENCODER_SETTINGS: Settings = {
+    "vit": Setting(str, "timesformer", "video backbone; TimeSformer is the one there is",
+                   choices=("timesformer",)),
+    **FRAME_SETTINGS,
+    "patch_size": Setting(int, 16, "patch side in pixels", min=1),
+    "vision_width": Setting(int, 768, "token width of the video encoder", min=1),
+    "num_heads": Setting(int, 12, "attention heads per block", min=1),
+    "depth": Setting(int, 12, "encoder blocks", min=1),
+    "num_frames": Setting(int, meaning="frames of the time embedding (other counts are resized)",
+                          min=1),
+    "attention_type": Setting(str, "divided_space_time", "attention layout of every block",
+                              choices=ATTENTION_TYPES),
+    "learnable_temporal_scaling": Setting(bool, False, "learned per-frame scale of the temporal "
+                                          "attention output"),
+    "token_merging": Setting(bool, False, "aggregate tokens (TESTA); false: testa_r is ignored"),
+    "testa_r": Setting((int, list), 0, "tokens removed per aggregation operation: an int, a "
+                       "list in operation order, or an [r, inflection] pair", min=0),
+    "merging_type": Setting((str, list), "frame&patch", "what each block aggregates: patch, "
+                            "frame, frame&patch, frame-patch, patch-frame, or a list per block"),
+    "aggregation": Setting(str, "geometry", "how tokens are chosen (models/aggregation.py)",
+                           choices=AGGREGATIONS),
+    "prop_attn": Setting(bool, False, "proportional attention: bias by log token size"),
+    "testa_threshold": Setting((int, float, list, NONE), None, "adaptive aggregation: merge, per "
+                               "video, every matched pair whose key cosine similarity is above "
+                               "it (a [frame, patch] pair sets them apart), at most testa_r; "
+                               "null: the fixed schedule (docs/adaptive.md)", min=-1, max=1),
+    "vit_grad_ckpt": Setting(bool, False, "gradient checkpointing of the encoder blocks"),
+    "vit_ckpt_layer": Setting(int, 0, "checkpoint only the last N blocks (0: all)", min=0),
+}
 
 
 @dataclass
@@ -98,7 +130,7 @@ class Block(nn.Module):
                  threshold: Optional[Tuple[float, float]] = None):
         super().__init__()
         self.attention_type = attention_type
-        self.aggregation = aggregation
+        self.rule = AGGREGATION_RULES[aggregation]
         self.threshold = threshold  # (frame, patch) similarity thresholds: adaptive mode
         self.class_token = class_token
         self.prop_attn = prop_attn
@@ -125,7 +157,7 @@ class Block(nn.Module):
     def _divided(self, x: torch.Tensor, state: TokenState, r_frame: int, r_patch: int
                  ) -> Tuple[torch.Tensor, TokenState]:
         batch, num_frames = x.shape[0], state.num_frames
-        needs_attn = self.aggregation != "geometry"
+        needs_attn = self.rule.needs_attention
 
         adaptive = self.threshold is not None
         self._record(state)
@@ -136,7 +168,7 @@ class Block(nn.Module):
         res_t, metric_t, attn_t = self.temporal_attn(
             self.temporal_norm1(frames_in), return_attn=needs_attn and r_frame > 0, live=live_t)
         if self.temporal_scaling is not None:
-            res_t = res_t * (torch.tanh(self._temporal_scaling(num_frames)) + 1)
+            res_t = res_t * (torch.tanh(resize_along_time(self.temporal_scaling, num_frames)) + 1)
         res_t = rearrange(res_t, "(b l) t d -> b (l t) d", b=batch)
         xt = x[:, 1:] + self.temporal_fc(res_t)  # [B, L*T, D]
         if r_frame > 0:
@@ -214,7 +246,7 @@ class Block(nn.Module):
     # joint space-time / space-only attention with global (ToMe) merging --------------
     def _global(self, x: torch.Tensor, state: TokenState, r: int
                 ) -> Tuple[torch.Tensor, TokenState]:
-        needs_attn = self.aggregation != "geometry" and r > 0
+        needs_attn = self.rule.needs_attention and r > 0
         res, metric, attn = self.attn(self.norm1(x), state.size if self.prop_attn else None,
                                       return_attn=needs_attn)
         x = x + res
@@ -229,31 +261,21 @@ class Block(nn.Module):
 
     # helpers -------------------------------------------------------------------------
     def _match(self, metric: torch.Tensor, importance: Optional[torch.Tensor],
-               size: torch.Tensor, r: int, frames: bool):
-        """Choose which tokens to merge or drop, by the configured aggregation."""
+               size: torch.Tensor, r: int, frames: bool) -> Optional[Reduction]:
+        """Choose which tokens to merge or drop, by the configured aggregation rule (or, with
+        a threshold, adaptive matching); the class slot of patch aggregation is never merged."""
         protect_first = self.class_token and not frames
         if self.threshold is not None:
             return adaptive_matching(metric, size, r, self.threshold[0 if frames else 1],
                                      class_token=self.class_token, protect_first=protect_first,
                                      frames=frames)
-        if self.aggregation == "geometry":
-            return bipartite_matching(metric, r, self.class_token, protect_first, vote_frames=frames)
-        if self.aggregation == "importance":
-            return importance_matching(metric, importance, r, self.class_token, protect_first,
-                                       share_over_patches=frames)
-        return pruning(importance, r, self.class_token, protect_first, share_over_patches=frames)
+        return self.rule.choose(metric, importance, r, class_token=self.class_token,
+                                protect_first=protect_first, across_frames=frames)
 
     @staticmethod
     def _record(state: TokenState) -> None:
         if state.trace is not None:
             state.trace.append(state.size)
-
-    def _temporal_scaling(self, num_frames: int) -> torch.Tensor:
-        """`temporal_scaling [1, T0, 1]`, nearest-resized along time when T differs."""
-        scaling = self.temporal_scaling
-        if scaling.shape[1] == num_frames:
-            return scaling
-        return F.interpolate(scaling.transpose(1, 2), size=num_frames, mode="nearest").transpose(1, 2)
 
 
 def token_mask(state: TokenState) -> torch.Tensor:
@@ -381,7 +403,8 @@ class VideoEncoder(nn.Module):
         else:
             cls = x[::num_frames, :1]  # [B, 1, D]
             patches = rearrange(x[:, 1:], "(b t) l d -> b l t d", b=batch)
-            patches = patches + self._time_embed(num_frames)[:, None]  # [B, L, T, D]
+            time_embed = resize_along_time(self.time_embed, num_frames)  # [1, T, D]
+            patches = patches + time_embed[:, None]  # [B, L, T, D]
             x = torch.cat([cls, rearrange(patches, "b l t d -> b (l t) d")], dim=1)
             state = self._initial_state(x, batch, num_frames, num_patches, track_source)
         if trace:
@@ -422,24 +445,14 @@ class VideoEncoder(nn.Module):
         """`pos_embed` for a patch grid, nearest-resized on the 2-D grid when it differs."""
         if grid[0] * grid[1] == self.num_patches:
             return self.pos_embed
-        side = int(self.num_patches ** 0.5)
-        patch_pos = rearrange(self.pos_embed[:, 1:], "1 (h w) d -> 1 d h w", h=side)
-        patch_pos = F.interpolate(patch_pos, size=grid, mode="nearest")
-        return torch.cat([self.pos_embed[:, :1], rearrange(patch_pos, "1 d h w -> 1 (h w) d")], dim=1)
-
-    def _time_embed(self, num_frames: int) -> torch.Tensor:
-        """`time_embed [1, T, D]`, nearest-resized along time when T differs."""
-        if num_frames == self.time_embed.shape[1]:
-            return self.time_embed
-        resized = F.interpolate(self.time_embed.transpose(1, 2), size=num_frames, mode="nearest")
-        return resized.transpose(1, 2)
+        return resize_patch_grid(self.pos_embed, grid, mode="nearest")
 
 
 def _check_settings(image_size: int, patch_size: int, num_frames: int, embed_dim: int,
                     num_heads: int, attention_type: str, aggregation: str) -> None:
     if attention_type not in ATTENTION_TYPES:
         raise ValueError(f"attention_type {attention_type!r} is not one of {', '.join(ATTENTION_TYPES)}")
-    if aggregation not in AGGREGATIONS:
+    if aggregation not in AGGREGATION_RULES:
         raise ValueError(f"aggregation {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
     if patch_size <= 0 or image_size < patch_size or image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a positive multiple of patch_size {patch_size}")
@@ -483,27 +496,25 @@ def _check_r(values: Sequence[int], limit: int, what: str) -> None:
                          f"most {limit} can be removed from the input (half of them)")
 
 
-def build_video_encoder(config: dict) -> VideoEncoder:
-    """The video encoder from the YAML config keys of the paper's configs."""
-    required = ("image_size", "patch_size", "num_frames", "vision_width", "num_heads")
-    missing = [key for key in required if key not in config]
-    if missing:
-        raise ValueError(f"video encoder config lacks {', '.join(missing)}")
+def build_video_encoder(config: Mapping[str, Any]) -> VideoEncoder:
+    """The video encoder from the YAML config keys of the paper's configs
+    (`VIDEO_ENCODER_SETTINGS`; keys the config leaves out take their defaults)."""
+    config = with_defaults(config, VIDEO_ENCODER_SETTINGS)
     return VideoEncoder(
         image_size=config["image_size"],
         patch_size=config["patch_size"],
         num_frames=config["num_frames"],
         embed_dim=config["vision_width"],
-        depth=config.get("depth", 12),
+        depth=config["depth"],
         num_heads=config["num_heads"],
-        attention_type=config.get("attention_type", "divided_space_time"),
-        learnable_temporal_scaling=config.get("learnable_temporal_scaling", False),
-        token_merging=config.get("token_merging", False),
-        testa_r=config.get("testa_r", 0),
-        merging_type=config.get("merging_type", "frame&patch"),
-        aggregation=config.get("aggregation", "geometry"),
-        prop_attn=config.get("prop_attn", False),
-        testa_threshold=config.get("testa_threshold"),
-        grad_ckpt=config.get("vit_grad_ckpt", False),
-        ckpt_layer=config.get("vit_ckpt_layer", 0),
+        attention_type=config["attention_type"],
+        learnable_temporal_scaling=config["learnable_temporal_scaling"],
+        token_merging=config["token_merging"],
+        testa_r=config["testa_r"],
+        merging_type=config["merging_type"],
+        aggregation=config["aggregation"],
+        prop_attn=config["prop_attn"],
+        testa_threshold=config["testa_threshold"],
+        grad_ckpt=config["vit_grad_ckpt"],
+        ckpt_layer=config["vit_ckpt_layer"],
     )

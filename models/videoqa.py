@@ -4,15 +4,18 @@ Training minimises the weighted NLL of each question's answers. Inference either
 a candidate answer list (top-k by first-token probability, then re-scored by the
 whole answer's likelihood) or generates an answer with beam search.
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from models.text import (build_text_config, build_text_decoder, build_text_encoder,
-                         build_tokenizer, encode_grounded, tokenize, with_first_token)
-from models.video_encoder import build_video_encoder
+from datasets.text import QUESTION_SETTINGS
+from models.text import (TEXT_SETTINGS, build_text_config, build_text_decoder,
+                         build_text_encoder, build_tokenizer, encode_grounded, tokenize,
+                         with_first_token)
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, build_video_encoder
+from utils import with_defaults
 
 
 class RankedAnswers(NamedTuple):
@@ -27,14 +30,16 @@ class VideoQAModel(nn.Module):
     """`forward(video, questions, answers, weights, n) -> loss`; `rank_answers` and
     `generate_answers` for inference."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: Mapping[str, Any]):
         super().__init__()
-        self.tokenizer = build_tokenizer(config.get("text_encoder", "bert-base-uncased"))
+        config = with_defaults(config, {**VIDEO_ENCODER_SETTINGS, **TEXT_SETTINGS,
+                                        **QUESTION_SETTINGS})
+        self.tokenizer = build_tokenizer(config["text_encoder"])
         text_config = build_text_config(config, self.tokenizer)
-        self.max_question_len = config.get("max_question_len", 35)
+        self.max_question_len = config["max_question_len"]
         self.visual_encoder = build_video_encoder(config)
-        self.text_encoder = build_text_encoder(text_config, config.get("text_init"))
-        self.text_decoder = build_text_decoder(text_config, config.get("text_init"))
+        self.text_encoder = build_text_encoder(text_config, config["text_init"])
+        self.text_decoder = build_text_decoder(text_config, config["text_init"])
         self._answer_cache: Optional[Tuple[Tuple[str, ...], torch.Tensor, torch.Tensor]] = None
 
     def encode_questions(self, video: torch.Tensor, questions: Sequence[str]
@@ -140,6 +145,6 @@ class VideoQAModel(nn.Module):
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
 
 
-def build_videoqa_model(config: dict) -> VideoQAModel:
+def build_videoqa_model(config: Mapping[str, Any]) -> VideoQAModel:
     """The VideoQA model from a config dict (the keys of configs/vqa_*.yaml)."""
     return VideoQAModel(config)

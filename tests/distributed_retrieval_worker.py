@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from models import build_retrieval_model
-from models.dist_utils import all_gather_with_grad
-from test_models import CAPTIONS, tiny_config, tiny_video
+from engine.distributed import all_gather_with_grad
+from helpers import CAPTIONS, tiny_config, tiny_video
 
 
 def gather_gradient(rank: int) -> torch.Tensor:

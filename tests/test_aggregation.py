@@ -33,7 +33,7 @@ def test_frame_merge_matches_loop_implementation(num_frames, r, class_token):
     frames = torch.randn(batch, patches, num_frames, dim, dtype=torch.float64)
     metric = torch.randn(batch, patches, num_frames, 5, dtype=torch.float64)
     size = torch.randint(1, 3, (batch, patches, num_frames, 1)).double()
-    reduce = bipartite_matching(metric, r, class_token, protect_first=False, vote_frames=True)
+    reduce = bipartite_matching(metric, r, class_token=class_token, protect_first=False, vote_frames=True)
     merged, new_size = merge_weighted(reduce, frames, size)
     for b in range(batch):
         expected, expected_size = merge_frames(frames[b], size[b, ..., 0], metric[b], r, class_token)
@@ -91,7 +91,7 @@ def test_sources_partition_the_original_tokens():
     tokens = torch.randn(1, 21, 4)
     source = torch.eye(21)[None]
     for r in (3, 4, 5):
-        reduce = bipartite_matching(tokens, r, True, True, False)
+        reduce = bipartite_matching(tokens, r, class_token=True, protect_first=True, vote_frames=False)
         tokens, _ = merge_weighted(reduce, tokens, torch.ones_like(tokens[..., :1]))
         source = merge_source(reduce, source)
     assert source.shape == (1, 21 - 12, 21)
@@ -102,8 +102,10 @@ def test_r_is_capped_at_half_the_unprotected_tokens():
     metric = torch.randn(1, 1, 5, 4)
     reduce = bipartite_matching(metric, 10, class_token=True, protect_first=False, vote_frames=True)
     assert reduce.src_idx.shape[-2] == 2  # (5 - 1) // 2
-    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, True, False, True) is None  # (2-1)//2 = 0
-    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, False, False, True).src_idx.shape[-2] == 1
+    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, class_token=True, protect_first=False,
+                              vote_frames=True) is None  # (2-1)//2 = 0
+    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, class_token=False, protect_first=False,
+                              vote_frames=True).src_idx.shape[-2] == 1
 
 
 def test_importance_merge_moves_least_attended_tokens_and_keeps_the_class_token():
@@ -117,7 +119,7 @@ def test_importance_merge_moves_least_attended_tokens_and_keeps_the_class_token(
     assert 0 not in reduce.dst_idx[0, :, 0].tolist()
     merged, size = merge_weighted(reduce, tokens, torch.ones_like(tokens[..., :1]))
     torch.testing.assert_close((merged * size).sum(-2), tokens.sum(-2))
-    kept = pruning(importance, 2, True, True, False)
+    kept = pruning(importance, 2, class_token=True, protect_first=True, share_over_patches=False)
     assert torch.equal(kept(tokens), tokens[:, [0, 1, 3, 5, 6]])
 
 

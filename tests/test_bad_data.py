@@ -11,8 +11,7 @@ import pytest
 import pretrain
 import train_retrieval
 import train_videoqa
-from test_datasets import write_gray_video
-from test_training import write_config
+from helpers import write_config, write_gray_video
 
 
 @pytest.fixture(scope="module")

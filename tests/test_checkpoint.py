@@ -12,7 +12,6 @@ import torch
 from models import (CheckpointError, build_pretrain_model, build_retrieval_model,
                     load_checkpoint, save_checkpoint)
 from models.checkpoint import read_checkpoint
-from test_models import tiny_config
 
 TEMPORAL = re.compile(r"\.(temporal_\w+|time_embed)(\.|$)")
 
@@ -22,7 +21,7 @@ def blip_layout(state_dict: dict) -> dict:
     return {key: value for key, value in state_dict.items() if not TEMPORAL.search(key)}
 
 
-def test_blip_checkpoint_gets_temporal_attention_from_spatial(tmp_path):
+def test_blip_checkpoint_gets_temporal_attention_from_spatial(tiny_config, tmp_path):
     torch.manual_seed(0)
     source = build_retrieval_model(tiny_config())
     state = {key: value for key, value in blip_layout(source.state_dict()).items()
@@ -58,7 +57,7 @@ def test_blip_checkpoint_gets_temporal_attention_from_spatial(tmp_path):
     assert "missing, expected" in str(report) and "temporal_fc" in str(report)
 
 
-def test_time_embed_nearest_interpolated_from_8_to_32_frames(tmp_path):
+def test_time_embed_nearest_interpolated_from_8_to_32_frames(tiny_config, tmp_path):
     source = build_retrieval_model(tiny_config(num_frames=8, testa_r=0))
     with torch.no_grad():
         for encoder in (source.visual_encoder, source.visual_encoder_m):
@@ -77,7 +76,7 @@ def test_time_embed_nearest_interpolated_from_8_to_32_frames(tmp_path):
                                 "0 unexpected, time_embed 8->32 interpolated, 4 queues dropped")
 
 
-def test_pos_embed_grid_interpolated_class_slot_kept(tmp_path):
+def test_pos_embed_grid_interpolated_class_slot_kept(tiny_config, tmp_path):
     source = build_retrieval_model(tiny_config(image_size=48, testa_r=0))  # 3x3 patches
     with torch.no_grad():
         pos_embed = torch.cat([torch.full((1, 1, 64), -7.0), torch.full((1, 9, 64), 2.5)], dim=1)
@@ -95,7 +94,7 @@ def test_pos_embed_grid_interpolated_class_slot_kept(tmp_path):
     assert "pos_embed 10->5 interpolated" in report.summary()
 
 
-def test_save_is_atomic_and_round_trips(tmp_path):
+def test_save_is_atomic_and_round_trips(tiny_config, tmp_path):
     torch.manual_seed(0)
     model = build_pretrain_model(tiny_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -121,7 +120,7 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert os.listdir(path.parent) == ["checkpoint_best.pth"]
 
 
-def test_numpy_scalars_and_namespaces_load_without_trust(tmp_path):
+def test_numpy_scalars_and_namespaces_load_without_trust(tiny_config, tmp_path):
     """What BLIP-style training scripts put next to the weights is on the safe list."""
     model = build_retrieval_model(tiny_config())
     path = tmp_path / "numpy_config.pth"
@@ -135,7 +134,7 @@ def test_numpy_scalars_and_namespaces_load_without_trust(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_retrieval():
+def tiny_retrieval(tiny_config):
     return build_retrieval_model(tiny_config())
 
 

@@ -16,9 +16,8 @@ import torch
 
 import train_retrieval
 from models import build_pretrain_model, build_retrieval_model, load_checkpoint, save_checkpoint
+from helpers import REPO_ROOT, read_metrics, run_script, tiny_config
 from models.checkpoint import CheckpointError, remove_stale_temporaries
-from test_models import tiny_config
-from test_training import REPO_ROOT, TINY, read_metrics, retrieval_config, run_script, synthetic  # noqa: F401
 
 BAD_LINE_EXIT = SystemExit  # the scripts end bad input with SystemExit("error: ...")
 

@@ -7,8 +7,11 @@ import pytest
 from ruamel.yaml import YAML
 
 import train_retrieval
-from utils import (PRETRAIN_SCHEMA, RETRIEVAL_SCHEMA, VIDEOQA_SCHEMA, ConfigError, parse_opts,
-                   resolve_config)
+from engine.config import parse_opts, resolve_config
+from tasks.pretraining import PRETRAIN_SCHEMA
+from tasks.retrieval import RETRIEVAL_SCHEMA
+from tasks.videoqa import VIDEOQA_SCHEMA
+from utils import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {"retrieval": RETRIEVAL_SCHEMA, "vqa": VIDEOQA_SCHEMA, "pretrain": PRETRAIN_SCHEMA}
@@ -106,3 +109,32 @@ def test_script_exits_with_one_line_error(tmp_path):
     message = str(exit_info.value.code)
     assert message == f"error: {path}: unknown key 'weight_decy' (did you mean 'weight_decay'?)"
     assert "\n" not in message
+
+
+def test_out_of_range_values_name_the_file_and_the_bound(tmp_path):
+    path = write_config(tmp_path / "x.yaml", batch_size_train=0)
+    with pytest.raises(ConfigError, match=r"x\.yaml: batch_size_train must be >= 1, got 0$"):
+        resolve_config(path, [], RETRIEVAL_SCHEMA)
+    with pytest.raises(ConfigError, match=r"^--opts: init_lr must be >= 0, got -0\.1$"):
+        resolve_config(write_config(tmp_path / "y.yaml"), ["init_lr=-0.1"], RETRIEVAL_SCHEMA)
+    with pytest.raises(ConfigError, match=r"^--opts: momentum must be 0 to 1, got 1\.5$"):
+        resolve_config(write_config(tmp_path / "z.yaml"), ["momentum=1.5"], RETRIEVAL_SCHEMA)
+    with pytest.raises(ConfigError, match=r"^--opts: aggregation must be one of geometry, "
+                                          r"importance, prune, got 'random'$"):
+        resolve_config(write_config(tmp_path / "w.yaml"), ["aggregation=random"], RETRIEVAL_SCHEMA)
+
+
+def test_builders_fill_defaults_of_a_paper_config():
+    """A config without project-only keys (here max_question_len) still builds, with the
+    declared defaults; a missing required key is named."""
+    from datasets.base import FINETUNE_DATA_SETTINGS
+    from datasets.text import QUESTION_SETTINGS
+    from utils import with_defaults
+    paper = {"video_root": "v", "ann_root": "a", "num_frm_train": 8, "num_frm_test": 8}
+    filled = with_defaults(paper, {**FINETUNE_DATA_SETTINGS, **QUESTION_SETTINGS})
+    assert filled["max_question_len"] == 35 and filled["frm_sampling_strategy"] == "uniform"
+    assert filled["cache_clips"] is False and filled["video_root"] == "v"
+    with pytest.raises(ConfigError, match=r"^config: missing required key 'ann_root'$"):
+        with_defaults({k: v for k, v in paper.items() if k != "ann_root"}, FINETUNE_DATA_SETTINGS)
+    with pytest.raises(ConfigError, match=r"^config: num_frm_test must be >= 1, got 0$"):
+        with_defaults(dict(paper, num_frm_test=0), FINETUNE_DATA_SETTINGS)

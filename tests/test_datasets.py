@@ -18,22 +18,7 @@ from datasets.text import pre_caption, pre_question
 from datasets.transforms import (CLIP_MEAN, CLIP_STD, TemporalRandAugment, normalize,
                                  random_square_crop)
 from datasets.video import frame_range, load_video, read_frames, sample_frame_indices
-
-FPS = 8
-GRAY_STEP = 6  # frame i of a test video is uniformly gray at 5 + 6 * i
-
-
-def write_gray_video(path: str, num_frames: int, size: int = 32) -> None:
-    """A near-lossless H.264 video whose frame i has the gray level 5 + 6 * i, so indices can be read back."""
-    with av.open(path, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10", "preset": "ultrafast"}
-        for i in range(num_frames):
-            frame = np.full((size, size, 3), 5 + GRAY_STEP * i, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+from helpers import GRAY_STEP, write_gray_video
 
 
 def frame_numbers(clip: torch.Tensor) -> list[int]:

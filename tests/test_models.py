@@ -8,30 +8,9 @@ import torch.nn.functional as F
 from ruamel.yaml import YAML
 
 from models import build_pretrain_model, build_retrieval_model, build_videoqa_model
-from models.retrieval import (NegativePool, enqueue, pick_hard_negatives, sample_negatives)
+from models.blip_base import NegativePool, enqueue, pick_hard_negatives, sample_negatives
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CAPTIONS = ["a man is cooking pasta in a kitchen", "a dog runs across the park",
-            "two people dance on a stage", "a cat sleeps on the sofa"]
-
-
-def tiny_config(**overrides) -> dict:
-    """A 2-block, width-64 video encoder and a 2-layer, width-64 text tower (the default
-    tokenizer: bert-base-uncased's shipped vocabulary)."""
-    config = dict(
-        image_size=32, patch_size=16, num_frames=4, vision_width=64, num_heads=2, depth=2,
-        token_merging=True, testa_r=[1, 1], merging_type="frame&patch",
-        med_config=str(REPO_ROOT / "configs" / "med_config.json"),
-        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128),
-        embed_dim=16, queue_size=8, momentum=0.995, alpha=0.4, negative_all_rank=False,
-        max_words=16, max_question_len=12)
-    config.update(overrides)
-    return config
-
-
-def tiny_video(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 # the state-dict keys and shapes of the released TESTA checkpoints (tests/data/keys/README.md)
@@ -64,14 +43,14 @@ def test_paper_size_state_dict_matches_reference_keys(name, config_file, build):
 
 
 # retrieval ---------------------------------------------------------------------------
-def test_retrieval_losses_finite_and_decrease():
+def test_retrieval_losses_finite_and_decrease(tiny_config, tiny_video, captions):
     torch.manual_seed(0)
     model = build_retrieval_model(tiny_config()).eval()  # eval: no dropout noise
     video, idx = tiny_video(4), torch.arange(4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     totals = []
     for _ in range(5):
-        loss_vtc, loss_vtm = model(video, CAPTIONS, 0.4, idx)
+        loss_vtc, loss_vtm = model(video, captions, 0.4, idx)
         assert torch.isfinite(loss_vtc) and torch.isfinite(loss_vtm)
         (loss_vtc + loss_vtm).backward()
         optimizer.step()
@@ -80,11 +59,11 @@ def test_retrieval_losses_finite_and_decrease():
     assert totals[-1] < totals[0], totals
 
 
-def test_retrieval_evaluation_methods_shapes():
+def test_retrieval_evaluation_methods_shapes(tiny_config, tiny_video, captions):
     model = build_retrieval_model(tiny_config()).eval()
     with torch.no_grad():
         video_feat, video_embeds, video_mask = model.encode_video(tiny_video(2))
-        text_feat, input_ids, attention_mask = model.encode_text(CAPTIONS[:3])
+        text_feat, input_ids, attention_mask = model.encode_text(captions[:3])
         logits = model.itm_logits(video_embeds[[0, 1, 1]], input_ids, attention_mask)
         enc_first = input_ids.clone()
         enc_first[:, 0] = model.tokenizer.enc_token_id
@@ -99,15 +78,15 @@ def test_retrieval_evaluation_methods_shapes():
     torch.testing.assert_close(logits, logits_enc)  # itm_logits puts [ENC] first itself
 
 
-def test_temperature_is_clamped_each_forward():
+def test_temperature_is_clamped_each_forward(tiny_config, tiny_video, captions):
     model = build_retrieval_model(tiny_config()).eval()
     with torch.no_grad():
         model.temp.fill_(3.0)
-    model(tiny_video(4), CAPTIONS, 0.4, torch.arange(4))
+    model(tiny_video(4), captions, 0.4, torch.arange(4))
     assert model.temp.item() == pytest.approx(0.5)
 
 
-def test_momentum_update_moves_towards_main_towers():
+def test_momentum_update_moves_towards_main_towers(tiny_config):
     model = build_retrieval_model(tiny_config())
     with torch.no_grad():
         model.vision_proj.weight.add_(1.0)
@@ -155,23 +134,23 @@ def test_queue_pointer_wraps_and_rejects_uneven_batches():
         enqueue((queue,), (torch.zeros(4, 2),), ptr)
 
 
-def test_retrieval_queue_holds_momentum_features_and_indices():
+def test_retrieval_queue_holds_momentum_features_and_indices(tiny_config, tiny_video, captions):
     model = build_retrieval_model(tiny_config()).eval()
     video, idx = tiny_video(4), torch.tensor([5, 6, 7, 8])
-    model(video, CAPTIONS, 0.4, idx)
-    input_ids, attention_mask = model.tokenize(CAPTIONS)
+    model(video, captions, 0.4, idx)
+    input_ids, attention_mask = model.tokenize(captions)
     video_feat_m, text_feat_m = model.momentum_features(video, input_ids, attention_mask)
     torch.testing.assert_close(model.image_queue[:, :4], video_feat_m.t())
     torch.testing.assert_close(model.text_queue[:, :4], text_feat_m.t())
     assert model.idx_queue[0, :4].tolist() == [5, 6, 7, 8] and int(model.ptr_queue) == 4
-    model(video, CAPTIONS, 0.4, idx)
+    model(video, captions, 0.4, idx)
     assert int(model.ptr_queue) == 0
 
 
-def test_retrieval_under_bfloat16_autocast():
+def test_retrieval_under_bfloat16_autocast(tiny_config, tiny_video, captions):
     model = build_retrieval_model(tiny_config())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_vtc, loss_vtm = model(tiny_video(4), CAPTIONS, 0.4, torch.arange(4))
+        loss_vtc, loss_vtm = model(tiny_video(4), captions, 0.4, torch.arange(4))
     assert loss_vtc.dtype == loss_vtm.dtype == torch.float32
     assert torch.isfinite(loss_vtc) and torch.isfinite(loss_vtm)
     assert model.image_queue.dtype == model.text_queue.dtype == torch.float32
@@ -179,14 +158,14 @@ def test_retrieval_under_bfloat16_autocast():
 
 
 # pre-training ------------------------------------------------------------------------
-def test_pretrain_losses_finite_and_decrease():
+def test_pretrain_losses_finite_and_decrease(tiny_config, tiny_video, captions):
     torch.manual_seed(0)
     model = build_pretrain_model(tiny_config()).eval()
     video = tiny_video(4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     first = last = None
     for _ in range(5):
-        losses = model(video, CAPTIONS, 0.4)
+        losses = model(video, captions, 0.4)
         assert all(torch.isfinite(loss) for loss in losses)
         sum(losses).backward()
         optimizer.step()
@@ -197,7 +176,7 @@ def test_pretrain_losses_finite_and_decrease():
     assert int(model.queue_ptr) == (5 * 4) % 8
 
 
-def test_pretrain_decoder_shares_all_but_self_attention():
+def test_pretrain_decoder_shares_all_but_self_attention(tiny_config):
     model = build_pretrain_model(tiny_config())
     encoder, decoder = model.text_encoder, model.text_decoder
     assert decoder.bert.embeddings.word_embeddings.weight is encoder.embeddings.word_embeddings.weight
@@ -211,12 +190,12 @@ def test_pretrain_decoder_shares_all_but_self_attention():
     assert "text_encoder.encoder.layer.0.crossattention.self.query.weight" in keys
 
 
-def test_caption_loss_ignores_padding_and_uses_dec_token():
+def test_caption_loss_ignores_padding_and_uses_dec_token(tiny_config, captions):
     model = build_pretrain_model(tiny_config(text_config=dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, label_smoothing=0.0))).eval()
     video_embeds = torch.randn(1, 5, 64)
-    input_ids, attention_mask = model.tokenize(CAPTIONS[:1])
+    input_ids, attention_mask = model.tokenize(captions[:1])
     length = int(attention_mask.sum())
     loss = model.caption_loss(video_embeds, input_ids, attention_mask)
     ids = input_ids[:, :length].clone()
@@ -227,7 +206,8 @@ def test_caption_loss_ignores_padding_and_uses_dec_token():
 
 
 # VideoQA -----------------------------------------------------------------------------
-def exact_vqa_config() -> dict:
+@pytest.fixture
+def exact_vqa_config(tiny_config) -> dict:
     """No dropout and no label smoothing, so decoder losses are exact log-likelihoods."""
     return tiny_config(text_config=dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -243,9 +223,9 @@ def answer_log_likelihood(model, question_states, answer: str) -> torch.Tensor:
     return log_probs.gather(1, ids[0, 1:, None]).sum()
 
 
-def test_vqa_rank_picks_the_most_likely_answer():
+def test_vqa_rank_picks_the_most_likely_answer(exact_vqa_config, tiny_video):
     torch.manual_seed(0)
-    model = build_videoqa_model(exact_vqa_config()).eval()
+    model = build_videoqa_model(exact_vqa_config).eval()
     video, questions = tiny_video(3), ["what is he doing", "what animal is it", "where are they"]
     answers = ["cooking", "dog", "a big brown dog", "kitchen", "playing the guitar", "yes", "cat"]
     with torch.no_grad():
@@ -258,9 +238,9 @@ def test_vqa_rank_picks_the_most_likely_answer():
     assert model.rank_answers(video, questions, answers, k=100).best.tolist() == best.tolist()
 
 
-def test_vqa_rank_only_rescores_the_top_k_first_tokens():
+def test_vqa_rank_only_rescores_the_top_k_first_tokens(exact_vqa_config, tiny_video):
     torch.manual_seed(1)
-    model = build_videoqa_model(exact_vqa_config()).eval()
+    model = build_videoqa_model(exact_vqa_config).eval()
     video, questions = tiny_video(2), ["what is he doing", "what animal is it"]
     answers = ["cooking", "dog", "kitchen", "guitar", "yes", "cat"]
     with torch.no_grad():
@@ -276,9 +256,9 @@ def test_vqa_rank_only_rescores_the_top_k_first_tokens():
     assert torch.equal(ranked.candidates, top2)
 
 
-def test_vqa_loss_weights_answers_and_decreases():
+def test_vqa_loss_weights_answers_and_decreases(exact_vqa_config, tiny_video):
     torch.manual_seed(0)
-    model = build_videoqa_model(exact_vqa_config()).eval()
+    model = build_videoqa_model(exact_vqa_config).eval()
     video, questions = tiny_video(2), ["what is he doing", "what animal is it"]
     answers, weights, n = ["cooking", "making food", "dog"], torch.tensor([0.2, 0.6, 1.0]), [2, 1]
     loss = model(video, questions, answers, weights, n)
@@ -300,9 +280,9 @@ def test_vqa_loss_weights_answers_and_decreases():
     assert losses[-1] < losses[0], losses
 
 
-def test_vqa_greedy_generation_matches_step_by_step_decoding():
+def test_vqa_greedy_generation_matches_step_by_step_decoding(exact_vqa_config, tiny_video):
     torch.manual_seed(0)
-    model = build_videoqa_model(exact_vqa_config()).eval()
+    model = build_videoqa_model(exact_vqa_config).eval()
     video, questions = tiny_video(2), ["what is he doing", "what animal is it"]
     generated = model.generate_answers(video, questions, num_beams=1, max_length=5)
     with torch.no_grad():
@@ -320,9 +300,9 @@ def test_vqa_greedy_generation_matches_step_by_step_decoding():
     assert len(beams) == 2 and all(isinstance(answer, str) for answer in beams)
 
 
-def test_vqa_rank_returns_the_scores_it_ranked_by():
+def test_vqa_rank_returns_the_scores_it_ranked_by(exact_vqa_config, tiny_video):
     torch.manual_seed(2)
-    model = build_videoqa_model(exact_vqa_config()).double().eval()
+    model = build_videoqa_model(exact_vqa_config).double().eval()
     video, questions = tiny_video(2).double(), ["what is he doing", "what animal is in the room"]
     answers = ["cooking", "dog", "a big brown dog", "kitchen", "yes"]
     ranked = model.rank_answers(video, questions, answers, k=3)
@@ -351,7 +331,8 @@ PADDING_QUESTIONS = ["what is it", "what is the man in the red shirt doing in th
                      "where are they now"]
 
 
-def test_vqa_loss_of_a_question_is_the_same_alone_and_batched_with_longer_ones():
+def test_vqa_loss_of_a_question_is_the_same_alone_and_batched_with_longer_ones(tiny_config,
+                                                                              tiny_video):
     torch.manual_seed(0)
     model = build_videoqa_model(tiny_config()).double().eval()  # label smoothing on, as trained
     video = tiny_video(3).double()
@@ -363,7 +344,8 @@ def test_vqa_loss_of_a_question_is_the_same_alone_and_batched_with_longer_ones()
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-10)
 
 
-def test_vqa_answers_of_a_question_are_the_same_alone_and_batched_with_longer_ones():
+def test_vqa_answers_of_a_question_are_the_same_alone_and_batched_with_longer_ones(tiny_config,
+                                                                                 tiny_video):
     torch.manual_seed(0)
     model = build_videoqa_model(tiny_config()).double().eval()
     video = tiny_video(3).double()

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from train_retrieval import candidate_masks, evaluate, itm_eval, ranks_in_rows
-from utils import Run, build_precision
+from engine.precision import build_precision
+from engine.run import Run
+from tasks.retrieval import candidate_masks, evaluate, itm_eval, ranks_in_rows
 
 METRIC_NAMES = ["t2v_r1", "t2v_r5", "t2v_r10", "t2v_r_mean",
                 "v2t_r1", "v2t_r5", "v2t_r10", "v2t_r_mean", "r_mean"]

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,9 @@ import torch
 from models.text import (build_text_config, build_text_decoder, build_text_encoder,
                          build_tokenizer, encode_grounded, encode_text_only,
                          tie_decoder_to_encoder)
-from test_models import REPO_ROOT, tiny_config
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
-
-
 SHIPPED_VOCAB = REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"
 # sha256 of bert-base-uncased's vocab.txt as published by Google and on the Hugging Face hub
 BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
@@ -158,7 +157,7 @@ def test_tokenizer_from_the_hub_then_from_the_cache(tmp_path):
                      "the vocab.txt file of bert-base-uncased"]
 
 
-def test_text_config_from_med_config():
+def test_text_config_from_med_config(tiny_config):
     tokenizer = build_tokenizer()
     config = build_text_config({"med_config": MED_CONFIG, "vision_width": 768}, tokenizer)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
@@ -188,12 +187,13 @@ def med_layout_keys(layers: int) -> list:
     return keys
 
 
-def tiny_text_config():
+@pytest.fixture
+def tiny_text_config(tiny_config):
     return build_text_config(tiny_config(), build_tokenizer())
 
 
-def test_text_towers_load_blip_med_layout():
-    config = tiny_text_config()
+def test_text_towers_load_blip_med_layout(tiny_text_config):
+    config = tiny_text_config
     encoder, decoder = build_text_encoder(config), build_text_decoder(config)
     template = encoder.state_dict()
     med_state = {key: torch.randn_like(template[key]) for key in med_layout_keys(2)}
@@ -216,9 +216,9 @@ def test_text_towers_load_blip_med_layout():
     assert set(decoder.state_dict()) == set(decoder_state) - {"bert.embeddings.position_ids"}
 
 
-def test_text_only_grounded_and_causal_modes():
+def test_text_only_grounded_and_causal_modes(tiny_text_config):
     torch.manual_seed(0)
-    config = tiny_text_config()
+    config = tiny_text_config
     encoder, decoder = build_text_encoder(config).eval(), build_text_decoder(config).eval()
     input_ids = torch.tensor([[101, 7592, 2088, 999, 102]])
     mask = torch.ones_like(input_ids)
@@ -238,10 +238,10 @@ def test_text_only_grounded_and_causal_modes():
     assert not torch.allclose(logits[:, 3:], logits_changed[:, 3:])
 
 
-def test_cross_attention_ignores_masked_encoder_states():
+def test_cross_attention_ignores_masked_encoder_states(tiny_text_config):
     """Encoder states the mask hides (padding) change nothing, in both towers."""
     torch.manual_seed(0)
-    config = tiny_text_config()
+    config = tiny_text_config
     encoder = build_text_encoder(config).double().eval()
     decoder = build_text_decoder(config).double().eval()
     input_ids = torch.tensor([[101, 7592, 2088, 999, 102]])
@@ -261,8 +261,8 @@ def test_cross_attention_ignores_masked_encoder_states():
             assert not torch.allclose(tower_output(padded, None), expected)
 
 
-def test_tied_decoder_shares_everything_but_self_attention():
-    config = tiny_text_config()
+def test_tied_decoder_shares_everything_but_self_attention(tiny_text_config):
+    config = tiny_text_config
     encoder, decoder = build_text_encoder(config), build_text_decoder(config)
     tie_decoder_to_encoder(encoder, decoder)
     encoder_params = {id(p) for p in encoder.parameters()}
@@ -321,7 +321,7 @@ def test_text_tower_from_bert_computes_what_the_bert_computes(small_bert):
     assert tower.encoder.layer[0].crossattention.self.key.weight.shape == (96, 64)
 
 
-def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(small_bert, tmp_path):
+def test_text_tower_from_bert_uses_the_first_layers_and_rejects_bad_files(tiny_config, small_bert, tmp_path):
     from transformers import BertModel
     bert = BertModel.from_pretrained(small_bert)
     tower = build_text_encoder(bert_text_config(2), small_bert)

@@ -12,7 +12,7 @@ from models.video_encoder import TokenState
 from tools import scaling
 from tools.visualize_aggregation import (draw_aggregation, frame_groups, frame_runs,
                                          load_visual_encoder, main, patch_groups, patch_overlay)
-from utils import load_config
+from engine.config import load_config
 
 BASE = load_config("configs/retrieval_queryd_f32.yaml")
 SETTINGS = {setting.name: setting for setting in scaling.SETTINGS}

@@ -6,7 +6,7 @@ import torch
 
 from models import build_video_encoder
 from tests.reference_testa import reference_forward
-from utils import load_config
+from engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASED_KEYS = ROOT / "tests" / "data" / "keys"  # the released checkpoints' layouts

@@ -44,7 +44,7 @@ from models import build_video_encoder  # noqa: E402
 from models.video_encoder import token_mask  # noqa: E402
 from tools.benchmark import count, count_on_video, load_video, traced_gmacs  # noqa: E402
 from tools.visualize_aggregation import load_visual_encoder  # noqa: E402
-from utils import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_retrieval.yaml"
 REAL_CONFIGS = {"fixed_r1_12": REPO_ROOT / "configs" / "retrieval_queryd_f32.yaml",
@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
             config = load_config(path)
             real[name] = []
             for clip in clips:
-                result = (count(config) if not config.get("testa_threshold")
+                result = (count(config) if config.get("testa_threshold") is None
                           else count_on_video(config, load_video(config, str(clip)), args.seed))
                 real[name].append({"video": clip.name, "tokens_out": result["tokens_out"],
                                    "gmacs": result["gmacs"]})

@@ -32,13 +32,15 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.transforms import normalize  # noqa: E402
 from datasets.video import read_frames  # noqa: E402
+from engine.config import load_config  # noqa: E402
 from models import build_video_encoder  # noqa: E402
-from models.video_encoder import token_mask  # noqa: E402
-from utils import load_config  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, token_mask  # noqa: E402
+from utils import with_defaults  # noqa: E402
 
 
 def encoder_config(config: dict, frames: Optional[int], aggregate: bool) -> dict:
-    config = dict(config, token_merging=aggregate and config.get("token_merging", False))
+    config = with_defaults(config, VIDEO_ENCODER_SETTINGS)
+    config["token_merging"] = aggregate and config["token_merging"]
     if frames is not None:
         config["num_frames"] = frames
     return config
@@ -76,7 +78,8 @@ def traced_gmacs(config: dict, trace: List[torch.Tensor], plan: List[tuple], cla
     class token (matching is skipped where nothing can merge). The same terms as
     the FLOP counter: linear layers, attention products (QK^T and AV), matching scores and
     the patch embedding; norms and softmax are free."""
-    dim, hidden = config["vision_width"], int(config["vision_width"] * config.get("mlp_ratio", 4.0))
+    dim = config["vision_width"]
+    hidden = 4 * dim  # the encoder's MLP ratio
     head_dim = dim // config["num_heads"]
     first = trace[0]  # [B, T0, 1+L0, 1]
     frames, patches = first.shape[1], first.shape[2] - 1
@@ -101,16 +104,17 @@ def traced_gmacs(config: dict, trace: List[torch.Tensor], plan: List[tuple], cla
 
 
 def load_video(config: dict, path: str) -> torch.Tensor:
-    """A real video `[1, 3, T, H, W]`, normalised, sampled as the config says for testing."""
-    frames = read_frames(path, config["num_frames"], config.get("frm_sampling_strategy", "uniform"),
-                         config["image_size"])  # [T, 3, H, W] uint8
+    """A real video `[1, 3, T, H, W]`, normalised: the config's frames (uniform, as tests
+    sample) at its image size."""
+    frames = read_frames(path, config["num_frames"], "uniform", config["image_size"])  # [T, 3, H, W] uint8
     return normalize(frames).transpose(0, 1)[None]
 
 
 def count_on_video(config: dict, video: torch.Tensor, seed: int, decimals: int = 1
                    ) -> Dict[str, float]:
     """GMACs and token counts of one forward on `video`, counting tokens with content."""
-    if config.get("attention_type", "divided_space_time") != "divided_space_time":
+    config = with_defaults(config, VIDEO_ENCODER_SETTINGS)
+    if config["attention_type"] != "divided_space_time":
         return count(config, decimals)  # no content-dependent modes there
     torch.manual_seed(seed)
     encoder = build_video_encoder(config).eval()

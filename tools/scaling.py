@@ -41,7 +41,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.benchmark import build, count, peak_memory_mb, time_alternately  # noqa: E402
-from utils import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
+from utils import with_defaults  # noqa: E402
 
 DEFAULT_FRAMES = (8, 16, 32, 64, 96, 128)
 TOME_FRAMES = 16  # the frame count at which ToMe's r was matched to TESTA (Table 6)
@@ -115,8 +117,9 @@ SETTINGS = (
 
 
 def row_config(base: dict, setting: Setting, frames: int) -> dict:
+    base = with_defaults(base, VIDEO_ENCODER_SETTINGS)
     patches = (base["image_size"] // base["patch_size"]) ** 2
-    return dict(base, num_frames=frames, **setting.overrides(frames, patches, base.get("depth", 12)))
+    return dict(base, num_frames=frames, **setting.overrides(frames, patches, base["depth"]))
 
 
 def attention_matrix_gb(config: dict) -> float:

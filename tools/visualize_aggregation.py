@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.transforms import normalize  # noqa: E402
 from datasets.video import read_frames  # noqa: E402
 from models import build_video_encoder, load_checkpoint  # noqa: E402
-from models.video_encoder import TokenState, VideoEncoder  # noqa: E402
-from utils import load_config  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, TokenState, VideoEncoder  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils import with_defaults  # noqa: E402
 
 GOLDEN_RATIO = (math.sqrt(5) - 1) / 2
 FRAME_GROUP_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628")
@@ -298,7 +299,8 @@ def main(argv=None) -> Path:
     config = load_config(args.config)
     if args.frames:
         config["num_frames"] = args.frames
-    depth = config.get("depth", 12)
+    config = with_defaults(config, VIDEO_ENCODER_SETTINGS)
+    depth = config["depth"]
     if args.block is not None and not 1 <= args.block <= depth:
         raise SystemExit(f"--block must be between 1 and {depth}, got {args.block}")
     torch.manual_seed(args.seed)

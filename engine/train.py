@@ -1,0 +1,308 @@
+"""The one training loop of fine-tuning and pre-training, and its checkpoints.
+
+`fit` runs the epochs of a `Task`: per epoch it seeds the data order, trains with the
+task's losses under the task's learning-rate schedule, optionally evaluates on val and
+keeps checkpoint_best.pth, optionally writes checkpoint_{epoch}.pth, and always writes
+checkpoint_last.pth for `--resume`. `finetune_or_evaluate` drives the fine-tuning
+scripts around it.
+"""
+import argparse
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datasets import create_loader, summarize
+from engine.distributed import (all_reduce_sum, barrier, get_rank, get_world_size,
+                                gradient_sync, wrap_ddp)
+from engine.logs import format_metrics, log, progress, write_json
+from engine.optim import LRSchedule, build_optimizer, learning_rate, set_lr
+from engine.run import Run, seed_everything
+from models.checkpoint import (CheckpointError, load_checkpoint, local_file, read_checkpoint,
+                               save_checkpoint)
+from utils import ConfigError, Setting, Settings
+
+TRAIN_SETTINGS: Settings = {
+    "accum_steps": Setting(int, 1, "batches per optimizer step (gradient accumulation)", min=1),
+    "print_freq": Setting(int, 50, "steps between log lines", min=1),
+    "num_workers": Setting(int, 4, "data loader worker processes per rank", min=0),
+}
+FINETUNE_BATCH_SETTINGS: Settings = {
+    "batch_size_train": Setting(int, meaning="training clips per process and step", min=1),
+    "batch_size_test": Setting(int, meaning="evaluation clips per process and step", min=1),
+}
+LAST_CHECKPOINT = "checkpoint_last.pth"
+BEST_CHECKPOINT = "checkpoint_best.pth"
+RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")
+
+LossFn = Callable[[Any, int, int], Dict[str, torch.Tensor]]  # (batch, epoch, step) -> losses
+
+
+@dataclass
+class Task:
+    """What differs between the scripts' training.
+
+    make_losses(train_model, run, train_loader) -> the LossFn of a training step.
+    schedule(config) -> the learning-rate schedule.
+    decay_norms_and_biases: False exempts biases and LayerNorm weights from weight decay.
+    evaluate(model, loader, run, split) -> metrics (also printed and written by it), or
+        None for no evaluation.
+    best_metric: the validation metric that picks checkpoint_best.pth (with `evaluate`).
+    epoch_checkpoint: a name like `checkpoint_{epoch:02d}.pth` to keep every epoch's weights.
+    """
+    make_losses: Callable[[nn.Module, Run, DataLoader], LossFn]
+    schedule: Callable[[Mapping[str, Any]], LRSchedule]
+    decay_norms_and_biases: bool = True
+    evaluate: Optional[Callable[[nn.Module, DataLoader, Run, str], Dict[str, float]]] = None
+    best_metric: Optional[str] = None
+    epoch_checkpoint: Optional[str] = None
+
+
+# data order --------------------------------------------------------------------------
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make the data order and every random draw of `epoch` depend only on (seed, epoch,
+    rank), so that a resumed run repeats an uninterrupted one."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    rank_seed = epoch_seed(seed, epoch, get_rank())
+    loader.generator.manual_seed(rank_seed)  # RandomSampler order and worker seeds
+    seed_everything(rank_seed)
+
+
+def build_loaders(run: Run, datasets: Mapping[str, Dataset],
+                  batch_sizes: Mapping[str, int]) -> Dict[str, DataLoader]:
+    """A loader per split (`train` shuffled, drop-last); distributed over the ranks when
+    there are several (evaluation shards repeat a few items to even out the ranks)."""
+    config = run.config
+    return {split: create_loader(dataset, batch_sizes[split], config["num_workers"],
+                                 split == "train", run.world_size > 1, config["seed"])
+            for split, dataset in datasets.items()}
+
+
+def check_trainable(loader: DataLoader, name: str) -> None:
+    if len(loader) == 0:
+        raise ConfigError(f"{name}: {len(loader.dataset)} items make no full batch of "
+                          f"{loader.batch_size} per process on {get_world_size()} process(es)")
+
+
+# one epoch ---------------------------------------------------------------------------
+def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, epoch: int, losses_of: LossFn,
+                    lr_at_step: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
+    """One pass over `loader`: `losses_of(batch, epoch, step)` gives named losses, whose
+    sum is back-propagated; the weights step every `accum_steps` batches. Returns the
+    losses averaged over steps and ranks, and the last learning rate."""
+    model.train()
+    accum_steps, print_freq = run.config["accum_steps"], run.config["print_freq"]
+    num_steps = len(loader)
+    sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64,
+                                                                      device=run.device))
+    optimizer.zero_grad(set_to_none=True)
+    logged_step, logged_at = -1, time.perf_counter()
+    for step, batch in enumerate(progress(loader, f"epoch {epoch}", total=num_steps)):
+        if lr_at_step is not None:
+            set_lr(optimizer, lr_at_step(step))
+        updates = (step + 1) % accum_steps == 0 or step + 1 == num_steps
+        with gradient_sync(model, updates):
+            with run.precision.autocast():
+                losses = losses_of(batch, epoch, step)
+            run.precision.scaler.scale(sum(losses.values()) / accum_steps).backward()
+        if updates:
+            run.precision.scaler.step(optimizer)
+            run.precision.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        for name, loss in losses.items():
+            sums[name] += loss.detach().to(torch.float64)  # summed on the device, no sync
+        if step % print_freq == 0 or step + 1 == num_steps:
+            values = {name: loss.item() for name, loss in losses.items()}  # .item() syncs
+            lr = optimizer.param_groups[0]["lr"]
+            log(f"epoch {epoch} [{step + 1}/{num_steps}]  lr {lr:.3g}  " + format_metrics(values))
+            # after the sync above: the device's time since the previous logged step
+            now = time.perf_counter()
+            seconds, samples = now - logged_at, (step - logged_step) * loader.batch_size
+            logged_step, logged_at = step, now
+            run.records.write({"kind": "step", "epoch": epoch, "step": step,
+                               "global_step": epoch * num_steps + step, "lr": lr, **values,
+                               "seconds": round(seconds, 3),
+                               "samples_per_s": round(samples * run.world_size / seconds, 2)})
+    return {**mean_over_ranks(sums, num_steps, run.device), "lr": optimizer.param_groups[0]["lr"]}
+
+
+def mean_over_ranks(sums: Mapping[str, torch.Tensor], count: int,
+                    device: torch.device) -> Dict[str, float]:
+    totals = torch.stack([*sums.values(), torch.tensor(float(count), dtype=torch.float64,
+                                                       device=device)])
+    all_reduce_sum(totals)
+    return {name: (total / totals[-1]).item() for name, total in zip(sums, totals[:-1])}
+
+
+# checkpoints -------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where training stands: the next epoch and the best validation result so far."""
+    epoch: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+
+    def improved_by(self, metric: float, epoch: int) -> bool:
+        """Record `metric` of `epoch`; True when it is the best so far."""
+        if metric <= self.best_metric:
+            return False
+        self.best_metric, self.best_epoch = metric, epoch
+        return True
+
+
+def save_weights(run: Run, model: nn.Module, name: str, epoch: int) -> None:
+    """output_dir/name with the model and config only (rank 0)."""
+    if run.is_main:
+        save_checkpoint(str(run.output_dir / name), model, run.config, epoch)
+    barrier()
+
+
+def save_last(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
+              state: TrainState) -> None:
+    """output_dir/checkpoint_last.pth: everything `--resume` needs after epoch
+    `state.epoch - 1` (model with its queues, optimizer, loss scaler, best result)."""
+    if run.is_main:
+        save_checkpoint(str(run.output_dir / LAST_CHECKPOINT), model, run.config, state.epoch - 1,
+                        optimizer, scaler=run.precision.scaler.state_dict(),
+                        best_metric=state.best_metric, best_epoch=state.best_epoch)
+    barrier()
+
+
+def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore model, optimizer and loss scaler from output_dir/checkpoint_last.pth."""
+    path = run.output_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from "
+                              f"(run without --resume to start)")
+    checkpoint, _ = read_checkpoint(str(path), trust=run.config["trust_checkpoint"])
+    absent = [key for key in RESUME_KEYS if key not in checkpoint]
+    if absent:
+        raise CheckpointError(f"{path}: not the last checkpoint of a run (no {', '.join(absent)})")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: does not fit the model of the config "
+                              f"({_first_detail(err)})") from None
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    run.precision.scaler.load_state_dict(checkpoint["scaler"])
+    state = TrainState(checkpoint["epoch"] + 1, checkpoint["best_metric"], checkpoint["best_epoch"])
+    log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {checkpoint['epoch']} "
+        f"done, best {state.best_metric:.4g} at epoch {state.best_epoch}")
+    return state
+
+
+def _first_detail(err: Exception) -> str:
+    """The first line of a load_state_dict error that says what differs."""
+    lines = [line.strip() for line in str(err).strip().splitlines()]
+    return (lines[1] if len(lines) > 1 else lines[0])[:200]
+
+
+def initial_weights(args: argparse.Namespace, config: Mapping[str, Any]) -> Optional[str]:
+    """`--checkpoint`, else the config's `pretrained` (None when neither is set)."""
+    return args.checkpoint or config["pretrained"] or None
+
+
+def load_weights(model: nn.Module, location: str, *, trust: bool = False) -> None:
+    """Load a BLIP/TESTA checkpoint (path, URL or hf:// id) and print its load report (in
+    full when keys are missing or unexpected for no known reason, else its summary line).
+    A URL is downloaded by the first process of each node while the others wait."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        local_file(location)
+    barrier()
+    report = load_checkpoint(model, location, trust=trust)
+    log(str(report) if report.needs_attention() else report.summary())
+
+
+# the loop ----------------------------------------------------------------------------
+def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader],
+        resume_training: bool, datasets: Sequence) -> TrainState:
+    """Train for `max_epoch` epochs (see the module docstring)."""
+    config = run.config
+    optimizer = build_optimizer(model, config, decay_norms_and_biases=task.decay_norms_and_biases)
+    state = resume(run, model, optimizer) if resume_training else TrainState()
+    train_model = wrap_ddp(model, run.device)
+    train_loader = loaders["train"]
+    steps_per_epoch = len(train_loader)
+    schedule = task.schedule(config)
+    losses_of = task.make_losses(train_model, run, train_loader)
+    for epoch in range(state.epoch, config["max_epoch"]):
+        epoch_started = time.perf_counter()
+        start_epoch(train_loader, config["seed"], epoch)
+        train_stats = train_one_epoch(
+            run, train_model, train_loader, optimizer, epoch, losses_of,
+            lr_at_step=lambda step: learning_rate(schedule, epoch, epoch * steps_per_epoch + step))
+        record = {f"train_{k}": v for k, v in train_stats.items()}
+        record["train_seconds"] = round(time.perf_counter() - epoch_started, 3)
+        if task.evaluate is not None:
+            val_started = time.perf_counter()
+            val_metrics = task.evaluate(model, loaders["val"], run, "val")
+            record["val_seconds"] = round(time.perf_counter() - val_started, 3)
+            if state.improved_by(val_metrics[task.best_metric], epoch):
+                save_weights(run, model, BEST_CHECKPOINT, epoch)
+            record.update({f"val_{k}": v for k, v in val_metrics.items()},
+                          best_epoch=state.best_epoch)
+        if task.epoch_checkpoint is not None:
+            save_weights(run, model, task.epoch_checkpoint.format(epoch=epoch), epoch)
+        state.epoch = epoch + 1
+        save_last(run, model, optimizer, state)
+        record["epoch_seconds"] = round(time.perf_counter() - epoch_started, 3)
+        run.records.write({"kind": "epoch", "epoch": epoch, **record})
+        log(summarize(*datasets))
+    return state
+
+
+# fine-tuning -------------------------------------------------------------------------
+def run_test(run: Run, model: nn.Module, task: Task, loader: DataLoader,
+             checkpoint: str, result_name: str) -> Dict[str, Any]:
+    """Metrics of `checkpoint` on the test split: the result (checkpoint, split, metrics)
+    written to output_dir/result_name."""
+    started = time.perf_counter()
+    metrics = task.evaluate(model, loader, run, "test")
+    result = {"checkpoint": checkpoint, "split": "test", "metrics": metrics}
+    write_json(run.output_dir, result_name, result)
+    run.records.write({"kind": "test", "checkpoint": checkpoint,
+                       **{f"test_{k}": v for k, v in metrics.items()},
+                       "seconds": round(time.perf_counter() - started, 3)})
+    return result
+
+
+def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
+                         task: Task, datasets: Sequence) -> Dict[str, float]:
+    """`--evaluate`: test the given weights (eval_results.json). Otherwise fine-tune,
+    then test checkpoint_best.pth (test_metrics.json). Ends with the run's summary."""
+    config = run.config
+    loaders = build_loaders(run, dict(zip(("train", "val", "test"), datasets)),
+                            {"train": config["batch_size_train"], "val": config["batch_size_test"],
+                             "test": config["batch_size_test"]})
+    weights = initial_weights(args, config)
+    if args.evaluate:
+        if weights is None:
+            raise ConfigError(f"{args.config}: --evaluate needs --checkpoint or pretrained")
+        load_weights(model, weights, trust=config["trust_checkpoint"])
+        result = run_test(run, model.to(run.device), task, loaders["test"], weights,
+                          "eval_results.json")
+        run.records.finish(test=result)
+        return result["metrics"]
+    if weights is not None and not args.resume:
+        load_weights(model, weights, trust=config["trust_checkpoint"])
+    check_trainable(loaders["train"], "train set")
+    fit(run, model.to(run.device), task, loaders, args.resume, datasets)
+    best = str(run.output_dir / BEST_CHECKPOINT)
+    load_weights(model, best)
+    result = run_test(run, model, task, loaders["test"], best, "test_metrics.json")
+    run.records.finish(test=result)
+    return result["metrics"]
+

@@ -1,0 +1,216 @@
+"""Paragraph-to-video retrieval: its settings, the training losses, and the evaluation
+protocol with its metrics.
+
+Evaluation (docs/computation.md, section 6): every text and video is encoded, similarities `v @ t^T` pick the top
+`k_test` candidates of each video row and each text row, and the video-grounded encoder
+re-scores those pairs as `itm_logit + sim`; all other scores are -100. Each rank encodes
+and re-scores the pairs of its own videos, and the score matrices are summed over the
+ranks. Recall@K is computed from the two score matrices.
+"""
+import zipfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from datasets import RETRIEVAL_READERS
+from datasets.base import FINETUNE_DATA_SETTINGS
+from datasets.text import CAPTION_SETTINGS
+from engine.distributed import all_reduce_sum
+from engine.logs import LOG_SETTINGS, format_metrics, log, progress
+from engine.optim import OPTIM_SETTINGS, finetune_schedule, ramped_alpha
+from engine.precision import PRECISION_SETTINGS
+from engine.run import RUN_SETTINGS, Run
+from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task
+from models.blip_base import MOMENTUM_SETTINGS
+from models.retrieval import RETRIEVAL_MODEL_SETTINGS
+from models.text import TEXT_SETTINGS
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, pad_tokens
+from utils import Setting, Settings, compose
+
+TEXT_BATCH_SIZE = 256
+BEST_METRIC = "t2v_r_mean"  # the reference keeps the checkpoint best at text-to-video retrieval
+NOT_RERANKED = -100.0
+
+RETRIEVAL_SETTINGS: Settings = {
+    "dataset": Setting(str, meaning="the retrieval dataset (DATASETS.md)",
+                       choices=tuple(RETRIEVAL_READERS)),
+    "k_test": Setting(int, 128, "candidates per video and per text re-scored by the matching "
+                      "head", min=1),
+    "k_test_batch_size": Setting(int, 64, "candidate pairs re-scored per forward", min=1),
+}
+RETRIEVAL_SCHEMA: Settings = compose(
+    RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS,
+    OPTIM_SETTINGS, VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, MOMENTUM_SETTINGS,
+    RETRIEVAL_MODEL_SETTINGS, CAPTION_SETTINGS, FINETUNE_DATA_SETTINGS, RETRIEVAL_SETTINGS)
+
+
+# metrics -----------------------------------------------------------------------------
+def ranks_in_rows(scores: torch.Tensor) -> torch.Tensor:
+    """`[R, C]` scores -> `[R, C]` 0-based rank of every column within its row, best
+    first (equal scores keep column order)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return order.argsort(dim=1)
+
+
+def recall(ranks: torch.Tensor, k: int) -> float:
+    return 100.0 * (ranks < k).double().mean().item()
+
+
+def itm_eval(scores_v2t, scores_t2v, txt2video: Sequence[int],
+             video2txt: Sequence[Sequence[int]]) -> Dict[str, float]:
+    """Recall@1/5/10 in percent from score matrices `[V, T]` and `[T, V]`.
+
+    Text-to-video: rank of each text's video. Video-to-text: best rank among the video's
+    texts. Returns t2v_r1..., v2t_r1..., their means and the overall mean `r_mean`.
+    """
+    scores_v2t, scores_t2v = torch.as_tensor(scores_v2t), torch.as_tensor(scores_t2v)
+    num_videos, num_texts = len(video2txt), len(txt2video)
+    if scores_v2t.shape != (num_videos, num_texts) or scores_t2v.shape != (num_texts, num_videos):
+        raise ValueError(f"score matrices {tuple(scores_v2t.shape)} and {tuple(scores_t2v.shape)} "
+                         f"do not fit {num_videos} videos and {num_texts} texts")
+    if any(len(texts) == 0 for texts in video2txt):
+        raise ValueError("every video needs at least one text in video2txt")
+    t2v_ranks = ranks_in_rows(scores_t2v)[torch.arange(num_texts), torch.as_tensor(txt2video)]
+    v2t_positions = ranks_in_rows(scores_v2t)
+    v2t_ranks = torch.stack([v2t_positions[video, list(texts)].min()
+                             for video, texts in enumerate(video2txt)])
+    metrics = {}
+    for direction, ranks in (("t2v", t2v_ranks), ("v2t", v2t_ranks)):
+        recalls = {f"{direction}_r{k}": recall(ranks, k) for k in (1, 5, 10)}
+        metrics.update(recalls, **{f"{direction}_r_mean": sum(recalls.values()) / 3})
+    metrics["r_mean"] = (metrics["t2v_r_mean"] + metrics["v2t_r_mean"]) / 2
+    return metrics
+
+
+# evaluation --------------------------------------------------------------------------
+@torch.no_grad()
+def encode_texts(model: nn.Module, texts: Sequence[str], run: Run
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All texts (every rank) -> (features `[T, E]` float32, input_ids `[T, S]`,
+    attention_mask `[T, S]`)."""
+    features, ids, masks = [], [], []
+    for start in progress(range(0, len(texts), TEXT_BATCH_SIZE), "texts"):
+        with run.precision.autocast():
+            batch = texts[start:start + TEXT_BATCH_SIZE]
+            feat, input_ids, attention_mask = model.encode_text(batch)
+        features.append(feat.float())
+        ids.append(input_ids)
+        masks.append(attention_mask)
+    return torch.cat(features), torch.cat(ids), torch.cat(masks)
+
+
+@torch.no_grad()
+def encode_videos(model: nn.Module, loader: DataLoader, run: Run
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's videos (index % world_size == rank) -> (features of ALL videos
+    `[V, E]` float32, summed over the ranks; this rank's video indices `[V_r]`; their
+    tokens `[V_r, N, D]`, kept on the CPU)."""
+    features = torch.zeros(len(loader.dataset.video), run.config["embed_dim"], device=run.device)
+    own_index, own_features, own_tokens, own_masks = [], [], [], []
+    for video, video_index in progress(loader, "videos"):
+        owned = video_index % run.world_size == run.rank  # drops the sampler's padding repeats
+        if not owned.any():
+            continue
+        with run.precision.autocast():
+            feat, tokens, mask = model.encode_video(video[owned].to(run.device, non_blocking=True))
+        own_index.append(video_index[owned])
+        own_features.append(feat.float())
+        own_tokens.append(tokens.cpu())
+        own_masks.append(None if mask is None else mask.cpu())
+    if not own_index:  # fewer videos than ranks
+        return all_reduce_sum(features), torch.zeros(0, dtype=torch.long), torch.zeros(0), None
+    own_index = torch.cat(own_index)
+    features[own_index.to(run.device)] = torch.cat(own_features)
+    if own_masks[0] is None:
+        return all_reduce_sum(features), own_index, torch.cat(own_tokens), None
+    length = max(tokens.shape[1] for tokens in own_tokens)  # batches keep different counts
+    padded = [pad_tokens(tokens, mask, length) for tokens, mask in zip(own_tokens, own_masks)]
+    return (all_reduce_sum(features), own_index, torch.cat([tokens for tokens, _ in padded]),
+            torch.cat([mask for _, mask in padded]))
+
+
+def candidate_masks(sims: torch.Tensor, k_test: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sims `[V, T]` -> (top-k texts of every video, top-k videos of every text), both
+    as boolean `[V, T]` masks."""
+    num_videos, num_texts = sims.shape
+    v2t = torch.zeros_like(sims, dtype=torch.bool)
+    v2t.scatter_(1, sims.topk(min(k_test, num_texts), dim=1).indices, True)
+    t2v = torch.zeros_like(sims, dtype=torch.bool)
+    t2v.scatter_(0, sims.topk(min(k_test, num_videos), dim=0).indices, True)
+    return v2t, t2v
+
+
+@torch.no_grad()
+def rerank(model: nn.Module, run: Run, sims: torch.Tensor, candidates: torch.Tensor,
+           own_index: torch.Tensor, own_tokens: torch.Tensor, own_masks: Optional[torch.Tensor],
+           text_ids: torch.Tensor, text_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`itm_logit[:, 1] + sim` of every candidate pair `[V, T]` (0 elsewhere); each rank
+    scores the pairs of its own videos, `batch_size` pairs at a time, and the ranks'
+    matrices are summed."""
+    num_videos = sims.shape[0]
+    local_row = torch.full((num_videos,), -1, dtype=torch.long)
+    local_row[own_index] = torch.arange(len(own_index))
+    owned = (local_row >= 0).to(sims.device)
+    pairs = (candidates & owned[:, None]).nonzero()  # [P, 2] (video, text)
+    scores = torch.zeros_like(sims)
+    for chunk in progress(pairs.split(batch_size), "re-ranking"):
+        video, text = chunk.unbind(1)
+        rows = local_row[video.cpu()]
+        tokens = own_tokens[rows].to(run.device, non_blocking=True)
+        masks = None if own_masks is None else own_masks[rows].to(run.device, non_blocking=True)
+        with run.precision.autocast():
+            logits = model.itm_logits(tokens, text_ids[text], text_mask[text], masks)  # [K, 2]
+        scores[video, text] = logits[:, 1].float() + sims[video, text]
+    return all_reduce_sum(scores)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, run: Run) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Score matrices (v2t `[V, T]`, t2v `[T, V]`) of the protocol, on the CPU."""
+    model.eval()
+    text_feat, text_ids, text_mask = encode_texts(model, loader.dataset.text, run)
+    video_feat, own_index, own_tokens, own_masks = encode_videos(model, loader, run)
+    sims = video_feat @ text_feat.t()  # [V, T]
+    v2t, t2v = candidate_masks(sims, run.config["k_test"])
+    scores = rerank(model, run, sims, v2t | t2v, own_index, own_tokens, own_masks, text_ids,
+                    text_mask, run.config["k_test_batch_size"])
+    scores_v2t = torch.where(v2t, scores, NOT_RERANKED)
+    scores_t2v = torch.where(t2v, scores, NOT_RERANKED).t()
+    return scores_v2t.cpu(), scores_t2v.cpu()
+
+
+def evaluate_split(model: nn.Module, loader: DataLoader, run: Run, split: str) -> Dict[str, float]:
+    scores_v2t, scores_t2v = evaluate(model, loader, run)
+    dataset = loader.dataset
+    metrics = itm_eval(scores_v2t, scores_t2v, dataset.txt2video, dataset.video2txt)
+    log(f"{split}: " + format_metrics(metrics))
+    if split == "test" and run.config["dataset"] == "retrieval_condensedmovies" and run.is_main:
+        write_submission(run.output_dir, scores_t2v)
+    return metrics
+
+
+def write_submission(output_dir: Path, scores_t2v: torch.Tensor) -> None:
+    """Condensed Movies challenge files: score_test_t2v.npy and submission.zip."""
+    scores_path = output_dir / "score_test_t2v.npy"
+    np.save(scores_path, scores_t2v.numpy())
+    with zipfile.ZipFile(output_dir / "submission.zip", "w") as archive:
+        archive.write(scores_path, "sim_matrix_test.npy")
+
+
+# training ----------------------------------------------------------------------------
+def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> LossFn:
+    """VTC + VTM of a batch; the distillation weight ramps up over the first epoch."""
+    def losses_of(batch, epoch: int, step: int) -> Dict[str, torch.Tensor]:
+        video, caption, video_index = batch
+        alpha = ramped_alpha(run.config["alpha"], epoch, step, len(train_loader))
+        loss_vtc, loss_vtm = train_model(video.to(run.device, non_blocking=True), caption, alpha,
+                                         video_index.to(run.device))
+        return {"loss_vtc": loss_vtc, "loss_vtm": loss_vtm}
+    return losses_of
+
+
+TASK = Task(make_losses, finetune_schedule, evaluate=evaluate_split, best_metric=BEST_METRIC)

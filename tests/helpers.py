@@ -1,0 +1,84 @@
+"""Tiny model configs, inputs, test videos and script runs shared by several test modules
+(mostly through the fixtures of conftest.py) and by the torchrun worker script, which
+runs outside pytest."""
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from ruamel.yaml import YAML
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a man is cooking pasta in a kitchen", "a dog runs across the park",
+            "two people dance on a stage", "a cat sleeps on the sofa"]
+
+
+def tiny_config(**overrides) -> dict:
+    """A 2-block, width-64 video encoder and a 2-layer, width-64 text tower (the default
+    tokenizer: bert-base-uncased's shipped vocabulary)."""
+    config = dict(
+        image_size=32, patch_size=16, num_frames=4, vision_width=64, num_heads=2, depth=2,
+        token_merging=True, testa_r=[1, 1], merging_type="frame&patch",
+        med_config=str(REPO_ROOT / "configs" / "med_config.json"),
+        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128),
+        embed_dim=16, queue_size=8, momentum=0.995, alpha=0.4, negative_all_rank=False,
+        max_words=16, max_question_len=12)
+    config.update(overrides)
+    return config
+
+
+def tiny_video(batch: int, seed: int = 0) -> torch.Tensor:
+    """Random clips `[batch, 3, 4, 32, 32]` that fit `tiny_config`."""
+    return torch.randn(batch, 3, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# tiny training runs: a shipped config with the tiny model ------------------------------
+TINY = dict(
+    pretrained=None, image_size=32, vision_width=64, num_heads=2, depth=2, num_frames=4,
+    num_frm_train=4, testa_r=[1, 2], num_workers=0, print_freq=1, init_lr=1e-3,
+    text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128))
+
+
+def write_config(path: Path, shipped: str, **overrides) -> str:
+    """A shipped config with the tiny model and `overrides`, written to `path`."""
+    config = YAML(typ="safe").load((REPO_ROOT / "configs" / shipped).read_text())
+    config.update(TINY, **overrides)
+    YAML(typ="safe").dump(config, path)
+    return str(path)
+
+
+def run_script(main, *argv) -> str:
+    """Run a script's main in this process; what it printed to stdout and stderr (not a
+    terminal)."""
+    printed = io.StringIO()
+    with redirect_stdout(printed), redirect_stderr(printed):
+        main([str(arg) for arg in argv])
+    return printed.getvalue()
+
+
+def read_metrics(path: Path) -> dict:
+    """The metrics of a script's eval_results.json or test_metrics.json."""
+    return json.loads(path.read_text())["metrics"]
+
+
+# test videos -------------------------------------------------------------------------
+FPS = 8
+GRAY_STEP = 6  # frame i of a test video is uniformly gray at 5 + 6 * i
+
+
+def write_gray_video(path: str, num_frames: int, size: int = 32) -> None:
+    """A near-lossless H.264 video whose frame i has the gray level 5 + 6 * i, so indices can be read back."""
+    with av.open(path, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "10", "preset": "ultrafast"}
+        for i in range(num_frames):
+            frame = np.full((size, size, 3), 5 + GRAY_STEP * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
