@@ -41,10 +41,11 @@ import train_retrieval  # noqa: E402
 from datasets.transforms import normalize  # noqa: E402
 from datasets.video import read_frames  # noqa: E402
 from models import build_video_encoder  # noqa: E402
-from models.video_encoder import token_mask  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, token_mask  # noqa: E402
 from tools.benchmark import count, count_on_video, load_video, traced_gmacs  # noqa: E402
 from tools.visualize_aggregation import load_visual_encoder  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from utils import with_defaults  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_retrieval.yaml"
 REAL_CONFIGS = {"fixed_r1_12": REPO_ROOT / "configs" / "retrieval_queryd_f32.yaml",
@@ -211,8 +212,9 @@ def main(argv=None) -> dict:
             config = load_config(path)
             real[name] = []
             for clip in clips:
-                result = (count(config) if config.get("testa_threshold") is None
-                          else count_on_video(config, load_video(config, str(clip)), args.seed))
+                adaptive = with_defaults(config, VIDEO_ENCODER_SETTINGS)["testa_threshold"] is not None
+                result = (count_on_video(config, load_video(config, str(clip)), args.seed) if adaptive
+                          else count(config))
                 real[name].append({"video": clip.name, "tokens_out": result["tokens_out"],
                                    "gmacs": result["gmacs"]})
                 print(name, real[name][-1], flush=True)
