@@ -7,6 +7,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from models.video_encoder import video_encoder_problem
 from utils import (REQUIRED, ConfigError, Settings, missing_problem, unknown_key_problem,
                    value_problem)
 
@@ -46,7 +47,9 @@ def resolve_config(path: str, opts: Sequence[str], schema: Settings,
                    overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The config of `path` with `--opts` and command-line `overrides` over it and the
     schema's defaults filled in. Unknown keys, missing required keys and values of the
-    wrong type, choice or range raise ConfigError naming the file (or `--opts`) and the key."""
+    wrong type, choice or range, and video encoder settings that do not fit together
+    (e.g. an r too large for the tokens), raise ConfigError naming the file (or `--opts`)
+    and the key."""
     file_config = load_config(path)
     opt_config = parse_opts(opts)
     for source, entries in ((path, file_config), ("--opts", opt_config)):
@@ -67,6 +70,11 @@ def resolve_config(path: str, opts: Sequence[str], schema: Settings,
     if "cache_clips" in schema and resolved["cache_clips"] and resolved["num_workers"] > 0:
         raise ConfigError(f"{path}: cache_clips keeps the decoded clips in the main process; "
                           "it needs num_workers: 0")
+    if "vision_width" in schema:
+        encoder_problem = video_encoder_problem(resolved)
+        if encoder_problem:
+            key, problem = encoder_problem
+            raise ConfigError(f"{'--opts' if key in opt_config else path}: {problem}")
     return resolved
 
 
@@ -89,6 +97,9 @@ def build_arg_parser(description: str, *, evaluate: bool = True) -> argparse.Arg
                             help="only evaluate --checkpoint (or the config's pretrained) on test")
     parser.add_argument("--resume", action="store_true",
                         help="continue from output_dir/checkpoint_last.pth")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an output_dir that holds a previous run, removing "
+                             "its checkpoints, log and results")
     parser.add_argument("--checkpoint", help="weights to start from or to evaluate, instead of "
                                              "the config's pretrained")
     parser.add_argument("--trust_checkpoint", action="store_true",
@@ -106,4 +117,6 @@ def parse_args(parser: argparse.ArgumentParser,
     args = parser.parse_args(argv)
     if getattr(args, "evaluate", False) and args.resume:
         parser.error("--evaluate and --resume exclude each other")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
     return args

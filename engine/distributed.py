@@ -1,6 +1,7 @@
 """Ranks, gathers and DistributedDataParallel; every helper falls back to the identity
 in a single process, so models and the loop call them unconditionally. All ranks must
 pass tensors of the same shape."""
+import datetime
 import inspect
 import os
 from contextlib import nullcontext
@@ -10,7 +11,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils import ConfigError
+from utils import NUMBER, ConfigError, Setting, Settings
+
+DISTRIBUTED_SETTINGS: Settings = {
+    "dist_timeout_minutes": Setting(NUMBER, 30, "how long a rank waits for the others in process-"
+                                    "group setup and every collective before the run ends "
+                                    "with an error", min=0.01),
+}
 
 
 def is_distributed() -> bool:
@@ -37,16 +44,26 @@ def select_device(name: Optional[str]) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_minutes: float) -> None:
     """Join the process group torchrun describes in the environment (NCCL on GPU, gloo
-    on CPU); a plain `python script.py` runs as a single process."""
+    on CPU); a plain `python script.py` runs as a single process. Setup and every
+    collective give up after `timeout_minutes` (a stalled peer ends the run)."""
     if "RANK" not in os.environ or dist.is_initialized():
         return
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """True for torch's errors of a collective whose peers did not answer in time (gloo
+    and NCCL), or whose peer gave up first and closed the connection."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("Timed out", "timed out", "Timeout", "Connection closed by peer"))
 
 
 def finish_distributed() -> None:

@@ -2,7 +2,11 @@
 (config, process group, seed, saved config) and ending it (one-line errors)."""
 import argparse
 import logging
+import os
 import random
+import shutil
+import signal
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +17,8 @@ import torch
 
 from datasets import DataError
 from engine.config import resolve_config, save_config
-from engine.distributed import (finish_distributed, get_rank, get_world_size, init_distributed,
+from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, get_rank,
+                                get_world_size, init_distributed, is_collective_timeout,
                                 select_device)
 from engine.logs import RunRecords, log, set_progress_bar
 from engine.precision import Precision, build_precision
@@ -26,7 +31,12 @@ RUN_SETTINGS: Settings = {
     "trust_checkpoint": Setting(bool, False, "unpickle checkpoint files in full, beyond the "
                                 "safe list (runs code from the file; --trust_checkpoint sets it)"),
     "seed": Setting(int, 42, "seed of weights, data order and augmentation", min=0),
+    **DISTRIBUTED_SETTINGS,
 }
+# what a run writes into its output folder; a folder holding any of these holds a run
+RUN_OUTPUTS = ("checkpoint_*.pth", "log.jsonl", "summary.json", "eval_results.json",
+               "test_metrics.json", "*_answers.json", "score_test_t2v.npy", "submission.zip",
+               "tensorboard")
 
 
 @dataclass
@@ -58,15 +68,19 @@ class Run:
 
 def start_run(args: argparse.Namespace, schema: Settings,
               overrides: Optional[Mapping[str, Any]] = None) -> Run:
-    """Resolve the config, join the process group, seed, create the output folder and
-    save the config used there (and remove temporaries an interrupted save left in it)."""
+    """Resolve the config, check the output folder, join the process group, check what
+    depends on the number of processes, seed, and save the config used in the output
+    folder (and remove temporaries an interrupted save left in it). Every check comes
+    before any work (one-line errors, see script_errors)."""
     if args.trust_checkpoint:
         overrides = {**(overrides or {}), "trust_checkpoint": True}
     config = resolve_config(args.config, args.opts, schema, overrides)
     device = select_device(args.device)
-    init_distributed(device)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+    init_distributed(device, config["dist_timeout_minutes"])
+    if not getattr(args, "evaluate", False):
+        check_queue_fits_batch(config, args)
     set_progress_bar(config["progress_bar"])
     run = Run(config, output_dir, device, build_precision(config["amp"], device),
               RunRecords(output_dir, tensorboard=config["tensorboard"]))
@@ -83,19 +97,99 @@ def start_run(args: argparse.Namespace, schema: Settings,
     return run
 
 
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create `output_dir` and make sure it is writable. A folder that holds a previous
+    run (RUN_OUTPUTS) is refused unless `resume` continues it or `overwrite` starts afresh,
+    which removes those files (rank 0)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--output_dir: {output_dir}: a file is in the way, not a folder") from None
+    except OSError as err:
+        raise ConfigError(f"--output_dir: {output_dir}: cannot create the folder "
+                          f"({err.strerror})") from None
+    try:
+        probe, probe_path = tempfile.mkstemp(dir=output_dir, prefix=".write_test_")
+        os.close(probe)
+        os.remove(probe_path)
+    except OSError as err:
+        raise ConfigError(f"--output_dir: {output_dir}: cannot write there ({err.strerror})") from None
+    previous = sorted(path.name for pattern in RUN_OUTPUTS for path in output_dir.glob(pattern))
+    if not previous or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"--output_dir: {output_dir}: holds a previous run "
+                          f"({', '.join(previous[:3])}{', ...' if len(previous) > 3 else ''}); "
+                          f"pass --resume to continue it or --overwrite to replace it")
+    if get_rank_from_env() == 0:
+        for name in previous:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def get_rank_from_env() -> int:
+    """The rank torchrun gives this process (0 in a single process), before the process
+    group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
+def check_queue_fits_batch(config: Mapping[str, Any], args: argparse.Namespace) -> None:
+    """The feature queues take the whole world's batch at a time: queue_size must be a
+    multiple of the batch per process x the processes of this run."""
+    if "queue_size" not in config:
+        return
+    batch_key = "batch_size_train" if "batch_size_train" in config else "batch_size"
+    global_batch = config[batch_key] * get_world_size()
+    if config["queue_size"] % global_batch:
+        source = ("--opts" if any(opt.startswith(("queue_size=", f"{batch_key}="))
+                                  for opt in args.opts) else args.config)
+        raise ConfigError(f"{source}: queue_size {config['queue_size']} is not a multiple of the "
+                          f"global batch {global_batch} ({batch_key} {config[batch_key]} x "
+                          f"{get_world_size()} process(es))")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
+class NonFiniteError(ValueError):
+    """A loss, feature or score that is NaN or infinite; the message names it and where."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM (what schedulers send) reached the script. A BaseException like
+    KeyboardInterrupt, so that code skipping bad records (`except Exception`) lets it pass."""
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 @contextmanager
 def script_errors():
-    """Bad input (a config, checkpoint or data file) ends the script with a one-line
-    message naming the file; the process group is released in any case."""
+    """Bad input (a config, checkpoint or data file), SIGTERM or SIGINT, and a stalled or
+    lost peer end the script with a one-line message (exit status 1); the process group is
+    released and the signal handlers restored in any case. A save that a signal interrupts
+    removes its temporary file itself (models/checkpoint.py)."""
+    previous = {signum: signal.signal(signum, _raise_interrupted)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None
+    except (Interrupted, KeyboardInterrupt) as err:
+        name = str(err) or "SIGINT"
+        raise SystemExit(f"error: stopped by {name}; finished epochs are in the output folder's "
+                         f"checkpoint_last.pth (--resume continues)") from None
+    except RuntimeError as err:
+        if not is_collective_timeout(err):
+            raise
+        raise SystemExit(f"error: rank {get_rank_from_env()}: another process did not take part "
+                         f"in a collective within dist_timeout_minutes, or left "
+                         f"({str(err).splitlines()[0][:160]})") from None
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         finish_distributed()

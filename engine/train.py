@@ -3,7 +3,8 @@
 `fit` runs the epochs of a `Task`: per epoch it seeds the data order, trains with the
 task's losses under the task's learning-rate schedule, optionally evaluates on val and
 keeps checkpoint_best.pth, optionally writes checkpoint_{epoch}.pth, and always writes
-checkpoint_last.pth for `--resume`. `finetune_or_evaluate` drives the fine-tuning
+checkpoint_last.pth for `--resume`, before validation. A loss that is not finite stops
+the run at the next log step, naming the first bad step. `finetune_or_evaluate` drives the fine-tuning
 scripts around it.
 """
 import argparse
@@ -24,7 +25,7 @@ from engine.distributed import (all_reduce_sum, barrier, get_rank, get_world_siz
                                 gradient_sync, wrap_ddp)
 from engine.logs import format_metrics, log, progress, write_json
 from engine.optim import LRSchedule, build_optimizer, learning_rate, set_lr
-from engine.run import Run, seed_everything
+from engine.run import NonFiniteError, Run, seed_everything
 from models.checkpoint import (CheckpointError, load_checkpoint, local_file, read_checkpoint,
                                save_checkpoint)
 from utils import ConfigError, Setting, Settings
@@ -91,6 +92,7 @@ def build_loaders(run: Run, datasets: Mapping[str, Dataset],
 
 
 def check_trainable(loader: DataLoader, name: str) -> None:
+    """A training set too small for one full batch is a config error."""
     if len(loader) == 0:
         raise ConfigError(f"{name}: {len(loader.dataset)} items make no full batch of "
                           f"{loader.batch_size} per process on {get_world_size()} process(es)")
@@ -108,6 +110,7 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
     num_steps = len(loader)
     sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64,
                                                                       device=run.device))
+    watch = NonFiniteWatch(run.device)
     optimizer.zero_grad(set_to_none=True)
     logged_step, logged_at = -1, time.perf_counter()
     for step, batch in enumerate(progress(loader, f"epoch {epoch}", total=num_steps)):
@@ -122,9 +125,11 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
             run.precision.scaler.step(optimizer)
             run.precision.scaler.update()
             optimizer.zero_grad(set_to_none=True)
+        watch.record(losses, step)
         for name, loss in losses.items():
             sums[name] += loss.detach().to(torch.float64)  # summed on the device, no sync
         if step % print_freq == 0 or step + 1 == num_steps:
+            watch.check(epoch)  # syncs, like the .item() below
             values = {name: loss.item() for name, loss in losses.items()}  # .item() syncs
             lr = optimizer.param_groups[0]["lr"]
             log(f"epoch {epoch} [{step + 1}/{num_steps}]  lr {lr:.3g}  " + format_metrics(values))
@@ -137,6 +142,41 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
                                "seconds": round(seconds, 3),
                                "samples_per_s": round(samples * run.world_size / seconds, 2)})
     return {**mean_over_ranks(sums, num_steps, run.device), "lr": optimizer.param_groups[0]["lr"]}
+
+
+class NonFiniteWatch:
+    """The first step at which each loss was NaN or infinite, kept on the device so that
+    recording it costs no host-device sync; `check` (at the log steps, which sync
+    anyway) raises NonFiniteError naming the first bad step and loss."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: Sequence[str] = ()
+        self.first_bad: Optional[torch.Tensor] = None  # [L] step, or -1 while finite
+
+    def record(self, losses: Mapping[str, torch.Tensor], step: int) -> None:
+        if self.first_bad is None:
+            self.names = tuple(losses)
+            self.first_bad = torch.full((len(losses),), -1, dtype=torch.long, device=self.device)
+        bad = ~torch.isfinite(torch.stack([loss.detach().float() for loss in losses.values()]))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def check(self, epoch: int) -> None:
+        if self.first_bad is None:
+            return
+        first_bad = self.first_bad.tolist()
+        bad = [(step, name) for step, name in zip(first_bad, self.names) if step >= 0]
+        if bad:
+            step, name = min(bad)
+            raise NonFiniteError(f"training stopped: {name} is not finite at epoch {epoch} "
+                                 f"step {step}; the weights of the last finished epoch are in "
+                                 f"{LAST_CHECKPOINT}")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError naming `what` when `tensor` holds NaN or infinity (one sync)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"evaluation stopped: {what} are not finite")
 
 
 def mean_over_ranks(sums: Mapping[str, torch.Tensor], count: int,
@@ -246,18 +286,20 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
             lr_at_step=lambda step: learning_rate(schedule, epoch, epoch * steps_per_epoch + step))
         record = {f"train_{k}": v for k, v in train_stats.items()}
         record["train_seconds"] = round(time.perf_counter() - epoch_started, 3)
+        # the trained epoch is on disk before validation, which may fail
+        state.epoch = epoch + 1
+        save_last(run, model, optimizer, state)
+        if task.epoch_checkpoint is not None:
+            save_weights(run, model, task.epoch_checkpoint.format(epoch=epoch), epoch)
         if task.evaluate is not None:
             val_started = time.perf_counter()
             val_metrics = task.evaluate(model, loaders["val"], run, "val")
             record["val_seconds"] = round(time.perf_counter() - val_started, 3)
             if state.improved_by(val_metrics[task.best_metric], epoch):
                 save_weights(run, model, BEST_CHECKPOINT, epoch)
+                save_last(run, model, optimizer, state)  # with the new best result
             record.update({f"val_{k}": v for k, v in val_metrics.items()},
                           best_epoch=state.best_epoch)
-        if task.epoch_checkpoint is not None:
-            save_weights(run, model, task.epoch_checkpoint.format(epoch=epoch), epoch)
-        state.epoch = epoch + 1
-        save_last(run, model, optimizer, state)
         record["epoch_seconds"] = round(time.perf_counter() - epoch_started, 3)
         run.records.write({"kind": "epoch", "epoch": epoch, **record})
         log(summarize(*datasets))
@@ -299,6 +341,9 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
     if weights is not None and not args.resume:
         load_weights(model, weights, trust=config["trust_checkpoint"])
     check_trainable(loaders["train"], "train set")
+    if len(loaders["val"].dataset) == 0:
+        raise ConfigError(f"{args.config}: the val split is empty; validation after every epoch "
+                          "needs at least one item")
     fit(run, model.to(run.device), task, loaders, args.resume, datasets)
     best = str(run.output_dir / BEST_CHECKPOINT)
     load_weights(model, best)

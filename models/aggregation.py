@@ -14,8 +14,10 @@ Two token axes are reduced in a TESTA block:
   averaged over patches for the importance-based modes).
 """
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Union
+from typing import (Callable, Dict, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 import torch
 
@@ -110,6 +112,16 @@ def _weighted_into(dst: torch.Tensor, dst_size: torch.Tensor, moved: torch.Tenso
     return torch.cat([before, merged], dim=-2), torch.cat([before_size, merged_size], dim=-2)
 
 
+@contextmanager
+def _full_precision(metric: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The metric in at least float32, with autocast off inside: cosine similarities in
+    bfloat16 (3 significant digits) would reorder near-tied matches."""
+    device = metric.device.type
+    with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+          else nullcontext()):  # the meta device (FLOP counting) has no autocast
+        yield metric.to(torch.promote_types(metric.dtype, torch.float32))
+
+
 def max_reduction(num_tokens: int, protected: int) -> int:
     """The largest r one bipartite step can remove: half the unprotected tokens."""
     return (num_tokens - protected) // 2
@@ -128,7 +140,7 @@ def bipartite_matching(metric: torch.Tensor, r: int, *, class_token: bool, prote
     r = min(r, max_reduction(metric.shape[-2], int(class_token)))
     if r <= 0:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(metric) as metric:
         metric = metric / metric.norm(dim=-1, keepdim=True)
         scores = metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)  # [..., |A|, |B|]
         if protect_first:
@@ -174,7 +186,7 @@ def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, 
     r = min(r, max_reduction(metric.shape[-2], int(class_token)))
     if r <= 0:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(metric) as metric:
         src_idx, keep_idx = _least_important(importance, r, protect_first, share_over_patches)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         src_metric = metric.gather(-2, _expand_index(src_idx, metric))  # [..., r, Dh]

@@ -132,21 +132,31 @@ class MomentumVideoTextModel(nn.Module):
     def matching_loss(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, negatives: "HardNegatives",
                       video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """VTM cross-entropy over B positive pairs, B (text, negative video) pairs and
-        B (negative text, video) pairs."""
+        """VTM cross-entropy over B positive pairs, B' (text, negative video) pairs and
+        B' (negative text, video) pairs, B' the rows that have a negative (all B, unless
+        the batch holds a video several times and the pool has nothing else)."""
         batch = video_embeds.shape[0]
         if video_mask is not None:  # the negatives may come padded to more slots
             video_embeds, video_mask = pad_tokens(video_embeds, video_mask,
                                                   negatives.video_embeds.shape[1])
-            video_masks = torch.cat([video_mask, negatives.video_mask, video_mask])
-        else:
-            video_masks = None
-        videos = torch.cat([video_embeds, negatives.video_embeds, video_embeds])  # [3B, N, D]
-        texts = torch.cat([input_ids, input_ids, negatives.input_ids])  # [3B, S]
-        masks = torch.cat([attention_mask, attention_mask, negatives.attention_mask])
-        logits = self.itm_logits(videos, texts, masks, video_masks)  # [3B, 2]
+        neg_videos, neg_ids, neg_masks, neg_video_masks = (
+            negatives.video_embeds, negatives.input_ids, negatives.attention_mask, negatives.video_mask)
+        pos_videos, pos_ids, pos_masks, pos_video_masks = video_embeds, input_ids, attention_mask, video_mask
+        if not bool(negatives.has_negative.all()):  # leave out the placeholders
+            keep = negatives.has_negative
+            neg_videos, neg_ids, neg_masks = neg_videos[keep], neg_ids[keep], neg_masks[keep]
+            pos_videos, pos_ids, pos_masks = video_embeds[keep], input_ids[keep], attention_mask[keep]
+            if video_mask is not None:
+                neg_video_masks, pos_video_masks = neg_video_masks[keep], video_mask[keep]
+        num_negative = neg_videos.shape[0]
+        videos = torch.cat([video_embeds, neg_videos, pos_videos])  # [B + 2B', N, D]
+        texts = torch.cat([input_ids, pos_ids, neg_ids])  # [B + 2B', S]
+        masks = torch.cat([attention_mask, pos_masks, neg_masks])
+        video_masks = (None if video_mask is None
+                       else torch.cat([video_mask, neg_video_masks, pos_video_masks]))
+        logits = self.itm_logits(videos, texts, masks, video_masks)  # [B + 2B', 2]
         labels = torch.cat([torch.ones(batch, dtype=torch.long),
-                            torch.zeros(2 * batch, dtype=torch.long)]).to(logits.device)
+                            torch.zeros(2 * num_negative, dtype=torch.long)]).to(logits.device)
         return F.cross_entropy(logits, labels)
 
 
@@ -239,35 +249,42 @@ class NegativePool:
 
 @dataclass
 class HardNegatives:
-    """One negative video for each text and one negative text for each video.
+    """One negative video for each text and one negative text for each video, for the
+    rows of the batch that have a negative at all.
 
-    video_embeds `[B, N, D]`, input_ids / attention_mask `[B, S]`, video_mask `[B, N]`
-    (tokens with content; None: all).
+    video_embeds `[B, N, D]`, input_ids / attention_mask `[B, S]`; has_negative `[B]`:
+    False where every pool entry shares the row's video index (the entries of that row
+    are placeholders and take no part in the loss); video_mask `[B, N]` (tokens with
+    content; None: all).
     """
     video_embeds: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    has_negative: torch.Tensor
     video_mask: Optional[torch.Tensor] = None
 
 
 def pick_hard_negatives(video_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor,
                         pool: NegativePool, temp: torch.Tensor) -> HardNegatives:
     """Sample from `pool` a negative video per text (by text-video similarity) and a
-    negative text per video (by video-text similarity); same-index entries never."""
+    negative text per video (by video-text similarity); same-index entries never. A row
+    whose every pool entry shares its index (a batch holding one video twice) has no
+    negative: `has_negative` is False there."""
     with torch.no_grad():
         is_positive = idx[:, None] == pool.idx[None]  # [B, M]
         video_for_text = sample_negatives(text_feat @ pool.video_feat.t() / temp, is_positive)
         text_for_video = sample_negatives(video_feat @ pool.text_feat.t() / temp, is_positive)
     return HardNegatives(pool.video_embeds[video_for_text], pool.input_ids[text_for_video],
-                         pool.attention_mask[text_for_video],
+                         pool.attention_mask[text_for_video], ~is_positive.all(dim=1),
                          None if pool.video_mask is None else pool.video_mask[video_for_text])
 
 
 def sample_negatives(sim: torch.Tensor, is_positive: torch.Tensor) -> torch.Tensor:
     """One column per row of `sim [B, M]`, drawn with probability softmax(sim) over the
-    columns where `is_positive [B, M]` is False -> indices `[B]`."""
-    if is_positive.all(dim=1).any():
-        raise ValueError("hard-negative mining found a pair with no negative: every candidate "
-                         "shares its video index; use a larger batch or negative_all_rank")
-    weights = sim.float().masked_fill(is_positive, float("-inf")).softmax(dim=1)
+    columns where `is_positive [B, M]` is False -> indices `[B]`. A row without such a
+    column draws from all its columns (a placeholder the caller leaves out). NaN
+    similarities (a model gone non-finite) count as 0, so that the draw succeeds and the
+    training loop reports the non-finite loss."""
+    no_negative = is_positive.all(dim=1, keepdim=True)  # [B, 1]
+    weights = sim.float().nan_to_num(nan=0.0).masked_fill(is_positive & ~no_negative, float("-inf")).softmax(dim=1)
     return torch.multinomial(weights, 1).squeeze(1)

@@ -496,6 +496,24 @@ def _check_r(values: Sequence[int], limit: int, what: str) -> None:
                          f"most {limit} can be removed from the input (half of them)")
 
 
+def video_encoder_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
+    """Why the encoder settings of `config` do not fit together, as (key, problem), or
+    None: the checks of the constructor, without building anything. Every problem
+    begins with the name of the key it is about."""
+    config = with_defaults(config, VIDEO_ENCODER_SETTINGS)
+    try:
+        _check_settings(config["image_size"], config["patch_size"], config["num_frames"],
+                        config["vision_width"], config["num_heads"], config["attention_type"],
+                        config["aggregation"])
+        _aggregation_plan(config["token_merging"], config["testa_r"], config["merging_type"],
+                          config["attention_type"], config["depth"], config["num_frames"],
+                          (config["image_size"] // config["patch_size"]) ** 2)
+    except ValueError as err:
+        problem = str(err)
+        return problem.split(" ", 1)[0], problem
+    return None
+
+
 def build_video_encoder(config: Mapping[str, Any]) -> VideoEncoder:
     """The video encoder from the YAML config keys of the paper's configs
     (`VIDEO_ENCODER_SETTINGS`; keys the config leaves out take their defaults)."""

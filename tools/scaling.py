@@ -1,6 +1,7 @@
 """How the cost of TESTA, no aggregation and ToMe grows with the number of frames.
 
     python tools/scaling.py --frames 8 16 32 64 96 128 --runs 1 --time-limit 300
+        # writes output/scaling.csv and output/scaling.png (--out-csv, --out-png elsewhere)
 
 For every frame count and setting the video encoder's GMACs and output tokens are
 counted on the meta device (always). Forward time (median of `--runs` after one warm-up)
@@ -293,8 +294,8 @@ def main(argv=None) -> List[dict]:
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per row (0: count only)")
     parser.add_argument("--time-limit", type=float, default=120.0,
                         help="seconds one row's measurement (warm-up, runs, memory pass) may take")
-    parser.add_argument("--out-csv", type=Path, default=Path("docs/scaling.csv"))
-    parser.add_argument("--out-png", default="docs/scaling.png", help="'' to draw nothing")
+    parser.add_argument("--out-csv", type=Path, default=Path("output/scaling.csv"))
+    parser.add_argument("--out-png", default="output/scaling.png", help="'' to draw nothing")
     args = parser.parse_args(argv)
 
     base = load_config(args.config)

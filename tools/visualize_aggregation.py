@@ -1,6 +1,6 @@
 """Draw which frames and patches TESTA merged (the paper's Figure 3) for one video.
 
-    python tools/visualize_aggregation.py VIDEO --out aggregation.png
+    python tools/visualize_aggregation.py VIDEO --out output/aggregation.png
     python tools/visualize_aggregation.py VIDEO --checkpoint model.pth --frames 32 --block 6
     python tools/visualize_aggregation.py STILL.mp4 --compare BUSY.mp4 \
         --config configs/retrieval_queryd_f32_adaptive.yaml --out static_vs_busy.png
@@ -293,7 +293,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--block", type=int, help="draw after this block, 1-based (default: the last)")
     parser.add_argument("--columns", type=int, default=8, help="frames per row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--out", default="aggregation.png")
+    parser.add_argument("--out", default="output/aggregation.png")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)

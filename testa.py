@@ -1,0 +1,212 @@
+"""TESTA from Python: load a trained model with its config, embed videos and paragraphs,
+score pairs, answer questions.
+
+    import testa
+    model = testa.load("output/demo/checkpoint_best.pth")  # retrieval or pre-training weights
+    videos = model.embed_videos(["a.mp4", "b.mp4"])        # features [2, E], tokens [2, N, D]
+    texts = model.embed_paragraphs(["a red circle moves left.", "a blue square moves up."])
+    model.similarity(videos, texts)                         # [2, 2] cosine similarities
+    v2t, t2v = model.rerank(videos, texts)                  # the evaluation protocol's scores
+
+    qa = testa.load("output/demo_videoqa/checkpoint_best.pth")  # VideoQA weights
+    qa.answer(["a.mp4"], ["what color is the background?"], answer_list=["navy", "teal"])
+
+Videos are given as file paths, decoded as the test split's loader decodes them (the
+config's `num_frm_test` frames, `uniform` sampling, `image_size` pixels, CLIP
+normalisation), or as clips already decoded: `[T, 3, H, W]` tensors, uint8 as
+`datasets.read_frames` returns them (normalised here) or float as `datasets.load_video`
+returns them (already normalised). Texts get the datasets' cleaning (`pre_caption`,
+`pre_question`) before tokenisation.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from datasets import load_video, pre_caption, pre_question
+from datasets.base import stack_clips
+from datasets.transforms import normalize
+from models import build_retrieval_model, build_videoqa_model, load_checkpoint
+from models.checkpoint import LoadReport, read_checkpoint
+from models.video_encoder import pad_tokens
+from engine.config import load_config
+from tasks.pretraining import PRETRAIN_SCHEMA
+from tasks.retrieval import NOT_RERANKED, RETRIEVAL_SCHEMA, candidate_masks
+from tasks.videoqa import VIDEOQA_SCHEMA
+from utils import with_defaults
+
+# the schema of a checkpoint's config, by its `dataset` (any other: a retrieval dataset)
+SCHEMAS = {"activitynet_qa": VIDEOQA_SCHEMA, "pretrain_video": PRETRAIN_SCHEMA}
+
+Video = Union[str, Path, torch.Tensor]
+
+
+@dataclass
+class VideoEmbeddings:
+    """features `[V, E]` (L2-normalised, for similarities); tokens `[V, N, D]` (the video
+    encoder's output after aggregation, which the matching head attends to); mask `[V, N]`:
+    the tokens that hold content (None: all; adaptive aggregation pads)."""
+    features: torch.Tensor
+    tokens: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+
+
+@dataclass
+class TextEmbeddings:
+    """features `[T, E]` (L2-normalised); input_ids and attention_mask `[T, S]` (for the
+    matching head); texts: the paragraphs after `pre_caption`."""
+    features: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    texts: List[str]
+
+
+class ClipReader:
+    """Paths and decoded clips -> a normalised batch `[B, 3, T, H, W]` of the config's
+    frame count and size."""
+
+    def __init__(self, config: dict, device: torch.device):
+        # pre-training configs have no test split: the encoder's frame count
+        self.num_frm = config["num_frm_test"] if "num_frm_test" in config else config["num_frames"]
+        self.size = config["image_size"]
+        self.device = device
+
+    def clip(self, video: Video) -> torch.Tensor:
+        """float `[T, 3, H, W]`, normalised."""
+        if isinstance(video, (str, Path)):
+            return load_video(str(video), self.num_frm, "uniform", self.size)
+        expected = (self.num_frm, 3, self.size, self.size)
+        if tuple(video.shape) != expected:
+            raise ValueError(f"a video tensor must be [T, 3, H, W] = {list(expected)} for this "
+                             f"config, got {list(video.shape)}")
+        return normalize(video) if video.dtype == torch.uint8 else video.float()
+
+    def batch(self, videos: Sequence[Video]) -> torch.Tensor:
+        if isinstance(videos, (str, Path, torch.Tensor)):
+            raise TypeError("pass a list of videos (paths or [T, 3, H, W] tensors)")
+        return stack_clips([self.clip(video) for video in videos]).to(self.device)
+
+
+class VideoText:
+    """A retrieval (or pre-training) checkpoint: embeddings, similarities and the
+    protocol's re-ranked scores. `model`, `config` and `load_report` are public."""
+
+    def __init__(self, model: nn.Module, config: dict, load_report: LoadReport,
+                 device: torch.device):
+        self.model, self.config, self.load_report = model, config, load_report
+        self.reader = ClipReader(config, device)
+
+    @torch.no_grad()
+    def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8) -> VideoEmbeddings:
+        features, tokens, masks = [], [], []
+        for start in range(0, len(videos), batch_size):
+            feat, embeds, mask = self.model.encode_video(self.reader.batch(videos[start:start + batch_size]))
+            features.append(feat)
+            tokens.append(embeds)
+            masks.append(mask)
+        if masks[0] is None:
+            return VideoEmbeddings(torch.cat(features), torch.cat(tokens))
+        length = max(embeds.shape[1] for embeds in tokens)  # batches keep different counts
+        padded = [pad_tokens(embeds, mask, length) for embeds, mask in zip(tokens, masks)]
+        return VideoEmbeddings(torch.cat(features), torch.cat([t for t, _ in padded]),
+                               torch.cat([m for _, m in padded]))
+
+    @torch.no_grad()
+    def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
+        if isinstance(paragraphs, str):
+            raise TypeError("pass a list of paragraphs")
+        texts = [pre_caption(text, self.config["max_words"]) for text in paragraphs]
+        features, input_ids, attention_mask = self.model.encode_text(texts)
+        return TextEmbeddings(features, input_ids, attention_mask, texts)
+
+    def similarity(self, videos: VideoEmbeddings, texts: TextEmbeddings) -> torch.Tensor:
+        """Cosine similarities `[V, T]`."""
+        return videos.features @ texts.features.t()
+
+    @torch.no_grad()
+    def matching_logits(self, videos: VideoEmbeddings, texts: TextEmbeddings,
+                        pairs: torch.Tensor) -> torch.Tensor:
+        """The matching head's "match" logit `[P]` of (video, text) index pairs `[P, 2]`."""
+        video, text = pairs.unbind(1)
+        logits = self.model.itm_logits(videos.tokens[video], texts.input_ids[text],
+                                       texts.attention_mask[text],
+                                       None if videos.mask is None else videos.mask[video])  # [P, 2]
+        return logits[:, 1]
+
+    def rerank(self, videos: VideoEmbeddings, texts: TextEmbeddings, *,
+               k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation protocol's scores: (v2t `[V, T]`, t2v `[T, V]`). The `k` (default:
+        the config's `k_test`) best texts of each video by similarity, and the `k` best
+        videos of each text, score `match logit + similarity`; all other pairs -100."""
+        sims = self.similarity(videos, texts)
+        v2t, t2v = candidate_masks(sims, k or self.config["k_test"])
+        pairs = (v2t | t2v).nonzero()  # [P, 2] (video, text)
+        scores = torch.zeros_like(sims)
+        scores[pairs[:, 0], pairs[:, 1]] = self.matching_logits(videos, texts, pairs) \
+            + sims[pairs[:, 0], pairs[:, 1]]
+        return (torch.where(v2t, scores, NOT_RERANKED),
+                torch.where(t2v, scores, NOT_RERANKED).t())
+
+
+class VideoQA:
+    """A VideoQA checkpoint: answers ranked from a list or generated. `model`, `config`
+    and `load_report` are public."""
+
+    def __init__(self, model: nn.Module, config: dict, load_report: LoadReport,
+                 device: torch.device):
+        self.model, self.config, self.load_report = model, config, load_report
+        self.reader = ClipReader(config, device)
+
+    @torch.no_grad()
+    def answer(self, videos: Sequence[Video], questions: Sequence[str], *,
+               answer_list: Optional[Sequence[str]] = None) -> List[str]:
+        """One answer per question, about the video at the same position (a single video
+        serves every question). With `answer_list`: the candidate the evaluation ranks
+        best (the config's `k_test` likeliest first tokens re-scored by full likelihood);
+        without: beam search (the config's `num_beams` and `max_answer_len`)."""
+        if len(videos) == 1:
+            videos = list(videos) * len(questions)
+        if len(videos) != len(questions):
+            raise ValueError(f"{len(videos)} videos for {len(questions)} questions; pass one video "
+                             "per question or a single video")
+        video = self.reader.batch(videos)
+        cleaned = [pre_question(question, self.config["max_question_len"]) for question in questions]
+        if answer_list is None:
+            return self.model.generate_answers(video, cleaned, num_beams=self.config["num_beams"],
+                                               max_length=self.config["max_answer_len"])
+        ranked = self.model.rank_answers(video, cleaned, list(answer_list), self.config["k_test"])
+        return [answer_list[index] for index in ranked.best.tolist()]
+
+
+def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] = None,
+         device: Union[str, torch.device] = "cpu", trust: bool = False
+         ) -> Union[VideoText, VideoQA]:
+    """The model of `checkpoint` in eval mode on `device`, built from the config saved in
+    the checkpoint (or `config`: a YAML path or a dict, for files that carry none).
+    `checkpoint` is a path, an http(s) URL or an `hf://owner/repo/file` id (downloaded
+    once into the cache); `trust=True` allows files that need full unpickling (only for
+    files from a trusted source: unpickling can run code).
+
+    A VideoQA config (`dataset: activitynet_qa`) gives a `VideoQA`; retrieval and
+    pre-training configs give a `VideoText` (a pre-training checkpoint's captioning
+    decoder is not used: the load report lists it as unexpected).
+    """
+    checkpoint = str(checkpoint)
+    if config is None:
+        config = read_checkpoint(checkpoint, trust=trust)[0].get("config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{checkpoint}: holds no config; pass config= (e.g. a configs/*.yaml)")
+    elif not isinstance(config, dict):
+        config = load_config(config)
+    if "dataset" not in config:
+        raise ValueError(f"{checkpoint}: its config names no dataset; pass config= "
+                         f"(e.g. a configs/*.yaml)")
+    config = with_defaults(config, SCHEMAS.get(config["dataset"], RETRIEVAL_SCHEMA), checkpoint)
+    is_videoqa = config["dataset"] == "activitynet_qa"
+    model = (build_videoqa_model if is_videoqa else build_retrieval_model)(config)
+    report = load_checkpoint(model, checkpoint, trust=trust)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    return (VideoQA if is_videoqa else VideoText)(model, config, report, device)

@@ -1,0 +1,116 @@
+"""testa.py, the Python API: the README block runs as written, and the API gives what the
+evaluation gives (same decoding, cleaning and protocol scores)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ruamel.yaml import YAML
+
+import testa
+from datasets import build_datasets, load_video, read_frames
+from datasets.base import stack_clips
+from models import build_videoqa_model, save_checkpoint
+from tools import demo
+from tasks.retrieval import itm_eval
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    """A folder laid out as the repository root after `make demo`, from the quick demo:
+    data/synthetic (16 videos, 8 held out) and output/demo/checkpoint_best.pth."""
+    root = tmp_path_factory.mktemp("root")
+    demo.main(["--quick", "--data", str(root / "data" / "synthetic"),
+               "--out", str(root / "output" / "demo")])
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(demo_root):
+    return testa.load(demo_root / "output" / "demo" / "checkpoint_best.pth")
+
+
+def readme_python_api_block() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the Python API section has one code block"
+    return blocks[0]
+
+
+@pytest.mark.slow
+def test_readme_python_api_block_runs_as_written(demo_root):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", readme_python_api_block()], cwd=demo_root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "clip and file agree: True" in done.stdout
+    assert "best video of each paragraph:" in done.stdout
+
+
+@pytest.mark.slow
+def test_rerank_scores_reproduce_the_demo_test_metrics(demo_root, model):
+    """itm_eval over the API's protocol scores of the held-out videos = test_metrics.json."""
+    data = demo_root / "data" / "synthetic"
+    records = json.loads((data / "annotations" / "val.json").read_text())
+    videos = model.embed_videos([data / "videos" / record["video"] for record in records])
+    texts = model.embed_paragraphs([" ".join(record["caption"]) for record in records])
+    v2t, t2v = model.rerank(videos, texts)
+    metrics = itm_eval(v2t, t2v, list(range(len(records))), [[i] for i in range(len(records))])
+    expected = json.loads((demo_root / "output" / "demo" / "test_metrics.json").read_text())
+    assert metrics == pytest.approx(expected["metrics"])
+    # outside the top k of both directions the protocol's score is -100
+    assert (v2t == -100).sum(dim=1).tolist() == [len(records) - model.config["k_test"]] * len(records)
+
+
+@pytest.mark.slow
+def test_paths_and_decoded_clips_embed_alike(demo_root, model):
+    path = demo_root / "data" / "synthetic" / "videos" / "v_synth00003.mp4"
+    config = model.config
+    frames = read_frames(str(path), config["num_frm_test"], "uniform", config["image_size"])
+    normalised = load_video(str(path), config["num_frm_test"], "uniform", config["image_size"])
+    from_path, from_uint8, from_float = (model.embed_videos([video]).features
+                                         for video in (path, frames, normalised))
+    torch.testing.assert_close(from_uint8, from_path)
+    torch.testing.assert_close(from_float, from_path)
+    with pytest.raises(ValueError, match=r"\[T, 3, H, W\]"):
+        model.embed_videos([frames[:1]])
+
+
+@pytest.mark.slow
+def test_paragraphs_get_the_datasets_cleaning(model):
+    texts = model.embed_paragraphs(["On a NAVY background,   a red circle moves left!"])
+    assert texts.texts == ["on a navy background, a red circle moves left"]
+
+
+@pytest.mark.slow
+def test_videoqa_answers_match_the_models_ranking_on_the_eval_clips(demo_root, tmp_path):
+    """A VideoQA checkpoint: the API's answers = rank_answers on the test split's clips."""
+    data = demo_root / "data" / "synthetic"
+    config = YAML(typ="safe").load((REPO_ROOT / "configs" / "demo_videoqa.yaml").read_text())
+    config.update(video_root=str(data / "videos"),
+                  ann_root=str(data / "annotations"), num_frames=4, num_frm_train=4,
+                  num_frm_test=4, k_test=4)
+    torch.manual_seed(0)
+    model = build_videoqa_model(config).eval()
+    save_checkpoint(str(tmp_path / "vqa.pth"), model, config, epoch=0)
+
+    test_set = build_datasets(config)[2]
+    items = [test_set[index] for index in range(3)]
+    clips = stack_clips([clip for clip, _, _ in items])
+    questions = [question for _, question, _ in items]
+    expected = [test_set.answer_list[i]
+                for i in model.rank_answers(clips, questions, test_set.answer_list, 4).best.tolist()]
+
+    qa = testa.load(tmp_path / "vqa.pth")
+    assert isinstance(qa, testa.VideoQA)
+    paths = [test_set.video[test_set.questions[index].video_index] for index in range(3)]
+    assert qa.answer(paths, questions, answer_list=test_set.answer_list) == expected
+    generated = qa.answer(paths[:1], questions)  # one video for every question
+    assert len(generated) == 3 and all(isinstance(answer, str) for answer in generated)

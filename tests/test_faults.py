@@ -1,0 +1,240 @@
+"""Faults as a user hits them, through the scripts' `main(argv)`: settings that only fail
+together, a used or unusable output folder, an empty validation split, SIGTERM during
+training and a loss that turns NaN end in the exact one-line error, before any work
+where they can be known before it, and leave nothing else in the output folder. A batch
+holding one video twice trains; a stalled peer ends a distributed run instead of hanging."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_retrieval
+from engine.train import NonFiniteWatch
+from engine.run import NonFiniteError
+from helpers import REPO_ROOT, write_config, write_gray_video
+from models import build_retrieval_model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """ActivityNet Captions layout: 4 train and 2 val videos of 12 gray frames."""
+    root = tmp_path_factory.mktemp("data")
+    ann, videos = root / "ann", root / "videos"
+    ann.mkdir()
+    videos.mkdir()
+    write_gray_video(str(videos / "gray.mp4"), 12)
+    records = {}
+    for split, names in (("train", "abcd"), ("val", "ef")):
+        records[split] = [{"video": f"v_{name}.mp4", "caption": [f"clip {name}."]} for name in names]
+        for name in names:
+            os.symlink(videos / "gray.mp4", videos / f"v_{name}.mp4")
+        (ann / f"{split}.json").write_text(json.dumps(records[split]))
+    return ann, videos
+
+
+def config_for(tmp_path: Path, data, **overrides) -> str:
+    ann, videos = data
+    settings = dict(video_root=str(videos), ann_root=str(ann), num_frm_test=4, max_words=16,
+                    batch_size_train=2, batch_size_test=2, embed_dim=16, queue_size=8, k_test=2,
+                    max_epoch=1)
+    settings.update(overrides)
+    return write_config(tmp_path / "retrieval.yaml", "retrieval_activitynet_f32.yaml", **settings)
+
+
+def fails_with(config: str, output_dir: Path, *extra, allowed=frozenset()) -> str:
+    """The script's one-line error; nothing but `allowed` (and config.yaml) is left in
+    output_dir."""
+    before = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
+    with pytest.raises(SystemExit) as exit_info:
+        train_retrieval.main(["--config", config, "--output_dir", str(output_dir), *extra])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and message.startswith("error: ")
+    written = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
+    assert written - before <= {"config.yaml", *allowed}, written - before
+    assert not [name for name in written if name.startswith(".")], written  # no temporaries
+    return message
+
+
+# settings that can only be checked together ---------------------------------------------
+@pytest.mark.parametrize("opt, problem", [
+    ("image_size=40", "image_size 40 is not a positive multiple of patch_size 16"),
+    ("vision_width=65", "vision_width 65 is not divisible by num_heads 2"),
+    ("testa_r=[3]", "testa_r asks to remove 3 frames in one step, but at most 1 can be removed "
+                    "from the input (half of them)"),
+    ("testa_r=[0,0,0,0,1]", "testa_r has 5 entries but the encoder runs only 4 aggregation "
+                            "operations"),
+    ("merging_type=[patch]", "merging_type list must hold 2 entries of 'patch', 'frame' or "
+                             "'frame&patch', got ['patch']"),
+])
+def test_encoder_settings_that_do_not_fit_together_are_one_line_before_any_work(
+        tmp_path, data, opt, problem):
+    message = fails_with(config_for(tmp_path, data), tmp_path / "out", "--opts", opt)
+    assert message == f"error: --opts: {problem}"
+    assert not (tmp_path / "out").exists()  # checked before the output folder is made
+
+
+def test_encoder_problem_in_the_file_names_the_file(tmp_path, data):
+    config = config_for(tmp_path, data, num_heads=3)
+    message = fails_with(config, tmp_path / "out")
+    assert message == f"error: {config}: vision_width 64 is not divisible by num_heads 3"
+
+
+@pytest.mark.parametrize("opt, problem", [
+    ("max_epoch=0", "max_epoch must be >= 1, got 0"),
+    ("k_test=0", "k_test must be >= 1, got 0"),
+    ("num_frames=0", "num_frames must be >= 1, got 0"),
+])
+def test_meaningless_counts_are_one_line(tmp_path, data, opt, problem):
+    message = fails_with(config_for(tmp_path, data), tmp_path / "out", "--opts", opt)
+    assert message == f"error: --opts: {problem}"
+
+
+def test_queue_size_must_take_the_global_batch_at_the_actual_world_size(tmp_path, data):
+    config = config_for(tmp_path, data, queue_size=9)
+    message = fails_with(config, tmp_path / "out")
+    assert message == (f"error: {config}: queue_size 9 is not a multiple of the global batch 2 "
+                       f"(batch_size_train 2 x 1 process(es))")
+
+
+def test_empty_validation_split_is_caught_before_the_first_epoch(tmp_path, data):
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "train.json").write_text((data[0] / "train.json").read_text())
+    (ann / "val.json").write_text("[]")
+    config = config_for(tmp_path, (ann, data[1]))
+    message = fails_with(config, tmp_path / "out")
+    assert message in (f"error: {ann / 'val.json'}: the val split has no records",
+                       f"error: {config}: the val split is empty; validation after every epoch "
+                       f"needs at least one item")
+
+
+# the output folder --------------------------------------------------------------------
+def test_a_file_in_the_way_of_the_output_folder_is_one_line(tmp_path, data):
+    occupied = tmp_path / "out"
+    occupied.write_text("not a folder")
+    message = fails_with(config_for(tmp_path, data), occupied)
+    assert message == f"error: --output_dir: {occupied}: a file is in the way, not a folder"
+    assert occupied.read_text() == "not a folder"
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, data):
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "out"
+    message = fails_with(config_for(tmp_path, data), target)
+    assert message == f"error: --output_dir: {target}: cannot create the folder (Not a directory)"
+
+
+def test_a_used_output_folder_is_refused_unless_resume_or_overwrite(tmp_path, data):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    previous = {"checkpoint_last.pth": b"weights", "log.jsonl": b'{"kind": "step"}\n'}
+    for name, content in previous.items():
+        (output_dir / name).write_bytes(content)
+    config = config_for(tmp_path, data)
+    message = fails_with(config, output_dir)
+    assert message == (f"error: --output_dir: {output_dir}: holds a previous run "
+                       f"(checkpoint_last.pth, log.jsonl); pass --resume to continue it or "
+                       f"--overwrite to replace it")
+    for name, content in previous.items():
+        assert (output_dir / name).read_bytes() == content  # nothing lost
+
+    # --overwrite starts afresh: the old log is gone, not mixed with the new run
+    train_retrieval.main(["--config", config, "--output_dir", str(output_dir), "--overwrite",
+                          "--opts", "max_epoch=1"])
+    records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "step" and "lr" in records[0]
+    assert torch.load(output_dir / "checkpoint_last.pth", weights_only=True)["epoch"] == 0
+
+
+# during training ------------------------------------------------------------------------
+def test_sigterm_during_training_ends_with_one_line_and_no_temporaries(tmp_path, data):
+    output_dir = tmp_path / "out"
+    config = config_for(tmp_path, data, max_epoch=5)
+
+    def terminate_after_first_step():
+        log_file = output_dir / "log.jsonl"
+        while not (log_file.is_file() and log_file.read_text()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_after_first_step, daemon=True)
+    killer.start()
+    message = fails_with(config, output_dir, allowed={"log.jsonl", "checkpoint_last.pth",
+                                                      "checkpoint_best.pth"})
+    killer.join(timeout=10)
+    assert message == ("error: stopped by SIGTERM; finished epochs are in the output folder's "
+                       "checkpoint_last.pth (--resume continues)")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the script's handler is gone
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_naming_epoch_step_and_loss(tmp_path, data):
+    # a learning rate this large sends the weights to infinity in the first update
+    config = config_for(tmp_path, data, init_lr=1e30, weight_decay=0.0)
+    message = fails_with(config, tmp_path / "out", allowed={"log.jsonl"})
+    assert message == ("error: training stopped: loss_vtc is not finite at epoch 0 step 1; "
+                       "the weights of the last finished epoch are in checkpoint_last.pth")
+
+
+def test_non_finite_watch_names_the_first_bad_step_though_it_looks_later():
+    watch = NonFiniteWatch(torch.device("cpu"))
+    for step in range(6):
+        bad = step in (3, 4)
+        watch.record({"loss_a": torch.tensor(1.0),
+                      "loss_b": torch.tensor(float("nan") if bad else 2.0)}, step)
+        if step == 2:
+            watch.check(epoch=5)  # nothing yet
+    with pytest.raises(NonFiniteError, match="loss_b is not finite at epoch 5 step 3;"):
+        watch.check(epoch=5)
+
+
+# legal batches ------------------------------------------------------------------------
+def test_a_batch_holding_one_video_twice_trains(tiny_config, tiny_video, captions):
+    torch.manual_seed(0)
+    model = build_retrieval_model(tiny_config())
+    video = tiny_video(1).expand(2, -1, -1, -1, -1)  # the same clip twice, two texts
+    loss_vtc, loss_vtm = model(video, captions[:2], 0.4, torch.tensor([3, 3]))
+    (loss_vtc + loss_vtm).backward()
+    assert torch.isfinite(loss_vtc) and torch.isfinite(loss_vtm)
+    assert model.itm_head.weight.grad.abs().sum() > 0  # the positive pairs still train VTM
+
+
+# distributed --------------------------------------------------------------------------
+STALLED_PEER = """
+import os, sys, time
+from pathlib import Path
+import torch
+from engine.distributed import all_reduce_sum, init_distributed
+from engine.run import script_errors
+with script_errors():
+    init_distributed(torch.device("cpu"), timeout_minutes=0.05)  # 3 s
+    if os.environ["RANK"] == "1":
+        time.sleep(15)
+        Path(sys.argv[1]).touch()  # awake again
+    all_reduce_sum(torch.ones(1))
+"""
+
+
+@pytest.mark.slow  # two processes that import torch, and a 15 s stall
+def test_a_stalled_peer_ends_the_run_with_one_line_instead_of_hanging(tmp_path):
+    awake = tmp_path / "awake"
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29637",
+           "PYTHONPATH": str(REPO_ROOT)}
+    ranks = [subprocess.Popen([sys.executable, "-c", STALLED_PEER, str(awake)], cwd=REPO_ROOT,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    _, waiting_err = ranks[0].communicate(timeout=120)
+    assert not awake.exists()  # rank 0 gave up while rank 1 was still stalled
+    _, stalled_err = ranks[1].communicate(timeout=120)
+    assert ranks[0].returncode == 1 and "Traceback" not in waiting_err
+    assert waiting_err.strip().splitlines()[-1].startswith(
+        "error: rank 0: another process did not take part in a collective within "
+        "dist_timeout_minutes, or left (")
+    assert ranks[1].returncode == 1 and "Traceback" not in stalled_err
+    assert stalled_err.strip().splitlines()[-1].startswith("error: rank 1: ")

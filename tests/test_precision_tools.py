@@ -1,0 +1,157 @@
+"""bfloat16 on CPU (detection, precision choice, float32 merge metric), the benchmark's
+dtype comparison and roofline keys, and tools/gpu_check.py without a GPU."""
+import json
+
+import pytest
+import torch
+
+from engine import precision
+from engine.config import load_config
+from helpers import write_tiny_encoder_config
+from models.aggregation import bipartite_matching, importance_matching
+from tools import benchmark, gpu_check
+
+
+
+# CPU bfloat16 detection and the precision it selects ----------------------------------
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse avx2 fma avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu sse avx2 amx_bf16 amx_tile amx_int8", True),
+    ("fpu sse avx2 fma f16c", False),
+])
+def test_bf16_detection_reads_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    problem = precision.cpu_bf16_problem(str(cpuinfo))
+    assert (problem is None) == native
+    if not native:
+        assert "no AMX-BF16 or AVX512-BF16" in problem
+
+
+def test_bf16_detection_without_cpuinfo_names_the_file(tmp_path):
+    missing = tmp_path / "cpuinfo"
+    assert str(missing) in precision.cpu_bf16_problem(str(missing))
+
+
+def test_cpu_bf16_autocast_where_native(monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda: None)
+    selected = precision.build_precision("bf16", torch.device("cpu"))
+    assert selected.dtype is torch.bfloat16 and not selected.scaler.is_enabled()
+    linear = torch.nn.Linear(4, 4)
+    with selected.autocast():
+        out = linear(torch.randn(2, 4))
+    assert out.dtype is torch.bfloat16 and linear.weight.dtype is torch.float32  # fp32 master
+    assert capsys.readouterr().out == ""
+
+
+def test_cpu_falls_back_to_float32_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda: "this CPU has no AMX-BF16")
+    assert precision.build_precision("bf16", torch.device("cpu")).dtype is None
+    assert capsys.readouterr().out == "amp bf16: float32 on this CPU: this CPU has no AMX-BF16\n"
+    assert precision.build_precision("fp16", torch.device("cpu")).dtype is None
+    assert "float16 autocast is for GPUs" in capsys.readouterr().out
+    assert precision.build_precision("none", torch.device("cpu")).dtype is None
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_merge_metric_stays_float32_under_bf16_autocast(frames):
+    """The choice under bf16 autocast from a bf16 metric equals the float32 computation
+    on the same (bf16-rounded) metric."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, 6, 8, 16) if frames else (3, 17, 16)
+    metric = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    importance = torch.rand(shape[:-1], generator=generator)
+    for match in (lambda m: bipartite_matching(m, 3, class_token=True, protect_first=not frames,
+                                                 vote_frames=frames),
+                  lambda m: importance_matching(m, importance, 3, class_token=True,
+                                                protect_first=not frames,
+                                                share_over_patches=frames)):
+        expected = match(metric.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = match(metric)
+        for name in vars(expected):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+# tools/benchmark.py ---------------------------------------------------------------------
+@pytest.mark.parametrize("name, op_class", [
+    ("aten::addmm", "GEMM"), ("aten::bmm", "GEMM"), ("aten::_softmax", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::native_layer_norm", "norms/elementwise"), ("aten::gelu", "norms/elementwise"),
+    ("aten::linalg_vector_norm", "merging"), ("aten::argsort", "merging"),
+    ("aten::scatter_add_", "merging"), ("aten::copy_", "copies"), ("aten::cat", "copies"),
+])
+def test_profile_op_classes(name, op_class):
+    assert benchmark.op_class(name) == op_class
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setattr(benchmark, "cpu_bf16_problem", lambda: "this CPU has no AMX-BF16")
+    with pytest.raises(SystemExit, match="bf16 on CPU: this CPU has no AMX-BF16; pass --allow-slow-bf16"):
+        benchmark.main(["--config", "no/such/config.yaml", "--compare-dtype", "--runs", "1"])
+    with pytest.raises(SystemExit, match="fp16 is for CUDA"):
+        benchmark.main(["--config", "no/such/config.yaml", "--dtype", "fp16", "--device", "cpu"])
+
+
+def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    write_tiny_encoder_config(config, image_size=32, testa_r=[1, 1, 1, 1])
+    benchmark.main(["--config", str(config), "--compare-dtype", "--runs", "1", "--device", "cpu",
+                    "--allow-slow-bf16", "--profile", "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dtype"] == "fp32,bf16"
+    assert report["seconds"] == {"fp32": report["seconds_fp32"], "bf16": report["seconds_bf16"]}
+    assert report["dtype_speedup"] == round(report["seconds_fp32"] / report["seconds_bf16"], 3)
+    flops = 2e9 * benchmark.count(benchmark.encoder_config(
+        load_config(str(config)), None, True), decimals=None)["gmacs"]
+    for dtype in ("fp32", "bf16"):
+        achieved = flops / report["seconds"][dtype] / 1e9
+        assert report["achieved_gflops"][dtype] == pytest.approx(achieved, abs=0.002, rel=0.01)
+        # both rates are rounded to 3 decimals in the report (tiny ones for bf16 on CPUs
+        # without native bfloat16), so the ratio is checked on the reported rates
+        assert report["peak_fraction"][dtype] == pytest.approx(
+            report["achieved_gflops"][dtype] / report["gemm_gflops"][dtype], abs=0.002, rel=0.02)
+        profile = report["profile"][dtype]
+        assert set(profile) == {"GEMM", "attention", "merging", "norms/elementwise", "copies", "other"}
+        assert profile["GEMM"] > 0 and profile["merging"] > 0
+
+
+# tools/gpu_check.py -----------------------------------------------------------------------
+def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 0
+    assert capsys.readouterr().out.startswith("gpu_check: no CUDA device here")
+
+
+def test_gpu_check_dry_run_fills_every_row(capsys):
+    assert gpu_check.main(["--cpu-dry-run", "--frames", "4", "8", "--batch", "1", "--runs", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| what | frames |")
+    rows = [line.split(" | ") for line in lines[1:]]
+    # (2 forwards + 1 training step) x with/without aggregation x bf16/fp16
+    assert [(r[0], r[1], r[2], r[3]) for r in rows[:4]] == [
+        ("| forward", "4", "yes", "bf16"), ("| forward", "4", "yes", "fp16"),
+        ("| forward", "4", "no", "bf16"), ("| forward", "4", "no", "fp16")]
+    assert len(rows) == 12 and {r[0] for r in rows[8:]} == {"| train step"}
+    assert all(float(r[5]) > 0 and r[6] == "-" for r in rows)
+
+
+def test_bf16_autocast_keeps_the_float32_merges():
+    """A small random encoder (6 blocks, 8 frames, R_T=1, R_S=3) under bf16 autocast makes
+    the same merge decisions as in float32, and its class token stays close."""
+    from models import build_video_encoder
+    torch.manual_seed(0)
+    encoder = build_video_encoder(dict(
+        image_size=64, patch_size=16, num_frames=8, vision_width=192, num_heads=3, depth=6,
+        token_merging=True, testa_r=[1, 3] * 6, merging_type="frame&patch")).eval()
+    for block in encoder.blocks:  # non-zero temporal branches
+        torch.nn.init.trunc_normal_(block.temporal_fc.weight, std=0.02)
+    video = torch.randn(4, 3, 8, 64, 64)
+    with torch.no_grad():
+        expected, expected_state = encoder.forward_with_state(video, track_source=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, state = encoder.forward_with_state(video, track_source=True)
+    assert torch.equal(state.source.float(), expected_state.source)
+    cosine = torch.nn.functional.cosine_similarity(got[:, 0].float(), expected[:, 0], dim=-1)
+    assert cosine.min() > 0.999
