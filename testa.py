@@ -30,6 +30,7 @@ from datasets.base import stack_clips
 from datasets.transforms import normalize
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models.checkpoint import LoadReport, read_checkpoint
+from models.video_encoder import pad_tokens
 from engine.config import load_config
 from tasks.pretraining import PRETRAIN_SCHEMA
 from tasks.retrieval import NOT_RERANKED, RETRIEVAL_SCHEMA, candidate_masks
@@ -45,9 +46,11 @@ Video = Union[str, Path, torch.Tensor]
 @dataclass
 class VideoEmbeddings:
     """features `[V, E]` (L2-normalised, for similarities); tokens `[V, N, D]` (the video
-    encoder's output after aggregation, which the matching head attends to)."""
+    encoder's output after aggregation, which the matching head attends to); mask `[V, N]`:
+    the tokens that hold content (None: all; adaptive aggregation pads)."""
     features: torch.Tensor
     tokens: torch.Tensor
+    mask: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -97,12 +100,18 @@ class VideoText:
 
     @torch.no_grad()
     def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8) -> VideoEmbeddings:
-        features, tokens = [], []
+        features, tokens, masks = [], [], []
         for start in range(0, len(videos), batch_size):
-            feat, embeds = self.model.encode_video(self.reader.batch(videos[start:start + batch_size]))
+            feat, embeds, mask = self.model.encode_video(self.reader.batch(videos[start:start + batch_size]))
             features.append(feat)
             tokens.append(embeds)
-        return VideoEmbeddings(torch.cat(features), torch.cat(tokens))
+            masks.append(mask)
+        if masks[0] is None:
+            return VideoEmbeddings(torch.cat(features), torch.cat(tokens))
+        length = max(embeds.shape[1] for embeds in tokens)  # batches keep different counts
+        padded = [pad_tokens(embeds, mask, length) for embeds, mask in zip(tokens, masks)]
+        return VideoEmbeddings(torch.cat(features), torch.cat([t for t, _ in padded]),
+                               torch.cat([m for _, m in padded]))
 
     @torch.no_grad()
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
@@ -122,7 +131,8 @@ class VideoText:
         """The matching head's "match" logit `[P]` of (video, text) index pairs `[P, 2]`."""
         video, text = pairs.unbind(1)
         logits = self.model.itm_logits(videos.tokens[video], texts.input_ids[text],
-                                       texts.attention_mask[text])  # [P, 2]
+                                       texts.attention_mask[text],
+                                       None if videos.mask is None else videos.mask[video])  # [P, 2]
         return logits[:, 1]
 
     def rerank(self, videos: VideoEmbeddings, texts: TextEmbeddings, *,

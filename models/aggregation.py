@@ -284,6 +284,23 @@ def parse_merging_types(merging_type: Union[str, Sequence[str]], depth: int) -> 
     return types
 
 
+def parse_threshold(threshold: Union[None, float, Sequence[float]]
+                    ) -> Optional[Tuple[float, float]]:
+    """`testa_threshold` -> (frame, patch) cosine-similarity thresholds, or None (off).
+
+    One number sets both; a pair sets them apart. Each lies in [-1, 1] (a pair merges when
+    its score is above it, so -1 merges up to r unless keys point exactly apart).
+    """
+    if threshold is None:
+        return None
+    values = [threshold] * 2 if isinstance(threshold, (int, float)) else list(threshold)
+    if (len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                or not -1.0 <= v <= 1.0 for v in values)):
+        raise ValueError("testa_threshold must be null, a number in [-1, 1] or a [frame, patch] "
+                         f"pair of them, got {threshold!r}")
+    return float(values[0]), float(values[1])
+
+
 def parse_r(r: Union[int, Sequence[int], Tuple[int, float]], num_ops: int) -> List[int]:
     """r per aggregation operation, in order.
 
@@ -311,3 +328,91 @@ def parse_r(r: Union[int, Sequence[int], Tuple[int, float]], num_ops: int) -> Li
     if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
         raise ValueError(f"testa_r entries must be non-negative ints, got {values}")
     return values
+
+
+# content-adaptive aggregation ---------------------------------------------------------
+class AdaptiveMerge:
+    """Merge each set-A token whose match score clears the threshold into its set-B partner,
+    per row, then drop the tokens that every row of the batch left empty.
+
+    A merged token keeps its slot with size 0 (it stands for nothing; attention masks it
+    out) until the whole batch allows the slot to go. Tokens keep their order.
+    """
+
+    def __init__(self, merged: torch.Tensor, dst_idx: torch.Tensor, keep_idx: torch.Tensor):
+        self.merged = merged  # [..., |A|, 1] bool: merged into its partner in B
+        self.dst_idx = dst_idx  # [..., |A|, 1] partner positions in B
+        self.keep_idx = keep_idx  # [..., M, 1] slots kept, ascending
+
+    def _interleave_and_keep(self, set_a: torch.Tensor, set_b: torch.Tensor) -> torch.Tensor:
+        tokens = set_a.new_empty(*set_a.shape[:-2], set_a.shape[-2] + set_b.shape[-2], set_a.shape[-1])
+        tokens[..., ::2, :] = set_a
+        tokens[..., 1::2, :] = set_b
+        return tokens.gather(-2, _expand_index(self.keep_idx, tokens))
+
+    def __call__(self, x: torch.Tensor, mode: str = "amax") -> torch.Tensor:
+        """Merge 0/1 source maps (`mode` 'amax'): a merged token's originals move to its partner."""
+        if mode != "amax":
+            raise ValueError(f"AdaptiveMerge merges values by size (weighted); got mode {mode!r}")
+        set_a, set_b = x[..., ::2, :], x[..., 1::2, :]
+        moved = set_a * self.merged
+        set_b = set_b.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce="amax")
+        return self._interleave_and_keep(set_a * ~self.merged, set_b)
+
+    def weighted(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted merge; a token that ends with size 0 keeps its value (no 0/0)."""
+        set_a, set_b = x[..., ::2, :], x[..., 1::2, :]
+        size_a, size_b = size[..., ::2, :], size[..., 1::2, :]
+        moved_size = size_a * self.merged  # [..., |A|, 1], 0 where not merged
+        received = torch.zeros_like(size_b).scatter_add(
+            -2, _expand_index(self.dst_idx, moved_size), moved_size)
+        merged_size = size_b + received
+        total = (set_b * size_b).scatter_add(-2, _expand_index(self.dst_idx, set_a), set_a * moved_size)
+        took = received > 0
+        denominator = torch.where(took, merged_size, torch.ones_like(merged_size))
+        set_b = torch.where(took, total / denominator, set_b)
+        return (self._interleave_and_keep(set_a, set_b),
+                self._interleave_and_keep(size_a * ~self.merged, merged_size))
+
+
+def adaptive_matching(metric: torch.Tensor, size: torch.Tensor, r: int, threshold: float, *,
+                      class_token: bool, protect_first: bool, frames: bool) -> AdaptiveMerge:
+    """Bipartite matching that merges every pair scoring above `threshold`, at most r per row.
+
+    metric: `[..., N, Dh]`; size: `[..., N, 1]`, 0 for empty slots, which neither merge
+    nor take merges. Patches (`frames=False`): one row per frame, tokens `[(B*T), 1+L]`.
+    Frames (`frames=True`): metric and size `[B, L, T, .]`; a frame's score against another
+    is the mean cosine similarity of their keys over the patch positions where both hold a
+    token, and the decision is shared by all patch positions. The cap per row is also
+    half the unprotected live tokens (`max_reduction`). Slots empty in every row are dropped.
+    """
+    with torch.no_grad():
+        live = size[..., 0] > 0  # [..., N]
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)  # [..., |A|, |B|]
+        both_live = live[..., ::2, None] & live[..., None, 1::2]
+        if frames:
+            # [B, L, |A|, |B|] -> [B, 1, |A|, |B|]: mean over the positions where both are live
+            pairs = both_live.sum(dim=-3, keepdim=True)
+            scores = torch.where(both_live, scores, 0).sum(dim=-3, keepdim=True) / pairs.clamp(min=1)
+            both_live = pairs > 0
+            live = live.any(dim=-2, keepdim=True)  # [B, 1, T]: frames with a token
+        scores = scores.masked_fill(~both_live, -math.inf)
+        if protect_first:
+            scores[..., 0, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)  # [..., |A|]
+        rank = node_max.argsort(dim=-1, descending=True).argsort(dim=-1)
+        cap = ((live.sum(dim=-1, keepdim=True) - int(class_token)) // 2).clamp(min=0, max=r)
+        wanted = (node_max > threshold).sum(dim=-1, keepdim=True).minimum(cap)
+        merged = (rank < wanted)[..., None]  # [..., |A|, 1]
+        dst_idx = node_idx[..., None]
+        # live slots after merging: B slots stay live, A slots unless merged
+        live_after = live.clone()
+        live_after[..., ::2] &= ~merged[..., 0]
+        kept = int(live_after.flatten(0, -2).sum(dim=-1).max())
+        keep_idx = (~live_after).to(torch.uint8).sort(dim=-1, stable=True).indices[..., :kept, None]
+        if frames:
+            num_patches = metric.shape[-3]
+            merged, dst_idx, keep_idx = (t.expand(-1, num_patches, -1, -1)
+                                         for t in (merged, dst_idx, keep_idx))
+    return AdaptiveMerge(merged, dst_idx, keep_idx)

@@ -6,18 +6,19 @@
 the feature queues (VTC), and matching with hard negatives (VTM).
 """
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from datasets.text import CAPTION_SETTINGS
-from engine.distributed import all_gather_with_grad, concat_all_gather
+from engine.distributed import all_gather_with_grad, concat_all_gather, is_distributed
 from models.text import (TEXT_SETTINGS, build_text_config, build_text_encoder,
                          build_tokenizer, encode_grounded, encode_text_only, tokenize,
                          with_first_token)
-from models.video_encoder import VIDEO_ENCODER_SETTINGS, build_video_encoder
+from models.video_encoder import (VIDEO_ENCODER_SETTINGS, build_video_encoder, pad_tokens,
+                                  pool_tokens)
 from utils import NUMBER, Setting, Settings, with_defaults
 
 MOMENTUM_SETTINGS: Settings = {
@@ -59,12 +60,14 @@ class MomentumVideoTextModel(nn.Module):
         self.text_proj_m = nn.Linear(text_width, embed_dim)
         self.copy_to_momentum()
 
-    def encode_video(self, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """video `[B, 3, T, H, W]` -> (feature `[B, E]` L2-normalised from the mean of all
-        tokens, all tokens `[B, N, D]`)."""
-        video_embeds = self.visual_encoder(video)
-        video_feat = F.normalize(self.vision_proj(video_embeds.mean(dim=1)), dim=-1)
-        return video_feat, video_embeds
+    def encode_video(self, video: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """video `[B, 3, T, H, W]` -> (feature `[B, E]` L2-normalised from the mean of the
+        tokens, all tokens `[B, N, D]`, which tokens hold content `[B, N]` or None if all:
+        adaptive aggregation pads the videos that kept fewer tokens)."""
+        video_embeds, video_mask = self.visual_encoder.forward_with_mask(video)
+        video_feat = F.normalize(self.vision_proj(pool_tokens(video_embeds, video_mask)), dim=-1)
+        return video_feat, video_embeds, video_mask
 
     def tokenize(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """captions -> (input_ids, attention_mask) `[B, max_words]` on the model's device."""
@@ -81,11 +84,14 @@ class MomentumVideoTextModel(nn.Module):
         return text_feat, input_ids, attention_mask
 
     def itm_logits(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-        """Match scores `[K, 2]` of K (video tokens `[K, N, D]`, text `[K, S]`) pairs: the
-        video-grounded encoder with `[ENC]` first, ITM head on its first output."""
+                   attention_mask: torch.Tensor, video_mask: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+        """Match scores `[K, 2]` of K (video tokens `[K, N, D]` with their content mask
+        `[K, N]` or None, text `[K, S]`) pairs: the video-grounded encoder with `[ENC]`
+        first, ITM head on its first output."""
         input_ids = with_first_token(input_ids, self.tokenizer.enc_token_id)
-        grounded = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds)
+        grounded = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds,
+                                   video_mask)
         return self.itm_head(grounded[:, 0])
 
     def clamp_temperature(self) -> None:
@@ -96,8 +102,8 @@ class MomentumVideoTextModel(nn.Module):
     def momentum_features(self, video: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(video feature `[B, E]`, text feature `[B, E]`) from the momentum towers."""
-        video_embeds = self.visual_encoder_m(video)
-        video_feat = F.normalize(self.vision_proj_m(video_embeds.mean(dim=1)), dim=-1)
+        video_embeds, video_mask = self.visual_encoder_m.forward_with_mask(video)
+        video_feat = F.normalize(self.vision_proj_m(pool_tokens(video_embeds, video_mask)), dim=-1)
         text_embeds = encode_text_only(self.text_encoder_m, input_ids, attention_mask)
         text_feat = F.normalize(self.text_proj_m(text_embeds[:, 0]), dim=-1)
         return video_feat, text_feat
@@ -124,23 +130,31 @@ class MomentumVideoTextModel(nn.Module):
         torch._foreach_add_(params_m, params, alpha=1.0 - self.momentum)
 
     def matching_loss(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, negatives: "HardNegatives") -> torch.Tensor:
+                      attention_mask: torch.Tensor, negatives: "HardNegatives",
+                      video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """VTM cross-entropy over B positive pairs, B' (text, negative video) pairs and
         B' (negative text, video) pairs, B' the rows that have a negative (all B, unless
         the batch holds a video several times and the pool has nothing else)."""
         batch = video_embeds.shape[0]
-        neg_videos, neg_ids, neg_masks = (negatives.video_embeds, negatives.input_ids,
-                                          negatives.attention_mask)
-        pos_videos, pos_ids, pos_masks = video_embeds, input_ids, attention_mask
+        if video_mask is not None:  # the negatives may come padded to more slots
+            video_embeds, video_mask = pad_tokens(video_embeds, video_mask,
+                                                  negatives.video_embeds.shape[1])
+        neg_videos, neg_ids, neg_masks, neg_video_masks = (
+            negatives.video_embeds, negatives.input_ids, negatives.attention_mask, negatives.video_mask)
+        pos_videos, pos_ids, pos_masks, pos_video_masks = video_embeds, input_ids, attention_mask, video_mask
         if not bool(negatives.has_negative.all()):  # leave out the placeholders
             keep = negatives.has_negative
             neg_videos, neg_ids, neg_masks = neg_videos[keep], neg_ids[keep], neg_masks[keep]
             pos_videos, pos_ids, pos_masks = video_embeds[keep], input_ids[keep], attention_mask[keep]
+            if video_mask is not None:
+                neg_video_masks, pos_video_masks = neg_video_masks[keep], video_mask[keep]
         num_negative = neg_videos.shape[0]
         videos = torch.cat([video_embeds, neg_videos, pos_videos])  # [B + 2B', N, D]
         texts = torch.cat([input_ids, pos_ids, neg_ids])  # [B + 2B', S]
         masks = torch.cat([attention_mask, pos_masks, neg_masks])
-        logits = self.itm_logits(videos, texts, masks)  # [B + 2B', 2]
+        video_masks = (None if video_mask is None
+                       else torch.cat([video_mask, neg_video_masks, pos_video_masks]))
+        logits = self.itm_logits(videos, texts, masks, video_masks)  # [B + 2B', 2]
         labels = torch.cat([torch.ones(batch, dtype=torch.long),
                             torch.zeros(2 * num_negative, dtype=torch.long)]).to(logits.device)
         return F.cross_entropy(logits, labels)
@@ -209,7 +223,8 @@ class NegativePool:
     """Hard-negative candidates: this process's batch or, `gathered()`, every rank's.
 
     video_embeds `[M, N, D]` (carries gradient), video_feat / text_feat `[M, E]`,
-    input_ids / attention_mask `[M, S]`, idx `[M]` (video index of each pair).
+    input_ids / attention_mask `[M, S]`, idx `[M]` (video index of each pair),
+    video_mask `[M, N]` (tokens with content; None: all).
     """
     video_embeds: torch.Tensor
     video_feat: torch.Tensor
@@ -217,12 +232,19 @@ class NegativePool:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     idx: torch.Tensor
+    video_mask: Optional[torch.Tensor] = None
 
     def gathered(self) -> "NegativePool":
-        return NegativePool(all_gather_with_grad(self.video_embeds),
+        video_embeds, video_mask = self.video_embeds, self.video_mask
+        if video_mask is not None and is_distributed():  # ranks may keep different token counts
+            length = torch.tensor(video_embeds.shape[1], device=video_embeds.device)
+            torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+            video_embeds, video_mask = pad_tokens(video_embeds, video_mask, int(length))
+        return NegativePool(all_gather_with_grad(video_embeds),
                             concat_all_gather(self.video_feat), concat_all_gather(self.text_feat),
                             concat_all_gather(self.input_ids),
-                            concat_all_gather(self.attention_mask), concat_all_gather(self.idx))
+                            concat_all_gather(self.attention_mask), concat_all_gather(self.idx),
+                            None if video_mask is None else concat_all_gather(video_mask))
 
 
 @dataclass
@@ -232,12 +254,14 @@ class HardNegatives:
 
     video_embeds `[B, N, D]`, input_ids / attention_mask `[B, S]`; has_negative `[B]`:
     False where every pool entry shares the row's video index (the entries of that row
-    are placeholders and take no part in the loss).
+    are placeholders and take no part in the loss); video_mask `[B, N]` (tokens with
+    content; None: all).
     """
     video_embeds: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     has_negative: torch.Tensor
+    video_mask: Optional[torch.Tensor] = None
 
 
 def pick_hard_negatives(video_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor,
@@ -251,7 +275,8 @@ def pick_hard_negatives(video_feat: torch.Tensor, text_feat: torch.Tensor, idx: 
         video_for_text = sample_negatives(text_feat @ pool.video_feat.t() / temp, is_positive)
         text_for_video = sample_negatives(video_feat @ pool.text_feat.t() / temp, is_positive)
     return HardNegatives(pool.video_embeds[video_for_text], pool.input_ids[text_for_video],
-                         pool.attention_mask[text_for_video], ~is_positive.all(dim=1))
+                         pool.attention_mask[text_for_video], ~is_positive.all(dim=1),
+                         None if pool.video_mask is None else pool.video_mask[video_for_text])
 
 
 def sample_negatives(sim: torch.Tensor, is_positive: torch.Tensor) -> torch.Tensor:

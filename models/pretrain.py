@@ -4,7 +4,7 @@ The caption decoder shares every module with the text encoder except its
 self-attention layers; the state dict still lists both `text_encoder.*` and
 `text_decoder.*`, as BLIP and TESTA checkpoints do.
 """
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,7 +35,7 @@ class PretrainModel(MomentumVideoTextModel):
         """video `[B, 3, T, H, W]`, B captions, distillation weight alpha ->
         (loss_vtc, loss_vtm, loss_cap)."""
         self.clamp_temperature()
-        video_feat, video_embeds = self.encode_video(video)
+        video_feat, video_embeds, video_mask = self.encode_video(video)
         text_feat, input_ids, attention_mask = self.encode_text(caption)
         batch = video_feat.shape[0]
 
@@ -52,22 +52,25 @@ class PretrainModel(MomentumVideoTextModel):
 
         own_index = torch.arange(batch, device=video_feat.device)
         pool = NegativePool(video_embeds, video_feat_m, text_feat_m, input_ids, attention_mask,
-                            own_index)
+                            own_index, video_mask)
         negatives = pick_hard_negatives(video_feat.detach(), text_feat.detach(), own_index, pool,
                                         self.temp.detach())
-        loss_vtm = self.matching_loss(video_embeds, input_ids, attention_mask, negatives)
+        loss_vtm = self.matching_loss(video_embeds, input_ids, attention_mask, negatives,
+                                      video_mask)
 
-        loss_cap = self.caption_loss(video_embeds, input_ids, attention_mask)
+        loss_cap = self.caption_loss(video_embeds, input_ids, attention_mask, video_mask)
         return loss_vtc, loss_vtm, loss_cap
 
     def caption_loss(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
+                     attention_mask: torch.Tensor, video_mask: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
         """Label-smoothed LM loss of the captions `[B, S]` (`[DEC]` first, padding
-        ignored) given the video tokens `[B, N, D]`."""
+        ignored) given the video tokens `[B, N, D]` (those of `video_mask [B, N]`)."""
         decoder_ids = with_first_token(input_ids, self.tokenizer.bos_token_id)
         labels = decoder_ids.masked_fill(decoder_ids == self.tokenizer.pad_token_id, -100)
         output = self.text_decoder(decoder_ids, attention_mask=attention_mask,
-                                   encoder_hidden_states=video_embeds, labels=labels)
+                                   encoder_hidden_states=video_embeds,
+                                   encoder_attention_mask=video_mask, labels=labels)
         return output.loss
 
 

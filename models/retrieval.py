@@ -34,7 +34,7 @@ class RetrievalModel(MomentumVideoTextModel):
         `[B]` -> (loss_vtc, loss_vtm)."""
         self.clamp_temperature()
         idx = idx.view(-1).to(self.idx_queue.device)
-        video_feat, video_embeds = self.encode_video(video)
+        video_feat, video_embeds, video_mask = self.encode_video(video)
         text_feat, input_ids, attention_mask = self.encode_text(caption)
 
         with torch.no_grad():
@@ -51,12 +51,13 @@ class RetrievalModel(MomentumVideoTextModel):
                 self.ptr_queue)
 
         pool = NegativePool(video_embeds, video_feat.detach(), text_feat.detach(), input_ids,
-                            attention_mask, idx)
+                            attention_mask, idx, video_mask)
         if self.negative_all_rank:
             pool = pool.gathered()
         negatives = pick_hard_negatives(video_feat.detach(), text_feat.detach(), idx, pool,
                                         self.temp.detach())
-        loss_vtm = self.matching_loss(video_embeds, input_ids, attention_mask, negatives)
+        loss_vtm = self.matching_loss(video_embeds, input_ids, attention_mask, negatives,
+                                      video_mask)
         return loss_vtc, loss_vtm
 
 

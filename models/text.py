@@ -314,8 +314,10 @@ def encode_text_only(encoder: BlipTextModel, input_ids: torch.Tensor,
 
 
 def encode_grounded(encoder: BlipTextModel, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
-    """Video-grounded mode: every layer cross-attends to all video tokens `[B, N, D]`;
-    `[B, S]` -> hidden states `[B, S, W]`. Callers put `[ENC]` first."""
-    return encoder(input_ids, attention_mask=attention_mask,
-                   encoder_hidden_states=video_embeds).last_hidden_state
+                    attention_mask: torch.Tensor, video_embeds: torch.Tensor,
+                    video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Video-grounded mode: every layer cross-attends to the video tokens `[B, N, D]`
+    (those of `video_mask [B, N]` only, if given); `[B, S]` -> hidden states `[B, S, W]`.
+    Callers put `[ENC]` first."""
+    return encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=video_embeds,
+                   encoder_attention_mask=video_mask).last_hidden_state

@@ -17,11 +17,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from datasets.transforms import FRAME_SETTINGS
-from models.aggregation import (AGGREGATION_RULES, AGGREGATIONS, Reduction,
+from models.aggregation import (AGGREGATION_RULES, AGGREGATIONS, Reduction, adaptive_matching,
                                 attention_received, max_reduction, merge_source,
-                                merge_weighted, parse_merging_types, parse_r)
+                                merge_weighted, parse_merging_types, parse_r, parse_threshold)
 from models.resize import resize_along_time, resize_patch_grid
-from utils import Setting, Settings, with_defaults
+from utils import NONE, Setting, Settings, with_defaults
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 
@@ -47,6 +47,10 @@ VIDEO_ENCODER_SETTINGS: Settings = {
     "aggregation": Setting(str, "geometry", "how tokens are chosen (models/aggregation.py)",
                            choices=AGGREGATIONS),
     "prop_attn": Setting(bool, False, "proportional attention: bias by log token size"),
+    "testa_threshold": Setting((int, float, list, NONE), None, "adaptive aggregation: merge, per "
+                               "video, every matched pair whose key cosine similarity is above "
+                               "it (a [frame, patch] pair sets them apart), at most testa_r; "
+                               "null: the fixed schedule (docs/adaptive.md)", min=-1, max=1),
     "vit_grad_ckpt": Setting(bool, False, "gradient checkpointing of the encoder blocks"),
     "vit_ckpt_layer": Setting(int, 0, "checkpoint only the last N blocks (0: all)", min=0),
 }
@@ -61,12 +65,15 @@ class TokenState:
     source: optional 0/1 map on the same grid whose last dim indexes the original patch
         tokens `t0 * L0 + l0`; class-token rows are zero.
     frame_source: optional `[B, T, T0]` 0/1 map from current to original frames.
+    trace: optional list that every block extends with the sizes its attention and MLP
+        saw, for cost accounting (tools/benchmark.py, `traced_gmacs`).
     """
     num_frames: int
     num_patches: int
     size: torch.Tensor
     source: Optional[torch.Tensor] = None
     frame_source: Optional[torch.Tensor] = None
+    trace: Optional[List[torch.Tensor]] = None
 
 
 class Attention(nn.Module):
@@ -80,14 +87,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, size: Optional[torch.Tensor] = None,
-                return_attn: bool = False
+                return_attn: bool = False, live: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """x `[batch, N, D]`, size `[batch, N, 1]` (proportional attention) ->
+        """x `[batch, N, D]`, size `[batch, N, 1]` (proportional attention; size 0 masks
+        a key), live `[batch, N]` (keys to attend to, when no size is given) ->
         (output `[batch, N, D]`, keys averaged over heads `[batch, N, Dh]`,
         attention averaged over heads `[batch, N, N]` if `return_attn`)."""
         qkv = rearrange(self.qkv(x), "b n (three h c) -> three b h n c", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)  # [batch, H, N, Dh] each
         bias = None if size is None else size.log()[:, None, None, :, 0]  # [batch, 1, 1, N]
+        if live is not None and bias is None:
+            bias = live_key_bias(live, x.dtype)
         if return_attn:
             logits = (q @ k.transpose(-2, -1)) * self.scale
             if bias is not None:
@@ -102,16 +112,26 @@ class Attention(nn.Module):
         return out, k.mean(dim=1), attn
 
 
+def live_key_bias(live: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias `[batch, 1, 1, N]`: 0 for live keys, -inf for empty slots.
+    A row with no live key (only empty slots ask) attends to all, so it stays finite."""
+    live = live | ~live.any(dim=-1, keepdim=True)
+    bias = torch.zeros(live.shape, dtype=dtype, device=live.device).masked_fill(~live, -torch.inf)
+    return bias[:, None, None, :]
+
+
 class Block(nn.Module):
     """One encoder block: attention, TESTA aggregation, MLP."""
 
     def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0,
                  attention_type: str = "divided_space_time",
                  learnable_temporal_scaling: bool = False, aggregation: str = "geometry",
-                 class_token: bool = True, prop_attn: bool = False):
+                 class_token: bool = True, prop_attn: bool = False,
+                 threshold: Optional[Tuple[float, float]] = None):
         super().__init__()
         self.attention_type = attention_type
         self.rule = AGGREGATION_RULES[aggregation]
+        self.threshold = threshold  # (frame, patch) similarity thresholds: adaptive mode
         self.class_token = class_token
         self.prop_attn = prop_attn
         if learnable_temporal_scaling and attention_type != "space_only":
@@ -139,10 +159,14 @@ class Block(nn.Module):
         batch, num_frames = x.shape[0], state.num_frames
         needs_attn = self.rule.needs_attention
 
+        adaptive = self.threshold is not None
+        self._record(state)
+
         # temporal attention over the frames of each patch position
         frames_in = rearrange(x[:, 1:], "b (l t) d -> (b l) t d", t=num_frames)
+        live_t = rearrange(state.size[:, :, 1:, 0] > 0, "b t l -> (b l) t") if adaptive else None
         res_t, metric_t, attn_t = self.temporal_attn(
-            self.temporal_norm1(frames_in), return_attn=needs_attn and r_frame > 0)
+            self.temporal_norm1(frames_in), return_attn=needs_attn and r_frame > 0, live=live_t)
         if self.temporal_scaling is not None:
             res_t = res_t * (torch.tanh(resize_along_time(self.temporal_scaling, num_frames)) + 1)
         res_t = rearrange(res_t, "(b l) t d -> b (l t) d", b=batch)
@@ -155,10 +179,17 @@ class Block(nn.Module):
         cls_in = x[:, :1]  # [B, 1, D]
         xs = torch.cat([repeat(cls_in, "b 1 d -> (b t) 1 d", t=num_frames),
                         rearrange(xt, "b (l t) d -> (b t) l d", t=num_frames)], dim=1)  # [(B*T), 1+L, D]
+        self._record(state)
         size = rearrange(state.size, "b t l 1 -> (b t) l 1") if self.prop_attn else None
+        live_s = rearrange(state.size[..., 0] > 0, "b t l -> (b t) l") if adaptive else None
         res_s, metric_s, attn_s = self.attn(
-            self.norm1(xs), size, return_attn=needs_attn and r_patch > 0)
-        cls_res = rearrange(res_s[:, 0], "(b t) d -> b t d", b=batch).mean(dim=1, keepdim=True)
+            self.norm1(xs), size, return_attn=needs_attn and r_patch > 0, live=live_s)
+        cls_res = rearrange(res_s[:, 0], "(b t) d -> b t d", b=batch)
+        if adaptive:  # the mean over the frames that hold a token
+            frame_live = (state.size[:, :, 1:, 0] > 0).any(dim=-1, keepdim=True).to(cls_res.dtype)
+            cls_res = (cls_res * frame_live).sum(dim=1, keepdim=True) / frame_live.sum(dim=1, keepdim=True)
+        else:
+            cls_res = cls_res.mean(dim=1, keepdim=True)
         cls = cls_in + cls_res  # [B, 1, D]
         # The class slot of each frame is protected by every reducer and dropped below,
         # so its value never reaches another token.
@@ -167,6 +198,7 @@ class Block(nn.Module):
             tokens, state = self._aggregate_patches(tokens, metric_s, attn_s, state, r_patch)
 
         x = torch.cat([cls, rearrange(tokens[:, 1:], "(b t) l d -> b (l t) d", b=batch)], dim=1)
+        self._record(state)
         return x + self.mlp(self.norm2(x)), state
 
     def _aggregate_frames(self, xt: torch.Tensor, metric: torch.Tensor,
@@ -177,11 +209,11 @@ class Block(nn.Module):
         metric = rearrange(metric, "(b l) t c -> b l t c", b=batch)
         importance = None if attn is None else rearrange(
             attention_received(attn), "(b l) t -> b l t", b=batch)
-        reduce = self._match(metric, importance, r, frames=True)
+        size = rearrange(state.size[:, :, 1:], "b t l 1 -> b l t 1")
+        reduce = self._match(metric, importance, size, r, frames=True)
         if reduce is None:
             return xt, state
         frames = rearrange(xt, "b (l t) d -> b l t d", l=num_patches)
-        size = rearrange(state.size[:, :, 1:], "b t l 1 -> b l t 1")
         frames, size = merge_weighted(reduce, frames, size)
         num_frames = frames.shape[2]
         new_state = replace(state, num_frames=num_frames,
@@ -199,10 +231,10 @@ class Block(nn.Module):
         """Merge patches within each frame: tokens `[(B*T), 1+L, D]`, class slot protected."""
         num_frames = state.num_frames
         importance = None if attn is None else attention_received(attn)  # [(B*T), 1+L]
-        reduce = self._match(metric, importance, r, frames=False)
+        size = rearrange(state.size, "b t l 1 -> (b t) l 1")
+        reduce = self._match(metric, importance, size, r, frames=False)
         if reduce is None:
             return tokens, state
-        size = rearrange(state.size, "b t l 1 -> (b t) l 1")
         tokens, size = merge_weighted(reduce, tokens, size)
         new_state = replace(state, num_patches=tokens.shape[1] - 1,
                             size=rearrange(size, "(b t) l 1 -> b t l 1", t=num_frames))
@@ -220,7 +252,7 @@ class Block(nn.Module):
         x = x + res
         if r > 0:
             importance = None if attn is None else attention_received(attn)
-            reduce = self._match(metric, importance, r, frames=False)
+            reduce = self._match(metric, importance, state.size, r, frames=False)
             if reduce is not None:
                 x, size = merge_weighted(reduce, x, state.size)
                 source = None if state.source is None else merge_source(reduce, state.source)
@@ -228,13 +260,44 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), state
 
     # helpers -------------------------------------------------------------------------
-    def _match(self, metric: torch.Tensor, importance: Optional[torch.Tensor], r: int,
-               frames: bool) -> Optional[Reduction]:
-        """Choose which tokens to merge or drop, by the configured aggregation rule; the
-        class slot of patch aggregation is never merged."""
+    def _match(self, metric: torch.Tensor, importance: Optional[torch.Tensor],
+               size: torch.Tensor, r: int, frames: bool) -> Optional[Reduction]:
+        """Choose which tokens to merge or drop, by the configured aggregation rule (or, with
+        a threshold, adaptive matching); the class slot of patch aggregation is never merged."""
+        protect_first = self.class_token and not frames
+        if self.threshold is not None:
+            return adaptive_matching(metric, size, r, self.threshold[0 if frames else 1],
+                                     class_token=self.class_token, protect_first=protect_first,
+                                     frames=frames)
         return self.rule.choose(metric, importance, r, class_token=self.class_token,
-                                protect_first=self.class_token and not frames,
-                                across_frames=frames)
+                                protect_first=protect_first, across_frames=frames)
+
+    @staticmethod
+    def _record(state: TokenState) -> None:
+        if state.trace is not None:
+            state.trace.append(state.size)
+
+
+def token_mask(state: TokenState) -> torch.Tensor:
+    """Which output tokens `[B, 1 + L*T]` (class token first, patch-major) hold content
+    (size > 0), from a divided-attention `TokenState`."""
+    live = rearrange(state.size[:, :, 1:, 0] > 0, "b t l -> b (l t)")
+    return torch.cat([live.new_ones(live.shape[0], 1), live], dim=1)
+
+
+def pool_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of the tokens `[B, N, D]` that hold content (all when `mask [B, N]` is None)."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    weight = mask[..., None].to(tokens.dtype)
+    return (tokens * weight).sum(dim=1) / weight.sum(dim=1)
+
+
+def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pad `[B, N, D]` tokens (zeros) and their mask `[B, N]` (False) to `length` slots."""
+    extra = length - tokens.shape[1]
+    return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
 def _with_class_slot(grid: torch.Tensor, value: float) -> torch.Tensor:
@@ -251,10 +314,17 @@ class VideoEncoder(nn.Module):
                  mlp_ratio: float = 4.0, attention_type: str = "divided_space_time",
                  learnable_temporal_scaling: bool = False, token_merging: bool = False,
                  testa_r=0, merging_type="frame&patch", aggregation: str = "geometry",
-                 prop_attn: bool = False, grad_ckpt: bool = False, ckpt_layer: int = 0):
+                 prop_attn: bool = False, grad_ckpt: bool = False, ckpt_layer: int = 0,
+                 testa_threshold=None):
         super().__init__()
         _check_settings(image_size, patch_size, num_frames, embed_dim, num_heads,
                         attention_type, aggregation)
+        threshold = parse_threshold(testa_threshold) if token_merging else None
+        if threshold is not None and (attention_type, aggregation) != ("divided_space_time", "geometry"):
+            raise ValueError("testa_threshold (adaptive aggregation) needs attention_type "
+                             f"'divided_space_time' and aggregation 'geometry', got "
+                             f"{attention_type!r} and {aggregation!r}")
+        self.adaptive = threshold is not None
         self.attention_type = attention_type
         self.embed_dim = embed_dim
         self.num_frames = num_frames
@@ -274,7 +344,7 @@ class VideoEncoder(nn.Module):
             self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, num_frames, mlp_ratio, attention_type,
-                  learnable_temporal_scaling, aggregation, class_token, prop_attn)
+                  learnable_temporal_scaling, aggregation, class_token, prop_attn, threshold)
             for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
@@ -302,11 +372,20 @@ class VideoEncoder(nn.Module):
         """video `[B, 3, T, H, W]` -> all output tokens `[B, 1 + L'*T', D]`."""
         return self.forward_with_state(video)[0]
 
+    def forward_with_mask(self, video: torch.Tensor
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """video `[B, 3, T, H, W]` -> (all output tokens `[B, 1 + L'*T', D]`, which of
+        them hold content `[B, 1 + L'*T']` bool, or None when every token does: the
+        adaptive mode pads videos that kept fewer tokens with empty slots)."""
+        tokens, state = self.forward_with_state(video)
+        return tokens, token_mask(state) if self.adaptive else None
+
     def forward_with_state(self, video: torch.Tensor, track_source: bool = False,
-                           num_blocks: Optional[int] = None
+                           num_blocks: Optional[int] = None, trace: bool = False
                            ) -> Tuple[torch.Tensor, TokenState]:
         """Tokens and their `TokenState` (sizes, and sources if `track_source`) after
-        `num_blocks` blocks (default all) and the final norm."""
+        `num_blocks` blocks (default all) and the final norm; with `trace`, the state's
+        `trace` lists the sizes every attention and MLP saw (tools/benchmark.py, `traced_gmacs`)."""
         batch, _, num_frames, height, width = video.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"video frames of {height}x{width} px do not fit the "
@@ -328,6 +407,8 @@ class VideoEncoder(nn.Module):
             patches = patches + time_embed[:, None]  # [B, L, T, D]
             x = torch.cat([cls, rearrange(patches, "b l t d -> b (l t) d")], dim=1)
             state = self._initial_state(x, batch, num_frames, num_patches, track_source)
+        if trace:
+            state.trace = []
 
         for block, (r_frame, r_patch), ckpt in list(zip(self.blocks, self.plan, self.checkpointed))[:num_blocks]:
             if ckpt and torch.is_grad_enabled():
@@ -451,6 +532,7 @@ def build_video_encoder(config: Mapping[str, Any]) -> VideoEncoder:
         merging_type=config["merging_type"],
         aggregation=config["aggregation"],
         prop_attn=config["prop_attn"],
+        testa_threshold=config["testa_threshold"],
         grad_ckpt=config["vit_grad_ckpt"],
         ckpt_layer=config["vit_ckpt_layer"],
     )

@@ -46,11 +46,12 @@ class VideoQAModel(nn.Module):
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
         """video `[B, 3, T, H, W]`, B questions -> (question states `[B, Sq, W]` from the
         video-grounded encoder with `[ENC]` first, question mask `[B, Sq]`)."""
-        video_embeds = self.visual_encoder(video)
+        video_embeds, video_mask = self.visual_encoder.forward_with_mask(video)
         input_ids, attention_mask = tokenize(self.tokenizer, questions, video.device,
                                              max_length=self.max_question_len)
         input_ids = with_first_token(input_ids, self.tokenizer.enc_token_id)
-        states = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds)
+        states = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds,
+                                 video_mask)
         return states, attention_mask
 
     def tokenize_answers(self, answers: Sequence[str], device: torch.device

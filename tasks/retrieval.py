@@ -9,7 +9,7 @@ ranks. Recall@K is computed from the two score matrices.
 """
 import zipfile
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task, 
 from models.blip_base import MOMENTUM_SETTINGS
 from models.retrieval import RETRIEVAL_MODEL_SETTINGS
 from models.text import TEXT_SETTINGS
-from models.video_encoder import VIDEO_ENCODER_SETTINGS
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, pad_tokens
 from utils import Setting, Settings, compose
 
 TEXT_BATCH_SIZE = 256
@@ -110,21 +110,27 @@ def encode_videos(model: nn.Module, loader: DataLoader, run: Run
     `[V, E]` float32, summed over the ranks; this rank's video indices `[V_r]`; their
     tokens `[V_r, N, D]`, kept on the CPU)."""
     features = torch.zeros(len(loader.dataset.video), run.config["embed_dim"], device=run.device)
-    own_index, own_features, own_tokens = [], [], []
+    own_index, own_features, own_tokens, own_masks = [], [], [], []
     for video, video_index in progress(loader, "videos"):
         owned = video_index % run.world_size == run.rank  # drops the sampler's padding repeats
         if not owned.any():
             continue
         with run.precision.autocast():
-            feat, tokens = model.encode_video(video[owned].to(run.device, non_blocking=True))
+            feat, tokens, mask = model.encode_video(video[owned].to(run.device, non_blocking=True))
         own_index.append(video_index[owned])
         own_features.append(feat.float())
         own_tokens.append(tokens.cpu())
+        own_masks.append(None if mask is None else mask.cpu())
     if not own_index:  # fewer videos than ranks
-        return all_reduce_sum(features), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return all_reduce_sum(features), torch.zeros(0, dtype=torch.long), torch.zeros(0), None
     own_index = torch.cat(own_index)
     features[own_index.to(run.device)] = torch.cat(own_features)
-    return all_reduce_sum(features), own_index, torch.cat(own_tokens)
+    if own_masks[0] is None:
+        return all_reduce_sum(features), own_index, torch.cat(own_tokens), None
+    length = max(tokens.shape[1] for tokens in own_tokens)  # batches keep different counts
+    padded = [pad_tokens(tokens, mask, length) for tokens, mask in zip(own_tokens, own_masks)]
+    return (all_reduce_sum(features), own_index, torch.cat([tokens for tokens, _ in padded]),
+            torch.cat([mask for _, mask in padded]))
 
 
 def candidate_masks(sims: torch.Tensor, k_test: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +146,8 @@ def candidate_masks(sims: torch.Tensor, k_test: int) -> Tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def rerank(model: nn.Module, run: Run, sims: torch.Tensor, candidates: torch.Tensor,
-           own_index: torch.Tensor, own_tokens: torch.Tensor, text_ids: torch.Tensor,
-           text_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+           own_index: torch.Tensor, own_tokens: torch.Tensor, own_masks: Optional[torch.Tensor],
+           text_ids: torch.Tensor, text_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
     """`itm_logit[:, 1] + sim` of every candidate pair `[V, T]` (0 elsewhere); each rank
     scores the pairs of its own videos, `batch_size` pairs at a time, and the ranks'
     matrices are summed."""
@@ -153,9 +159,11 @@ def rerank(model: nn.Module, run: Run, sims: torch.Tensor, candidates: torch.Ten
     scores = torch.zeros_like(sims)
     for chunk in progress(pairs.split(batch_size), "re-ranking"):
         video, text = chunk.unbind(1)
-        tokens = own_tokens[local_row[video.cpu()]].to(run.device, non_blocking=True)
+        rows = local_row[video.cpu()]
+        tokens = own_tokens[rows].to(run.device, non_blocking=True)
+        masks = None if own_masks is None else own_masks[rows].to(run.device, non_blocking=True)
         with run.precision.autocast():
-            logits = model.itm_logits(tokens, text_ids[text], text_mask[text])  # [K, 2]
+            logits = model.itm_logits(tokens, text_ids[text], text_mask[text], masks)  # [K, 2]
         scores[video, text] = logits[:, 1].float() + sims[video, text]
     return all_reduce_sum(scores)
 
@@ -165,13 +173,13 @@ def evaluate(model: nn.Module, loader: DataLoader, run: Run) -> Tuple[torch.Tens
     """Score matrices (v2t `[V, T]`, t2v `[T, V]`) of the protocol, on the CPU."""
     model.eval()
     text_feat, text_ids, text_mask = encode_texts(model, loader.dataset.text, run)
-    video_feat, own_index, own_tokens = encode_videos(model, loader, run)
+    video_feat, own_index, own_tokens, own_masks = encode_videos(model, loader, run)
     check_finite(text_feat, "text features")
     check_finite(video_feat, "video features")
     sims = video_feat @ text_feat.t()  # [V, T]
     v2t, t2v = candidate_masks(sims, run.config["k_test"])
-    scores = rerank(model, run, sims, v2t | t2v, own_index, own_tokens, text_ids, text_mask,
-                    run.config["k_test_batch_size"])
+    scores = rerank(model, run, sims, v2t | t2v, own_index, own_tokens, own_masks, text_ids,
+                    text_mask, run.config["k_test_batch_size"])
     check_finite(scores, "re-ranked scores")
     scores_v2t = torch.where(v2t, scores, NOT_RERANKED)
     scores_t2v = torch.where(t2v, scores, NOT_RERANKED).t()

@@ -63,7 +63,7 @@ def test_retrieval_losses_finite_and_decrease(tiny_config, tiny_video, captions)
 def test_retrieval_evaluation_methods_shapes(tiny_config, tiny_video, captions):
     model = build_retrieval_model(tiny_config()).eval()
     with torch.no_grad():
-        video_feat, video_embeds = model.encode_video(tiny_video(2))
+        video_feat, video_embeds, video_mask = model.encode_video(tiny_video(2))
         text_feat, input_ids, attention_mask = model.encode_text(captions[:3])
         logits = model.itm_logits(video_embeds[[0, 1, 1]], input_ids, attention_mask)
         enc_first = input_ids.clone()
@@ -72,7 +72,7 @@ def test_retrieval_evaluation_methods_shapes(tiny_config, tiny_video, captions):
     assert video_feat.shape == (2, 16) and text_feat.shape == (3, 16)
     assert torch.allclose(video_feat.norm(dim=-1), torch.ones(2))
     assert torch.allclose(text_feat.norm(dim=-1), torch.ones(3))
-    assert video_embeds.shape[0] == 2 and video_embeds.shape[2] == 64
+    assert video_embeds.shape[0] == 2 and video_embeds.shape[2] == 64 and video_mask is None
     assert input_ids.shape == attention_mask.shape == (3, 16)
     assert (input_ids[:, 0] == model.tokenizer.cls_token_id).all()
     assert logits.shape == (3, 2)
@@ -135,7 +135,7 @@ def test_rows_without_a_negative_are_marked_and_left_out_of_the_matching_loss(ti
 
     # the matching loss then holds only the positive pairs: an independent cross-entropy
     model = build_retrieval_model(tiny_config()).eval()
-    video_feat, video_embeds = model.encode_video(tiny_video(2))
+    video_feat, video_embeds, _ = model.encode_video(tiny_video(2))
     _, input_ids, attention_mask = model.encode_text(captions[:2])
     placeholders = HardNegatives(video_embeds, input_ids, attention_mask,
                                  torch.tensor([False, False]))

@@ -103,9 +103,9 @@ class KnownScoresModel(torch.nn.Module):
 
     def encode_video(self, video):
         index = video[:, 0].long()
-        return self.video_feat[index], index.float()[:, None, None]  # tokens [B, 1, 1]
+        return self.video_feat[index], index.float()[:, None, None], None  # tokens [B, 1, 1]
 
-    def itm_logits(self, video_tokens, input_ids, attention_mask):
+    def itm_logits(self, video_tokens, input_ids, attention_mask, video_mask=None):
         match = ITM[video_tokens[:, 0, 0].long(), input_ids[:, 1]]
         return torch.stack([-match, match], dim=1)
 

@@ -5,9 +5,13 @@
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --train --compare-no-agg
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --compare-dtype --runs 3 --json
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --dtype bf16 --profile
+    python tools/benchmark.py --config configs/retrieval_queryd_f32_adaptive.yaml --video clip.mp4 --runs 0 --json
 
 GMACs are multiply-accumulates of the forward / 1e9, counted with torch's FLOP counter
-on the meta device (no computation runs). `seconds` is the median wall time of `--runs`
+on the meta device (no computation runs). With `--video` the encoder (random weights,
+`--seed`) runs on that video, decoded at the config's frames and size, and `tokens_out` /
+`gmacs` count the tokens that hold content (adaptive aggregation keeps more tokens for busy
+videos; see `traced_gmacs`); an adaptive config needs `--video`. `seconds` is the median wall time of `--runs`
 forwards (forward + backward with `--train`) after one warm-up; weights and input are
 cast to `--dtype`. `peak_mem_mb` is the memory the forward (or training step) needs
 beyond the loaded model and input: on CUDA the allocator's peak, on CPU the growth of
@@ -36,9 +40,11 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datasets.transforms import normalize  # noqa: E402
+from datasets.video import read_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from models import build_video_encoder  # noqa: E402
-from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, token_mask  # noqa: E402
 from utils import with_defaults  # noqa: E402
 from engine.precision import cpu_bf16_problem  # noqa: E402
 
@@ -83,10 +89,75 @@ def count(config: dict, decimals: int = 1) -> Dict[str, float]:
             "tokens_in": tokens_in, "tokens_out": tokens.shape[1]}
 
 
-def build(config: dict, device: str, dtype: torch.dtype, train: bool):
+def _matching_macs(tokens: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """MACs of bipartite matching scores over `tokens` live tokens (|A| x |B| x Dh)."""
+    return (tokens + 1).div(2, rounding_mode="floor") * tokens.div(2, rounding_mode="floor") * head_dim
+
+
+def traced_gmacs(config: dict, trace: List[torch.Tensor], plan: List[tuple], class_token: bool
+                 ) -> List[float]:
+    """GMACs of one forward for every video of a batch, counting only the tokens that hold
+    content (size > 0), from the sizes a divided-attention encoder traced
+    (`forward_with_state(..., trace=True)`: per block, the sizes its temporal attention,
+    spatial attention and MLP saw), its `(r_frame, r_patch)` plan and whether it protects a
+    class token (matching is skipped where nothing can merge). The same terms as
+    the FLOP counter: linear layers, attention products (QK^T and AV), matching scores and
+    the patch embedding; norms and softmax are free."""
+    dim = config["vision_width"]
+    hidden = 4 * dim  # the encoder's MLP ratio
+    head_dim = dim // config["num_heads"]
+    first = trace[0]  # [B, T0, 1+L0, 1]
+    frames, patches = first.shape[1], first.shape[2] - 1
+    macs = torch.full((first.shape[0],), float(frames * patches * 3 * config["patch_size"] ** 2 * dim),
+                      dtype=torch.float64)
+    for temporal, spatial, mlp, (r_frame, r_patch) in zip(trace[0::3], trace[1::3], trace[2::3], plan):
+        live = temporal[:, :, 1:, 0] > 0  # [B, T, L]
+        per_position = live.sum(dim=1).double()  # [B, L]: frames each temporal attention sees
+        macs += live.sum(dim=(1, 2)) * 5 * dim * dim + 2 * dim * per_position.square().sum(dim=1)
+        live_frames = live.any(dim=2).sum(dim=1)  # [B]
+        if r_frame > 0:
+            can_merge = live_frames - int(class_token) >= 2
+            macs += _matching_macs(per_position, head_dim).sum(dim=1) * can_merge
+        live = spatial[:, :, 1:, 0] > 0
+        per_frame = (1 + live.sum(dim=2).double()) * live.any(dim=2)  # [B, T]: frames with content
+        macs += per_frame.sum(dim=1) * 4 * dim * dim + 2 * dim * per_frame.square().sum(dim=1)
+        if r_patch > 0:
+            can_merge = per_frame - int(class_token) >= 2
+            macs += (_matching_macs(per_frame, head_dim) * can_merge).sum(dim=1)
+        macs += (1 + (mlp[:, :, 1:, 0] > 0).sum(dim=(1, 2))) * 2 * dim * hidden
+    return (macs / 1e9).tolist()
+
+
+def load_video(config: dict, path: str) -> torch.Tensor:
+    """A real video `[1, 3, T, H, W]`, normalised: the config's frames (uniform, as tests
+    sample) at its image size."""
+    frames = read_frames(path, config["num_frames"], "uniform", config["image_size"])  # [T, 3, H, W] uint8
+    return normalize(frames).transpose(0, 1)[None]
+
+
+def count_on_video(config: dict, video: torch.Tensor, seed: int, decimals: int = 1
+                   ) -> Dict[str, float]:
+    """GMACs (rounded to `decimals`; None: unrounded) and token counts of one forward on
+    `video`, counting tokens with content."""
+    config = with_defaults(config, VIDEO_ENCODER_SETTINGS)
+    if config["attention_type"] != "divided_space_time":
+        return count(config, decimals)  # no content-dependent modes there
+    torch.manual_seed(seed)
+    encoder = build_video_encoder(config).eval()
+    with torch.no_grad():
+        _, state = encoder.forward_with_state(video, trace=True)
+    gmacs = traced_gmacs(config, state.trace, encoder.plan, encoder.blocks[0].class_token)[0]
+    tokens_in = 1 + video.shape[2] * (video.shape[3] // config["patch_size"]) ** 2
+    return {"gmacs": gmacs if decimals is None else round(gmacs, decimals), "tokens_in": tokens_in,
+            "tokens_out": int(token_mask(state).sum())}
+
+
+def build(config: dict, device: str, dtype: torch.dtype, train: bool,
+          video: Optional[torch.Tensor] = None):
     encoder = build_video_encoder(config).to(device=device, dtype=dtype).train(train)
-    video = torch.randn(video_shape(config), device=device, dtype=dtype)
-    return encoder, video
+    if video is None:
+        video = torch.randn(video_shape(config))
+    return encoder, video.to(device=device, dtype=dtype)
 
 
 def step(encoder, video: torch.Tensor, train: bool) -> None:
@@ -133,18 +204,20 @@ def _current_rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int, queue) -> None:
+def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int,
+                       video: Optional[torch.Tensor], queue) -> None:
     torch.set_num_threads(threads)
-    encoder, video = build(config, "cpu", dtype, train)
+    encoder, video = build(config, "cpu", dtype, train, video)
     baseline = _current_rss_mb()
     step(encoder, video, train)
     queue.put(_rss_peak_mb() - baseline)
 
 
-def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool) -> float:
+def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool,
+                   video: Optional[torch.Tensor] = None) -> float:
     """Memory one step needs beyond the model and input (MB)."""
     if device.startswith("cuda"):
-        encoder, video = build(config, device, dtype, train)
+        encoder, video = build(config, device, dtype, train, video)
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -156,7 +229,7 @@ def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool) -
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_peak_memory_child,
-                            args=(config, dtype, train, torch.get_num_threads(), queue))
+                            args=(config, dtype, train, torch.get_num_threads(), video, queue))
     # Large blocks straight from mmap go back to the system when freed, so the child's
     # peak resident set follows the live tensors instead of malloc's cached arenas.
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
@@ -218,15 +291,19 @@ def profile_by_class(encoder, video: torch.Tensor, train: bool) -> Dict[str, flo
 
 
 def measure(configs: List[dict], runs: int, device: str, dtypes: List[torch.dtype], train: bool,
-            compile_encoder: bool = False, profile_step: bool = False) -> List[Dict[str, float]]:
-    """One result per (config, dtype) pair, configs outer; all timed alternately."""
+            compile_encoder: bool = False, profile_step: bool = False,
+            video: Optional[torch.Tensor] = None, seed: int = 0) -> List[Dict[str, float]]:
+    """One result per (config, dtype) pair, configs outer; all timed alternately; on
+    `video` when given (else random input)."""
     pairs = [(config, dtype) for config in configs for dtype in dtypes]
-    results = [count(config) for config, _ in pairs]
+    exact = [count(config, decimals=None) if video is None
+             else count_on_video(config, video, seed, decimals=None) for config, _ in pairs]
+    results = [dict(result, gmacs=round(result["gmacs"], 1)) for result in exact]
     if runs == 0:
         for result in results:
             result.update(seconds=None, peak_mem_mb=None)
         return results
-    setups = [build(config, device, dtype, train) for config, dtype in pairs]
+    setups = [build(config, device, dtype, train, video) for config, dtype in pairs]
     if compile_encoder:
         for index, (encoder, video) in enumerate(setups):
             encoder = torch.compile(encoder)
@@ -240,10 +317,10 @@ def measure(configs: List[dict], runs: int, device: str, dtypes: List[torch.dtyp
             result["profile"] = profile_by_class(encoder, video, train)
     del setups
     peaks = {dtype: gemm_gflops(configs[0], device, dtype) for dtype in dtypes}
-    for result, (config, dtype), secs in zip(results, pairs, seconds):
+    for index, (result, (config, dtype), secs) in enumerate(zip(results, pairs, seconds)):
         result["seconds"] = round(secs, 4)
-        result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train)
-        flops = 2e9 * count(config, decimals=None)["gmacs"] * (3 if train else 1)
+        result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train, video)
+        flops = 2e9 * exact[index]["gmacs"] * (3 if train else 1)
         result["achieved_gflops"] = round(flops / secs / 1e9, 3)
         result["gemm_gflops"] = round(peaks[dtype], 3)
         result["peak_fraction"] = round(flops / secs / 1e9 / peaks[dtype], 3)
@@ -282,6 +359,8 @@ def main(argv=None) -> dict:
                          help="also measure the no-aggregation twin, alternately, and report speedup")
     compare.add_argument("--compare-dtype", action="store_true",
                          help="time fp32 and bf16 alternately and report dtype_speedup")
+    parser.add_argument("--video", help="count (and time) on this video instead of random input")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (--video)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (0: count only)")
     parser.add_argument("--train", action="store_true", help="time forward + backward at batch 1")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -295,6 +374,10 @@ def main(argv=None) -> dict:
                         help="profile one more step and print its time by op class")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
+    if args.runs < 0:
+        raise SystemExit(f"--runs must be 0 or more, got {args.runs}")
+    if args.video and not Path(args.video).is_file():
+        raise SystemExit(f"--video {args.video}: no such file")
 
     dtype_names = ["fp32", "bf16"] if args.compare_dtype else [args.dtype]
     if args.runs:
@@ -303,10 +386,15 @@ def main(argv=None) -> dict:
     configs = [config]
     if args.compare_no_agg:
         configs.append(encoder_config(config, None, aggregate=False))
+    video = None if args.video is None else load_video(config, args.video)
+    if video is None and config["token_merging"] and config["testa_threshold"] is not None:
+        raise SystemExit(f"benchmark: {args.config} sets testa_threshold, so the cost depends on "
+                         "the video; pass --video PATH")
     results = measure(configs, args.runs, args.device, [DTYPES[name] for name in dtype_names],
-                      args.train, compile_encoder=args.compile, profile_step=args.profile)
+                      args.train, compile_encoder=args.compile, profile_step=args.profile,
+                      video=video, seed=args.seed)
 
-    report = dict(config=args.config, frames=config["num_frames"],
+    report = dict(config=args.config, video=args.video, frames=config["num_frames"],
                   aggregation=bool(config["token_merging"]), mode="train" if args.train else "forward",
                   device=args.device, dtype="fp32,bf16" if args.compare_dtype else args.dtype,
                   compiled=args.compile, **results[0])

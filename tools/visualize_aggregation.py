@@ -2,12 +2,16 @@
 
     python tools/visualize_aggregation.py VIDEO --out output/aggregation.png
     python tools/visualize_aggregation.py VIDEO --checkpoint model.pth --frames 32 --block 6
+    python tools/visualize_aggregation.py STILL.mp4 --compare BUSY.mp4 \
+        --config configs/retrieval_queryd_f32_adaptive.yaml --out static_vs_busy.png
 
 The encoder runs with source tracking up to `--block` (default: the last). Every
 original (frame, patch) is coloured by the token it ended in: patches of one colour,
 outlined in white, were merged into one token; a coloured rectangle encloses frames
 merged into one frame token (a merged token spans all frames of its rectangle, so its
-colour appears in each of them). Without `--checkpoint` the weights are random and the
+colour appears in each of them). `--compare` draws a second video beside the first with
+the same weights: with adaptive aggregation (testa_threshold) a static clip keeps fewer
+tokens than a busy one. Without `--checkpoint` the weights are random and the
 merging follows pixel similarity (the patch embedding is a random projection of pixels).
 
 Other code can call `visualize_video(encoder, path, out_png)`, or `draw_aggregation(frames,
@@ -269,10 +273,21 @@ def visualize_video(encoder: VideoEncoder, video_path: str, out_png, num_frames:
                             out_png, columns)
 
 
+def side_by_side(left_png, right_png, out_png) -> Path:
+    """Join two PNGs left to right (the shorter one padded white at the bottom)."""
+    left, right = plt.imread(str(left_png)), plt.imread(str(right_png))
+    height = max(left.shape[0], right.shape[0])
+    padded = [np.concatenate([image, np.ones((height - image.shape[0], *image.shape[1:]),
+                                             dtype=image.dtype)]) for image in (left, right)]
+    plt.imsave(str(out_png), np.concatenate(padded, axis=1))
+    return Path(out_png)
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("video")
     parser.add_argument("--config", default="configs/retrieval_queryd_f32.yaml")
+    parser.add_argument("--compare", help="a second video, drawn beside the first")
     parser.add_argument("--checkpoint", help="BLIP/TESTA checkpoint (default: random weights)")
     parser.add_argument("--frames", type=int, help="frames to sample (default: the config's)")
     parser.add_argument("--block", type=int, help="draw after this block, 1-based (default: the last)")
@@ -292,8 +307,16 @@ def main(argv=None) -> Path:
     encoder = build_video_encoder(config).float().eval()
     if args.checkpoint:
         load_visual_encoder(encoder, args.checkpoint)
-    out_png = visualize_video(encoder, args.video, args.out, config["num_frames"], args.block,
-                              args.columns)
+    out_png = Path(args.out)
+    if args.compare is None:
+        visualize_video(encoder, args.video, out_png, config["num_frames"], args.block, args.columns)
+    else:
+        halves = [out_png.with_name(f"{out_png.stem}.{side}{out_png.suffix}") for side in ("left", "right")]
+        for video, half in zip((args.video, args.compare), halves):
+            visualize_video(encoder, video, half, config["num_frames"], args.block, args.columns)
+        side_by_side(*halves, out_png)
+        for half in halves:
+            half.unlink()
     print(f"wrote {out_png}")
     return out_png
 

