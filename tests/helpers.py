@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from ruamel.yaml import YAML
 
+from models import build_video_encoder
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a man is cooking pasta in a kitchen", "a dog runs across the park",
             "two people dance on a stage", "a cat sleeps on the sofa"]
@@ -92,3 +94,26 @@ def write_tiny_encoder_config(path: Path, *, image_size: int, testa_r: list) -> 
     path.write_text(f"image_size: {image_size}\npatch_size: 16\nvision_width: 32\nnum_heads: 2\n"
                     f"depth: 2\nnum_frames: 4\ntoken_merging: True\ntesta_r: {testa_r}\n"
                     f"merging_type: 'frame&patch'\n")
+
+
+# float64 encoder tests -----------------------------------------------------------------
+# a 12-block, width-64 encoder at 8 frames of 64 px, float64 with every weight random
+TINY_ENCODER = dict(image_size=64, patch_size=16, num_frames=8, vision_width=64, num_heads=4,
+                    depth=12, attention_type="divided_space_time", learnable_temporal_scaling=False,
+                    token_merging=True, merging_type="frame&patch", testa_r=0, vit_grad_ckpt=False)
+
+
+def tiny_encoder(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    encoder = build_video_encoder(dict(TINY_ENCODER, **overrides)).double().eval()
+    with torch.no_grad():  # every weight random, so no block is an identity
+        for name, param in encoder.named_parameters():
+            param.normal_(0, 0.15)
+            if "norm" in name and name.endswith("weight"):
+                param.add_(1.0)
+    return encoder
+
+
+def random_video(batch: int, frames: int, seed: int = 1, size: int = 64):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, frames, size, size, generator=generator, dtype=torch.float64)

@@ -11,8 +11,8 @@ from models.aggregation import adaptive_matching, merge_source, merge_weighted
 from models.text import build_text_config, build_text_encoder, build_tokenizer, encode_grounded
 from models.video_encoder import pool_tokens, token_mask
 from tests.reference_testa import reference_forward
-from tests.helpers import CAPTIONS, tiny_config, tiny_video
-from tests.test_video_encoder import TINY, random_video, tiny_encoder
+from helpers import (CAPTIONS, TINY_ENCODER as TINY, random_video, tiny_config, tiny_encoder,
+                     tiny_video)
 from tools.benchmark import count, traced_gmacs
 from engine.config import load_config
 
@@ -249,15 +249,21 @@ def _still_and_busy(tmp_path: Path):
     return write_still_clip(str(busy), tmp_path / "still.mp4"), busy
 
 
+def _shrunk_config(tmp_path: Path, shipped: str, testa_r: list):
+    """A shipped config at 8 frames of 64 px with 4 blocks of width 128, written to
+    `tmp_path` -> (its path, the dict)."""
+    from ruamel.yaml import YAML
+    config = dict(load_config(ROOT / "configs" / shipped), image_size=64, num_frames=8, depth=4,
+                  vision_width=128, num_heads=4, testa_r=testa_r)
+    path = tmp_path / f"tiny_{shipped}"
+    with open(path, "w") as f:
+        YAML(typ="safe").dump(config, f)
+    return path, config
+
+
 def test_benchmark_video_still_clip_keeps_at_most_half_the_tokens_tiny(tmp_path):
     """The adaptive QuerYD setting shrunk to 8 frames of 64 px and 4 blocks."""
-    from ruamel.yaml import YAML
-    config = load_config(ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml")
-    config.update(image_size=64, num_frames=8, depth=4, vision_width=128, num_heads=4,
-                  testa_r=[2, 6] * 4)
-    config_path = tmp_path / "tiny_adaptive.yaml"
-    with open(config_path, "w") as f:
-        YAML(typ="safe").dump(config, f)
+    config_path, _ = _shrunk_config(tmp_path, "retrieval_queryd_f32_adaptive.yaml", [2, 6] * 4)
     still, busy = _still_and_busy(tmp_path)
     still_report, busy_report = (_benchmark_tokens(config_path, v) for v in (still, busy))
     assert still_report["seconds"] is None and still_report["tokens_in"] == 1 + 8 * 16
@@ -274,12 +280,7 @@ def test_benchmark_video_still_clip_keeps_at_most_half_the_tokens_f32(tmp_path):
 
 
 def test_benchmark_video_on_a_fixed_config_matches_the_meta_count(tmp_path):
-    from ruamel.yaml import YAML
-    config = dict(load_config(ROOT / "configs" / "retrieval_queryd_f32.yaml"), image_size=64,
-                  num_frames=8, depth=4, vision_width=128, num_heads=4, testa_r=[1, 3] * 4)
-    config_path = tmp_path / "tiny_fixed.yaml"
-    with open(config_path, "w") as f:
-        YAML(typ="safe").dump(config, f)
+    config_path, config = _shrunk_config(tmp_path, "retrieval_queryd_f32.yaml", [1, 3] * 4)
     _, busy = _still_and_busy(tmp_path)
     report = _benchmark_tokens(config_path, busy)
     expected = count(config)
@@ -288,14 +289,8 @@ def test_benchmark_video_on_a_fixed_config_matches_the_meta_count(tmp_path):
 
 def test_visualize_compare_draws_two_clips_side_by_side(tmp_path):
     import matplotlib.pyplot as plt
-    from ruamel.yaml import YAML
     from tools.visualize_aggregation import main
-    config = load_config(ROOT / "configs" / "retrieval_queryd_f32_adaptive.yaml")
-    config.update(image_size=64, num_frames=8, depth=4, vision_width=128, num_heads=4,
-                  testa_r=[2, 6] * 4)
-    config_path = tmp_path / "tiny_adaptive.yaml"
-    with open(config_path, "w") as f:
-        YAML(typ="safe").dump(config, f)
+    config_path, _ = _shrunk_config(tmp_path, "retrieval_queryd_f32_adaptive.yaml", [2, 6] * 4)
     still, busy = _still_and_busy(tmp_path)
     single = main([str(still), "--config", str(config_path), "--out", str(tmp_path / "one.png")])
     pair = main([str(still), "--compare", str(busy), "--config", str(config_path),

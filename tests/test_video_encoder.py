@@ -4,33 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY_ENCODER as TINY, random_video, tiny_encoder
 from models import build_video_encoder
 from tests.reference_testa import reference_forward
 from engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASED_KEYS = ROOT / "tests" / "data" / "keys"  # the released checkpoints' layouts
-
-TINY = dict(image_size=64, patch_size=16, num_frames=8, vision_width=64, num_heads=4, depth=12,
-            attention_type="divided_space_time", learnable_temporal_scaling=False,
-            token_merging=True, merging_type="frame&patch", testa_r=0, vit_grad_ckpt=False)
-
-
-def tiny_encoder(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    encoder = build_video_encoder(dict(TINY, **overrides)).double().eval()
-    with torch.no_grad():  # every weight random, so no block is an identity
-        for name, param in encoder.named_parameters():
-            param.normal_(0, 0.15)
-            if "norm" in name and name.endswith("weight"):
-                param.add_(1.0)
-    return encoder
-
-
-def random_video(batch: int, frames: int, seed: int = 1, size: int = 64):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, frames, size, size, generator=generator, dtype=torch.float64)
-
 
 def released_keys(file: str, prefix: str = "visual_encoder."):
     lines = (RELEASED_KEYS / file).read_text().splitlines()
