@@ -33,7 +33,7 @@ from models.checkpoint import LoadReport, read_checkpoint
 from models.video_encoder import pad_tokens
 from engine.config import load_config
 from tasks.pretraining import PRETRAIN_SCHEMA
-from tasks.retrieval import NOT_RERANKED, RETRIEVAL_SCHEMA, candidate_masks
+from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, protocol_scores
 from tasks.videoqa import VIDEOQA_SCHEMA
 from utils import with_defaults
 
@@ -146,8 +146,7 @@ class VideoText:
         scores = torch.zeros_like(sims)
         scores[pairs[:, 0], pairs[:, 1]] = self.matching_logits(videos, texts, pairs) \
             + sims[pairs[:, 0], pairs[:, 1]]
-        return (torch.where(v2t, scores, NOT_RERANKED),
-                torch.where(t2v, scores, NOT_RERANKED).t())
+        return protocol_scores(scores, v2t, t2v)
 
 
 class VideoQA:

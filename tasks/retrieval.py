@@ -144,6 +144,14 @@ def candidate_masks(sims: torch.Tensor, k_test: int) -> Tuple[torch.Tensor, torc
     return v2t, t2v
 
 
+def protocol_scores(scores: torch.Tensor, v2t: torch.Tensor, t2v: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Re-ranked scores `[V, T]` and the candidate masks of `candidate_masks` -> the
+    protocol's (v2t `[V, T]`, t2v `[T, V]`): pairs outside each direction's top k score
+    NOT_RERANKED."""
+    return torch.where(v2t, scores, NOT_RERANKED), torch.where(t2v, scores, NOT_RERANKED).t()
+
+
 @torch.no_grad()
 def rerank(model: nn.Module, run: Run, sims: torch.Tensor, candidates: torch.Tensor,
            own_index: torch.Tensor, own_tokens: torch.Tensor, own_masks: Optional[torch.Tensor],
@@ -181,8 +189,7 @@ def evaluate(model: nn.Module, loader: DataLoader, run: Run) -> Tuple[torch.Tens
     scores = rerank(model, run, sims, v2t | t2v, own_index, own_tokens, own_masks, text_ids,
                     text_mask, run.config["k_test_batch_size"])
     check_finite(scores, "re-ranked scores")
-    scores_v2t = torch.where(v2t, scores, NOT_RERANKED)
-    scores_t2v = torch.where(t2v, scores, NOT_RERANKED).t()
+    scores_v2t, scores_t2v = protocol_scores(scores, v2t, t2v)
     return scores_v2t.cpu(), scores_t2v.cpu()
 
 

@@ -297,3 +297,18 @@ def test_visualize_compare_draws_two_clips_side_by_side(tmp_path):
                  "--out", str(tmp_path / "two.png")])
     assert plt.imread(str(pair)).shape[1] == 2 * plt.imread(str(single)).shape[1]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["one.png", "two.png"]
+
+
+def test_study_compares_adaptive_with_fixed_r_at_equal_gmacs():
+    from tools.adaptive_study import compare_at_equal_gmacs
+    summary = {"fixed_r1_3": {"gmacs_mean": 0.08, "t2v_r1": 40.0},
+               "fixed_r2_3": {"gmacs_mean": 0.06, "t2v_r1": 30.0},
+               "adaptive_r2_6_t0.8": {"gmacs_mean": 0.075, "t2v_r1": 33.0}}
+    # a quarter of the way down from 0.08 to 0.06: 40 - 10 / 4
+    assert compare_at_equal_gmacs(summary) == {"adaptive_r2_6_t0.8": {
+        "t2v_r1": 33.0, "gmacs_mean": 0.075, "fixed_t2v_r1_at_equal_gmacs": 37.5,
+        "fixed_gmacs_at_equal_r1": 0.08}}
+    cheaper = dict(summary, **{"adaptive_r2_6_t0.8": {"gmacs_mean": 0.05, "t2v_r1": 45.0}})
+    assert compare_at_equal_gmacs(cheaper)["adaptive_r2_6_t0.8"] == {
+        "t2v_r1": 45.0, "gmacs_mean": 0.05, "fixed_t2v_r1_at_equal_gmacs": None,
+        "fixed_gmacs_at_equal_r1": None}

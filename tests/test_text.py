@@ -171,6 +171,21 @@ def test_text_config_from_med_config(tiny_config):
     assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.encoder_hidden_size) == (64, 2, 48)
 
 
+def test_text_config_initializer_range_sets_the_initial_weight_scale(tiny_config):
+    """The pre-training demo widens the towers' initial weights through text_config."""
+    def weight_std(text_config):
+        torch.manual_seed(0)
+        config = build_text_config(tiny_config(text_config=text_config), build_tokenizer())
+        encoder = build_text_encoder(config)
+        return torch.cat([encoder.encoder.layer[0].attention.self.value.weight.flatten(),
+                          encoder.embeddings.word_embeddings.weight.flatten()]).std().item()
+
+    small = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+             "intermediate_size": 128}
+    assert weight_std(small) == pytest.approx(0.02, rel=0.05)  # BERT's default
+    assert weight_std({**small, "initializer_range": 0.1}) == pytest.approx(0.1, rel=0.05)
+
+
 def med_layout_keys(layers: int) -> list:
     """The `text_encoder.*` names of BLIP's "med" BERT checkpoints, without the prefix."""
     keys = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",

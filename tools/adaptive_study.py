@@ -2,7 +2,7 @@
 
     python tools/adaptive_study.py                       # tokens and GMACs per video
     python tools/adaptive_study.py --train               # also fine-tune the demo model per setting: R@1
-    python tools/adaptive_study.py --out docs/adaptive   # write the figures into docs/
+    python tools/adaptive_study.py --train --out docs    # the figures into docs/ (runs stay in output/)
 
 Two sets of videos:
 - synthetic: the held-out videos of the demo set (data/synthetic, tools/make_synthetic.py:
@@ -15,8 +15,8 @@ Two sets of videos:
   random weights, as `tools/benchmark.py --video` does.
 
 Writes `<out>/adaptive_study.csv` (one row per video and setting: tokens_out, gmacs),
-`<out>/adaptive_study.json` (per setting: mean and quantiles of GMACs and tokens, R@1 with
---train) and `<out>/adaptive_study.png` (the GMACs distributions, the real clips, and R@1
+`<out>/adaptive_study.json` (per setting: mean and quantiles of GMACs and tokens; with
+--train, R@1 and each adaptive setting against fixed r at equal mean GMACs) and `<out>/adaptive_study.png` (the GMACs distributions, the real clips, and R@1
 against mean GMACs).
 """
 import argparse
@@ -124,6 +124,35 @@ def synthetic_costs(config: dict, videos: List[Path], clips: torch.Tensor,
 
 
 # summary and figure -------------------------------------------------------------------
+def fixed_r1_at(gmacs: float, fixed: Dict[str, dict]) -> Optional[float]:
+    """The text-to-video R@1 of fixed r at `gmacs` mean GMACs, linear between the two fixed
+    settings around it (`fixed`: name -> {"gmacs_mean", "t2v_r1"}); None outside them."""
+    points = sorted((stats["gmacs_mean"], stats["t2v_r1"]) for stats in fixed.values())
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= gmacs <= x1:
+            return y0 if x1 == x0 else round(y0 + (y1 - y0) * (gmacs - x0) / (x1 - x0), 2)
+    return None
+
+
+def compare_at_equal_gmacs(summary: Dict[str, dict]) -> Dict[str, dict]:
+    """Per adaptive setting of `summary` (name -> stats with t2v_r1): its R@1 next to fixed
+    r's at the same mean GMACs, and its GMACs next to the cheapest fixed setting that
+    reaches its R@1."""
+    fixed = {name: stats for name, stats in summary.items()
+             if SYNTHETIC_SETTINGS[name]["testa_threshold"] is None}
+    comparison = {}
+    for name, stats in summary.items():
+        if name in fixed:
+            continue
+        reaching = [s["gmacs_mean"] for s in fixed.values() if s["t2v_r1"] >= stats["t2v_r1"]]
+        comparison[name] = {
+            "t2v_r1": stats["t2v_r1"], "gmacs_mean": stats["gmacs_mean"],
+            "fixed_t2v_r1_at_equal_gmacs": fixed_r1_at(stats["gmacs_mean"], fixed),
+            "fixed_gmacs_at_equal_r1": min(reaching) if reaching else None}
+    return comparison
+
+
+
 def summarise(rows: List[dict]) -> Dict[str, float]:
     gmacs = np.array([row["gmacs"] for row in rows])
     tokens = np.array([row["tokens_out"] for row in rows])
@@ -168,7 +197,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/synthetic"),
                         help="the demo's synthetic set (tools/make_synthetic.py)")
-    parser.add_argument("--out", type=Path, default=Path("output/adaptive_study"))
+    parser.add_argument("--out", type=Path, default=Path("output/adaptive_study"),
+                        help="where the CSV, JSON and PNG go")
+    parser.add_argument("--runs", type=Path, default=Path("output/adaptive_study/runs"),
+                        help="where --train writes (and reuses) one training run per setting")
     parser.add_argument("--train", action="store_true",
                         help="fine-tune the demo model per setting and report R@1 (minutes each)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
@@ -193,7 +225,7 @@ def main(argv=None) -> dict:
         checkpoint = None
         stats = {}
         if args.train:
-            run_dir = args.out / "runs" / name
+            run_dir = args.runs / name
             if args.epochs is not None:
                 overrides = dict(overrides, max_epoch=args.epochs)
             metrics = train_setting(overrides, args.data, run_dir)
@@ -203,6 +235,10 @@ def main(argv=None) -> dict:
         synthetic[name] = synthetic_costs(config, videos, clips, checkpoint, args.seed)
         summary["synthetic"][name] = {**summarise(synthetic[name]), **stats}
         print(name, json.dumps(summary["synthetic"][name]), flush=True)
+
+    if args.train:
+        summary["equal_gmacs"] = compare_at_equal_gmacs(summary["synthetic"])
+        print("equal GMACs", json.dumps(summary["equal_gmacs"]), flush=True)
 
     real = {}
     if not args.no_real:

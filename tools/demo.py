@@ -72,7 +72,7 @@ class SyntheticSet:
 FULL_SETS = {"retrieval": SyntheticSet("synthetic", 2100, 100),
              "videoqa": SyntheticSet("synthetic_qa", 400, 100),
              "pretrain": SyntheticSet("synthetic", 2100, 100)}
-PRETRAIN_VIDEOS = 1000  # of the 2000 training videos: two epochs of 62 steps
+PRETRAIN_VIDEOS = 1000  # of the 2000 training videos: three epochs of 62 steps
 QUICK_SET = SyntheticSet("synthetic_quick", 16, 8, frames_per_event=(4, 8))
 
 
