@@ -218,35 +218,46 @@ class AggregationRule:
 
     needs_attention: the rule reads the head-averaged attention weights (as importance),
         so attention is computed explicitly rather than by the fused kernel.
-    choose(metric, importance, r, *, class_token, protect_first, across_frames) -> the
-        Reduction removing r tokens, or None. `metric` are the keys `[..., N, Dh]`,
-        `importance` the attention each token receives `[..., N]` (None unless
-        `needs_attention`); `across_frames`: tokens are `[B, L, T, Dh]` frames, and one
-        decision is taken per video.
+    adaptive: the rule takes a similarity threshold (`testa_threshold`), with which each
+        row merges as many tokens as score above it, at most r.
+    choose(metric, importance, size, r, *, threshold, class_token, protect_first,
+        across_frames) -> the Reduction removing up to r tokens, or None. `metric` are the
+        keys `[..., N, Dh]`, `importance` the attention each token receives `[..., N]`
+        (None unless `needs_attention`), `size` the token sizes `[..., N, 1]` (0: an empty
+        slot, adaptive mode only), `threshold` None unless `adaptive`; `across_frames`:
+        tokens are `[B, L, T, Dh]` frames, and one decision is taken per video.
     """
     needs_attention: bool
+    adaptive: bool
     choose: Callable[..., Optional[Reduction]]
 
 
-def _by_geometry(metric, importance, r, *, class_token, protect_first, across_frames):
+def _by_geometry(metric, importance, size, r, *, threshold, class_token, protect_first,
+                 across_frames):
+    if threshold is not None:
+        return adaptive_matching(metric, size, r, threshold, class_token=class_token,
+                                 protect_first=protect_first, frames=across_frames)
     return bipartite_matching(metric, r, class_token=class_token, protect_first=protect_first,
                               vote_frames=across_frames)
 
 
-def _by_importance(metric, importance, r, *, class_token, protect_first, across_frames):
+def _by_importance(metric, importance, size, r, *, threshold, class_token, protect_first,
+                   across_frames):
     return importance_matching(metric, importance, r, class_token=class_token,
                                protect_first=protect_first, share_over_patches=across_frames)
 
 
-def _by_pruning(metric, importance, r, *, class_token, protect_first, across_frames):
+def _by_pruning(metric, importance, size, r, *, threshold, class_token, protect_first,
+                across_frames):
     return pruning(importance, r, class_token=class_token, protect_first=protect_first,
                    share_over_patches=across_frames)
 
 
 AGGREGATION_RULES: Dict[str, AggregationRule] = {
-    "geometry": AggregationRule(needs_attention=False, choose=_by_geometry),  # TESTA, ToMe
-    "importance": AggregationRule(needs_attention=True, choose=_by_importance),
-    "prune": AggregationRule(needs_attention=True, choose=_by_pruning),
+    # TESTA, ToMe; with a threshold, adaptive
+    "geometry": AggregationRule(needs_attention=False, adaptive=True, choose=_by_geometry),
+    "importance": AggregationRule(needs_attention=True, adaptive=False, choose=_by_importance),
+    "prune": AggregationRule(needs_attention=True, adaptive=False, choose=_by_pruning),
 }
 AGGREGATIONS = tuple(AGGREGATION_RULES)
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from datasets.transforms import FRAME_SETTINGS
-from models.aggregation import (AGGREGATION_RULES, AGGREGATIONS, Reduction, adaptive_matching,
+from models.aggregation import (AGGREGATION_RULES, AGGREGATIONS, Reduction,
                                 attention_received, max_reduction, merge_source,
                                 merge_weighted, parse_merging_types, parse_r, parse_threshold)
 from models.resize import resize_along_time, resize_patch_grid
@@ -262,15 +262,14 @@ class Block(nn.Module):
     # helpers -------------------------------------------------------------------------
     def _match(self, metric: torch.Tensor, importance: Optional[torch.Tensor],
                size: torch.Tensor, r: int, frames: bool) -> Optional[Reduction]:
-        """Choose which tokens to merge or drop, by the configured aggregation rule (or, with
-        a threshold, adaptive matching); the class slot of patch aggregation is never merged."""
-        protect_first = self.class_token and not frames
-        if self.threshold is not None:
-            return adaptive_matching(metric, size, r, self.threshold[0 if frames else 1],
-                                     class_token=self.class_token, protect_first=protect_first,
-                                     frames=frames)
-        return self.rule.choose(metric, importance, r, class_token=self.class_token,
-                                protect_first=protect_first, across_frames=frames)
+        """Choose which tokens to merge or drop, by the configured aggregation rule (with
+        the frame or patch threshold in adaptive mode); the class slot of patch aggregation
+        is never merged."""
+        threshold = None if self.threshold is None else self.threshold[0 if frames else 1]
+        return self.rule.choose(metric, importance, size, r, threshold=threshold,
+                                class_token=self.class_token,
+                                protect_first=self.class_token and not frames,
+                                across_frames=frames)
 
     @staticmethod
     def _record(state: TokenState) -> None:
@@ -320,10 +319,12 @@ class VideoEncoder(nn.Module):
         _check_settings(image_size, patch_size, num_frames, embed_dim, num_heads,
                         attention_type, aggregation)
         threshold = parse_threshold(testa_threshold) if token_merging else None
-        if threshold is not None and (attention_type, aggregation) != ("divided_space_time", "geometry"):
+        if threshold is not None and (attention_type != "divided_space_time"
+                                      or not AGGREGATION_RULES[aggregation].adaptive):
+            adaptive_rules = [name for name, rule in AGGREGATION_RULES.items() if rule.adaptive]
             raise ValueError("testa_threshold (adaptive aggregation) needs attention_type "
-                             f"'divided_space_time' and aggregation 'geometry', got "
-                             f"{attention_type!r} and {aggregation!r}")
+                             f"'divided_space_time' and aggregation {' or '.join(map(repr, adaptive_rules))}, "
+                             f"got {attention_type!r} and {aggregation!r}")
         self.adaptive = threshold is not None
         self.attention_type = attention_type
         self.embed_dim = embed_dim
