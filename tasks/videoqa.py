@@ -18,7 +18,7 @@ from engine.logs import LOG_SETTINGS, log, progress, write_json
 from engine.optim import OPTIM_SETTINGS, finetune_schedule
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
-from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task
+from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task, check_finite
 from models.text import TEXT_SETTINGS
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import Setting, Settings, compose
@@ -60,6 +60,7 @@ def answer_batch(model: nn.Module, video: torch.Tensor, questions: List[str],
                                                max_length=config["max_answer_len"])
             return [{"answer": answer} for answer in generated]
         ranked = model.rank_answers(video, questions, answer_list, config["k_test"])
+    check_finite(ranked.scores, "answer scores")
     chosen = ranked.candidates == ranked.best[:, None]  # [B, k], one True a row
     return [{"answer": answer_list[index], "score": score, "first_token_prob": prob}
             for index, score, prob in zip(ranked.best.tolist(), ranked.scores[chosen].tolist(),

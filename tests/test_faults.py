@@ -11,15 +11,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train_retrieval
+from engine.precision import build_precision
 from engine.train import NonFiniteWatch
 from engine.run import NonFiniteError
 from helpers import REPO_ROOT, write_config, write_gray_video
-from models import build_retrieval_model
+from models import build_retrieval_model, build_videoqa_model
+from tasks.videoqa import answer_batch
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +206,17 @@ def test_a_batch_holding_one_video_twice_trains(tiny_config, tiny_video, caption
     (loss_vtc + loss_vtm).backward()
     assert torch.isfinite(loss_vtc) and torch.isfinite(loss_vtm)
     assert model.itm_head.weight.grad.abs().sum() > 0  # the positive pairs still train VTM
+
+
+def test_answer_scores_that_are_not_finite_stop_the_videoqa_evaluation(tiny_config, tiny_video):
+    torch.manual_seed(0)
+    model = build_videoqa_model(tiny_config()).eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.decoder.bias.fill_(float("nan"))
+    run = SimpleNamespace(config={"inference": "rank", "k_test": 2},
+                          precision=build_precision("none", torch.device("cpu")))
+    with pytest.raises(NonFiniteError, match="^evaluation stopped: answer scores are not finite$"):
+        answer_batch(model, tiny_video(2), ["what is it?", "where?"], ["a dog", "a cat", "yes"], run)
 
 
 # distributed --------------------------------------------------------------------------
