@@ -1,7 +1,17 @@
 """DataLoader construction for every dataset of this package."""
+import signal
+
 import torch
 from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler,
                               SequentialSampler)
+
+
+def leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A worker ignores SIGINT and SIGTERM: Ctrl-C and schedulers signal the whole process
+    group, and the main process, which handles them (engine/run.py), shuts the workers
+    down; a worker left with the main process's handler would die with a traceback."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool,
@@ -28,4 +38,5 @@ def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bo
         drop_last=train,
         persistent_workers=False,
         generator=generator,
+        worker_init_fn=leave_signals_to_the_main_process,
     )

@@ -177,6 +177,35 @@ def test_sigterm_during_training_ends_with_one_line_and_no_temporaries(tmp_path,
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the script's handler is gone
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_with_loader_workers_ends_in_one_line(tmp_path, data, signum):
+    """Ctrl-C and schedulers signal every process of the group, DataLoader workers too."""
+    output_dir = tmp_path / "out"
+    ann, videos = data
+    long_ann = tmp_path / "ann"  # 100 steps an epoch: the signal comes while workers load
+    long_ann.mkdir()
+    (long_ann / "train.json").write_text(json.dumps(
+        [{"video": f"v_{name}.mp4", "caption": [f"clip {name} {i}."]} for i in range(50) for name in "abcd"]))
+    (long_ann / "val.json").write_text((ann / "val.json").read_text())
+    config = config_for(tmp_path, (long_ann, videos), num_workers=2)
+    script = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_retrieval.py"), "--config", config,
+                               "--output_dir", str(output_dir), "--opts", "progress_bar=off"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log_file = output_dir / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log_file.is_file() and log_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(script.pid, signum)
+    output, _ = script.communicate(timeout=120)
+    assert script.returncode == 1
+    assert "Traceback" not in output and "Exception ignored" not in output, output
+    assert output.strip().splitlines()[-1] == (
+        f"error: stopped by {signal.Signals(signum).name}; finished epochs are in the output "
+        f"folder's checkpoint_last.pth (--resume continues)")
+
+
 def test_a_loss_that_is_not_finite_stops_the_run_naming_epoch_step_and_loss(tmp_path, data):
     # a learning rate this large sends the weights to infinity in the first update
     config = config_for(tmp_path, data, init_lr=1e30, weight_decay=0.0)
