@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datasets import create_loader, summarize
-from engine.distributed import (all_reduce_sum, barrier, get_rank, get_world_size,
+from engine.distributed import (all_reduce_sum, barrier, gather_objects, get_rank, get_world_size,
                                 gradient_sync, wrap_ddp)
 from engine.logs import format_metrics, log, progress, write_json
 from engine.optim import LRSchedule, build_optimizer, learning_rate, set_lr
@@ -258,10 +258,17 @@ def initial_weights(args: argparse.Namespace, config: Mapping[str, Any]) -> Opti
 def load_weights(model: nn.Module, location: str, *, trust: bool = False) -> None:
     """Load a BLIP/TESTA checkpoint (path, URL or hf:// id) and print its load report (in
     full when keys are missing or unexpected for no known reason, else its summary line).
-    A URL is downloaded by the first process of each node while the others wait."""
+    A URL is downloaded by the first process of each node while the others wait; when it
+    fails, every process stops with its error."""
+    problem = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        local_file(location)
-    barrier()
+        try:
+            local_file(location)
+        except CheckpointError as err:
+            problem = str(err)
+    problems = [found for found in gather_objects(problem) if found is not None]
+    if problems:
+        raise CheckpointError(problems[0])
     report = load_checkpoint(model, location, trust=trust)
     log(str(report) if report.needs_attention() else report.summary())
 

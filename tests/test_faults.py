@@ -6,6 +6,7 @@ holding one video twice trains; a stalled peer ends a distributed run instead of
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -281,3 +282,35 @@ def test_a_stalled_peer_ends_the_run_with_one_line_instead_of_hanging(tmp_path):
         "dist_timeout_minutes, or left (")
     assert ranks[1].returncode == 1 and "Traceback" not in stalled_err
     assert stalled_err.strip().splitlines()[-1].startswith("error: rank 1: ")
+
+
+UNREACHABLE_WEIGHTS = """
+import sys
+import torch
+from torch import nn
+from engine.distributed import init_distributed
+from engine.run import script_errors
+from engine.train import load_weights
+with script_errors():
+    init_distributed(torch.device("cpu"), timeout_minutes=10)
+    load_weights(nn.Linear(2, 2), sys.argv[1])
+"""
+
+
+@pytest.mark.slow  # two processes that import torch
+def test_a_download_failing_on_the_first_rank_stops_every_rank_with_its_error(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/model_base.pth"
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29638",
+           "PYTHONPATH": str(REPO_ROOT), "TESTA_CACHE": str(tmp_path / "cache")}
+    ranks = [subprocess.Popen([sys.executable, "-c", UNREACHABLE_WEIGHTS, url], cwd=REPO_ROOT,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    started = time.time()
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert time.time() - started < 60  # not the 10-minute collective timeout
+    for rank, err in zip(ranks, errors):
+        assert rank.returncode == 1 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {url}: download failed ("), last
