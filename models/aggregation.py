@@ -397,7 +397,7 @@ def adaptive_matching(metric: torch.Tensor, size: torch.Tensor, r: int, threshol
     token, and the decision is shared by all patch positions. The cap per row is also
     half the unprotected live tokens (`max_reduction`). Slots empty in every row are dropped.
     """
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(metric) as metric:
         live = size[..., 0] > 0  # [..., N]
         metric = metric / metric.norm(dim=-1, keepdim=True)
         scores = metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)  # [..., |A|, |B|]

@@ -8,7 +8,7 @@ import torch
 from engine import precision
 from engine.config import load_config
 from helpers import write_tiny_encoder_config
-from models.aggregation import bipartite_matching, importance_matching
+from models.aggregation import adaptive_matching, bipartite_matching, importance_matching
 from tools import benchmark, gpu_check
 
 
@@ -62,11 +62,17 @@ def test_merge_metric_stays_float32_under_bf16_autocast(frames):
     shape = (2, 6, 8, 16) if frames else (3, 17, 16)
     metric = torch.randn(shape, generator=generator).to(torch.bfloat16)
     importance = torch.rand(shape[:-1], generator=generator)
+    size = torch.ones(*shape[:-1], 1)
     for match in (lambda m: bipartite_matching(m, 3, class_token=True, protect_first=not frames,
                                                  vote_frames=frames),
                   lambda m: importance_matching(m, importance, 3, class_token=True,
                                                 protect_first=not frames,
-                                                share_over_patches=frames)):
+                                                share_over_patches=frames),
+                  # r large enough that the threshold decides; thresholds among the scores
+                  *[lambda m, threshold=threshold: adaptive_matching(
+                      m, size, 8, threshold, class_token=True, protect_first=not frames,
+                      frames=frames)
+                    for threshold in torch.linspace(0.0, 0.6, 121).tolist()]):
         expected = match(metric.float())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = match(metric)
