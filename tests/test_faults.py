@@ -265,14 +265,20 @@ with script_errors():
 """
 
 
+def launch_two_ranks(script: str, argument: str, port: int, **env: str) -> list:
+    """`python -c script argument` as ranks 0 and 1 of a gloo group on 127.0.0.1:port,
+    their stderr piped."""
+    shared = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port), "PYTHONPATH": str(REPO_ROOT), **env}
+    return [subprocess.Popen([sys.executable, "-c", script, argument], cwd=REPO_ROOT,
+                             env={**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                             stderr=subprocess.PIPE, text=True) for rank in range(2)]
+
+
 @pytest.mark.slow  # two processes that import torch, and a 15 s stall
 def test_a_stalled_peer_ends_the_run_with_one_line_instead_of_hanging(tmp_path):
     awake = tmp_path / "awake"
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29637",
-           "PYTHONPATH": str(REPO_ROOT)}
-    ranks = [subprocess.Popen([sys.executable, "-c", STALLED_PEER, str(awake)], cwd=REPO_ROOT,
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    ranks = launch_two_ranks(STALLED_PEER, str(awake), 29637)
     _, waiting_err = ranks[0].communicate(timeout=120)
     assert not awake.exists()  # rank 0 gave up while rank 1 was still stalled
     _, stalled_err = ranks[1].communicate(timeout=120)
@@ -302,11 +308,7 @@ def test_a_download_failing_on_the_first_rank_stops_every_rank_with_its_error(tm
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}/model_base.pth"
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29638",
-           "PYTHONPATH": str(REPO_ROOT), "TESTA_CACHE": str(tmp_path / "cache")}
-    ranks = [subprocess.Popen([sys.executable, "-c", UNREACHABLE_WEIGHTS, url], cwd=REPO_ROOT,
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    ranks = launch_two_ranks(UNREACHABLE_WEIGHTS, url, 29638, TESTA_CACHE=str(tmp_path / "cache"))
     started = time.time()
     errors = [rank.communicate(timeout=120)[1] for rank in ranks]
     assert time.time() - started < 60  # not the 10-minute collective timeout
