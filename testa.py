@@ -30,7 +30,7 @@ from datasets.base import stack_clips
 from datasets.transforms import normalize
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models.checkpoint import LoadReport, read_checkpoint
-from models.video_encoder import pad_tokens
+from models.video_encoder import cat_token_batches
 from engine.config import load_config
 from tasks.pretraining import PRETRAIN_SCHEMA
 from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, protocol_scores
@@ -106,12 +106,7 @@ class VideoText:
             features.append(feat)
             tokens.append(embeds)
             masks.append(mask)
-        if masks[0] is None:
-            return VideoEmbeddings(torch.cat(features), torch.cat(tokens))
-        length = max(embeds.shape[1] for embeds in tokens)  # batches keep different counts
-        padded = [pad_tokens(embeds, mask, length) for embeds, mask in zip(tokens, masks)]
-        return VideoEmbeddings(torch.cat(features), torch.cat([t for t, _ in padded]),
-                               torch.cat([m for _, m in padded]))
+        return VideoEmbeddings(torch.cat(features), *cat_token_batches(tokens, masks))
 
     @torch.no_grad()
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:

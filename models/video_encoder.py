@@ -299,6 +299,18 @@ def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int
     return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
+def cat_token_batches(tokens: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Batches of encoder output `[B_i, N_i, D]` with their content masks `[B_i, N_i]` (all
+    None for fixed r) -> `[sum B_i, max N_i, D]` and its mask: adaptive batches keep
+    different counts, so shorter ones are padded with masked slots."""
+    if masks[0] is None:
+        return torch.cat(list(tokens)), None
+    length = max(batch.shape[1] for batch in tokens)
+    padded = [pad_tokens(batch, mask, length) for batch, mask in zip(tokens, masks)]
+    return torch.cat([batch for batch, _ in padded]), torch.cat([mask for _, mask in padded])
+
+
 def _with_class_slot(grid: torch.Tensor, value: float) -> torch.Tensor:
     """Prepend a class-token slot filled with `value`: `[B, T, L, C]` -> `[B, T, 1+L, C]`."""
     slot = torch.full_like(grid[:, :, :1], value)

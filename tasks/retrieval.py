@@ -28,7 +28,7 @@ from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task, 
 from models.blip_base import MOMENTUM_SETTINGS
 from models.retrieval import RETRIEVAL_MODEL_SETTINGS
 from models.text import TEXT_SETTINGS
-from models.video_encoder import VIDEO_ENCODER_SETTINGS, pad_tokens
+from models.video_encoder import VIDEO_ENCODER_SETTINGS, cat_token_batches
 from utils import Setting, Settings, compose
 
 TEXT_BATCH_SIZE = 256
@@ -125,12 +125,7 @@ def encode_videos(model: nn.Module, loader: DataLoader, run: Run
         return all_reduce_sum(features), torch.zeros(0, dtype=torch.long), torch.zeros(0), None
     own_index = torch.cat(own_index)
     features[own_index.to(run.device)] = torch.cat(own_features)
-    if own_masks[0] is None:
-        return all_reduce_sum(features), own_index, torch.cat(own_tokens), None
-    length = max(tokens.shape[1] for tokens in own_tokens)  # batches keep different counts
-    padded = [pad_tokens(tokens, mask, length) for tokens, mask in zip(own_tokens, own_masks)]
-    return (all_reduce_sum(features), own_index, torch.cat([tokens for tokens, _ in padded]),
-            torch.cat([mask for _, mask in padded]))
+    return (all_reduce_sum(features), own_index, *cat_token_batches(own_tokens, own_masks))
 
 
 def candidate_masks(sims: torch.Tensor, k_test: int) -> Tuple[torch.Tensor, torch.Tensor]:
