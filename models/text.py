@@ -23,7 +23,7 @@ from transformers.models.blip.modeling_blip_text import (BlipTextAttention, Blip
                                                          BlipTextSelfAttention)
 
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
-from utils import NONE, Setting, Settings, with_defaults
+from utils import NONE, Setting, Settings, unknown_key_problem, value_problem, with_defaults
 
 BERT_UNCASED_VOCAB_SIZE = 30522
 TEXT_SETTINGS: Settings = {
@@ -44,11 +44,40 @@ TOKENIZER_HINT = ("set text_encoder in the config to a directory holding vocab.t
                   "vocab.txt file of bert-base-uncased")
 # text_config / med_config.json keys beyond BERT's, with their defaults
 MED_DEFAULTS = {"label_smoothing": 0.1}
-# med_config.json keys that BlipTextConfig takes under the same name
-MED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                   "intermediate_size", "hidden_act", "hidden_dropout_prob",
-                   "attention_probs_dropout_prob", "max_position_embeddings", "layer_norm_eps",
-                   "pad_token_id", "initializer_range")
+# what text_config may set: the med_config.json keys that BlipTextConfig takes under the same
+# name, and label_smoothing
+TEXT_CONFIG_SETTINGS: Settings = {
+    "vocab_size": Setting(int, meaning="token embeddings", min=1),
+    "hidden_size": Setting(int, meaning="token width", min=1),
+    "num_hidden_layers": Setting(int, meaning="layers", min=1),
+    "num_attention_heads": Setting(int, meaning="attention heads", min=1),
+    "intermediate_size": Setting(int, meaning="MLP width", min=1),
+    "hidden_act": Setting(str, meaning="MLP activation"),
+    "hidden_dropout_prob": Setting((int, float), meaning="dropout", min=0, max=1),
+    "attention_probs_dropout_prob": Setting((int, float), meaning="attention dropout", min=0, max=1),
+    "max_position_embeddings": Setting(int, meaning="positions", min=1),
+    "layer_norm_eps": Setting((int, float), meaning="LayerNorm epsilon", min=0),
+    "pad_token_id": Setting(int, meaning="padding token", min=0),
+    "initializer_range": Setting((int, float), meaning="std of the initial weights", min=0),
+    "label_smoothing": Setting((int, float), meaning="of the captioning/answer loss", min=0, max=1),
+}
+MED_CONFIG_KEYS = tuple(key for key in TEXT_CONFIG_SETTINGS if key not in MED_DEFAULTS)
+
+
+def text_config_problem(config: Mapping[str, Any]) -> Optional[str]:
+    """Why `config["text_config"]` cannot build the text towers (an unknown key, a value of
+    the wrong type or range, a width the heads do not divide), or None."""
+    text_config = config["text_config"] or {}
+    problems = [unknown_key_problem(name, TEXT_CONFIG_SETTINGS) for name in text_config
+                if name not in TEXT_CONFIG_SETTINGS]
+    problems += [value_problem(name, value, TEXT_CONFIG_SETTINGS[name])
+                 for name, value in text_config.items() if name in TEXT_CONFIG_SETTINGS]
+    problems = [problem for problem in problems if problem]
+    if not problems and "hidden_size" in text_config and "num_attention_heads" in text_config \
+            and text_config["hidden_size"] % text_config["num_attention_heads"]:
+        problems.append(f"hidden_size {text_config['hidden_size']} is not divisible by "
+                        f"num_attention_heads {text_config['num_attention_heads']}")
+    return f"text_config: {'; '.join(problems)}" if problems else None
 
 
 # tokenizer ---------------------------------------------------------------------------

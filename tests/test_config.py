@@ -68,6 +68,21 @@ def test_wrong_type_and_bad_choice(tmp_path):
         resolve_config(write_config(tmp_path / "z.yaml", token_merging=1), [], RETRIEVAL_SCHEMA)
 
 
+@pytest.mark.parametrize("text_config, problem", [
+    ("{initializer_range: -0.1}", "initializer_range must be >= 0, got -0.1"),
+    ("{initializer_range: x}", "initializer_range must be int or float, got 'x'"),
+    ("{hidden_dropout_prob: 1.5}", "hidden_dropout_prob must be 0 to 1, got 1.5"),
+    ("{hidden_sizee: 128}", "unknown key 'hidden_sizee' (did you mean 'hidden_size'?)"),
+    ("{hidden_size: 100, num_attention_heads: 3}",
+     "hidden_size 100 is not divisible by num_attention_heads 3"),
+])
+def test_text_config_entries_are_checked_before_building(tmp_path, text_config, problem):
+    with pytest.raises(ConfigError) as error:
+        resolve_config(write_config(tmp_path / "t.yaml"), [f"text_config={text_config}"],
+                       RETRIEVAL_SCHEMA)
+    assert str(error.value) == f"--opts: text_config: {problem}"
+
+
 def test_opts_are_yaml_values():
     opts = ["max_epoch=2", "testa_r=[1,12]", "init_lr=1e-4", "amp=none", "pretrained=null",
             "text_config={hidden_size: 64}", "vit_grad_ckpt=True"]
