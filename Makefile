@@ -12,7 +12,7 @@ FLOOR_DIR := .deps/transformers-floor
 FLOOR_TESTS := tests/test_text.py tests/test_models.py tests/test_checkpoint.py tests/test_training.py
 WITH_FLOOR := PYTHONPATH=$(abspath $(FLOOR_DIR))$${PYTHONPATH:+:$$PYTHONPATH}
 
-.PHONY: install test test-floor floor-deps test-fast demo
+.PHONY: install test test-floor floor-deps test-fast test-gpu demo
 
 # Idempotent: pip only checks the pins when everything is already installed.
 install:
@@ -47,3 +47,7 @@ demo: install
 
 test-fast: install
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The CUDA tests (tests marked gpu); on a machine without CUDA each is skipped with the reason.
+test-gpu: install
+	$(PYTHON) -m pytest -m gpu -rs $(PYTEST_ARGS)

@@ -56,6 +56,8 @@ def init_distributed(device: torch.device, timeout_minutes: float) -> None:
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
+    if dist.get_rank() == 0:
+        print(f"process group: {dist.get_backend()}, {dist.get_world_size()} processes", flush=True)
 
 
 def is_collective_timeout(err: BaseException) -> bool:

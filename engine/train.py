@@ -308,6 +308,8 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
             record.update({f"val_{k}": v for k, v in val_metrics.items()},
                           best_epoch=state.best_epoch)
         record["epoch_seconds"] = round(time.perf_counter() - epoch_started, 3)
+        if run.device.type == "cuda":  # the allocator's peak since the run started
+            record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
         run.records.write({"kind": "epoch", "epoch": epoch, **record})
         log(summarize(*datasets))
     return state

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 import helpers
@@ -15,6 +16,18 @@ import helpers
 
 def pytest_report_header(config):
     return f"transformers {transformers.__version__} ({os.path.dirname(transformers.__file__)})"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are collected everywhere and skipped, with the reason, where
+    torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    reason = (f"no CUDA device: torch {torch.__version__} "
+              + (f"(CUDA {torch.version.cuda}) sees none" if torch.version.cuda else "is a CPU-only build"))
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

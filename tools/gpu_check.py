@@ -3,13 +3,18 @@
     python tools/gpu_check.py                       # prints a markdown table
     python tools/gpu_check.py --config configs/retrieval_queryd_f32.yaml --runs 3
 
-Rows: the 32- and 96-frame video encoder forward (batch `--batch`) and one retrieval
-training step (the config's `batch_size_train`, AdamW, fp16 with loss scaling), each in
-bf16 and fp16 autocast, with and without token aggregation. Columns: videos per second
-(median of `--runs` after one warm-up), the allocator's peak memory in GiB (model
-included) and which scaled-dot-product-attention kernel ran (from the profiler). Random
-weights: the speed and memory do not depend on them. A row that runs out of memory says
-so and the others go on. On a machine without CUDA it says so and exits with 0.
+Rows: the 32- and 96-frame video encoder forward (batch `--batch`), one retrieval
+training step (the config's `batch_size_train`, AdamW, loss scaling in fp16) and one
+retrieval evaluation of `--eval-videos` videos with as many paragraphs (encode both, then
+re-rank the config's `k_test` candidates of every video and paragraph), each in bf16 and
+fp16 autocast, with and without token aggregation. Columns: videos per second (median of
+`--runs` after one warm-up), the allocator's peak memory in GiB (model included), which
+scaled-dot-product-attention kernel ran (from the profiler), and the model-FLOP
+utilisation: the matrix FLOPs the step ran (counted by torch's FlopCounterMode: linear
+layers, convolutions, attention, backward included) per second over the GPU's nominal dense
+bf16/fp16 tensor rate (`GPU_PEAK_TFLOPS`, or `--peak-tflops`). Random weights: the speed
+and memory do not depend on them. A row that runs out of memory says so and the others go
+on. On a machine without CUDA it says so and exits with 0.
 """
 import argparse
 import statistics
@@ -20,14 +25,23 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_retrieval_model, build_video_encoder  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from tasks.retrieval import RETRIEVAL_SCHEMA  # noqa: E402
+from engine.precision import Precision  # noqa: E402
+from engine.run import Run  # noqa: E402
+from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, rerank  # noqa: E402
 from utils import with_defaults  # noqa: E402
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# nominal dense (no sparsity) bf16 = fp16 tensor-core TFLOP/s from the vendors' data sheets,
+# matched against torch.cuda.get_device_name(), most specific name first
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                   ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+                   ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+                   ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0))
 # aten ops of torch.nn.functional.scaled_dot_product_attention's kernels
 SDPA_KERNELS = {"_scaled_dot_product_flash_attention": "flash",
                 "_scaled_dot_product_efficient_attention": "mem-efficient",
@@ -35,7 +49,7 @@ SDPA_KERNELS = {"_scaled_dot_product_flash_attention": "flash",
                 "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)"}
 # the hidden --cpu-dry-run: a tiny model that runs every code path in seconds on CPU
 DRY_RUN = dict(image_size=32, vision_width=64, num_heads=2, depth=2, testa_r=[1, 1],
-               embed_dim=16, queue_size=8, batch_size_train=2,
+               embed_dim=16, queue_size=8, batch_size_train=2, batch_size_test=2, k_test=2,
                text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=128))
 
@@ -55,9 +69,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def peak_tflops(device_name: str) -> Optional[float]:
+    """The nominal dense bf16/fp16 rate of a GPU by its name, or None if not in the table."""
+    return next((tflops for name, tflops in GPU_PEAK_TFLOPS if name in device_name), None)
+
+
 def measure(run: Callable[[], None], batch: int, runs: int, device: str) -> Dict[str, object]:
-    """videos/s, peak GiB and the SDPA kernel of `run`, which processes `batch` videos."""
-    run()  # warm-up
+    """videos/s, peak GiB, the SDPA kernel and the matrix TFLOP/s of `run`, which
+    processes `batch` videos."""
+    with FlopCounterMode(display=False) as flops:
+        run()  # warm-up, counting its FLOPs
     synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -68,8 +89,9 @@ def measure(run: Callable[[], None], batch: int, runs: int, device: str) -> Dict
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return {"videos_per_s": batch / statistics.median(seconds), "peak_gib": peak,
-            "sdpa": sdpa_kernel(run, device)}
+    median = statistics.median(seconds)
+    return {"videos_per_s": batch / median, "peak_gib": peak, "sdpa": sdpa_kernel(run, device),
+            "tflops": flops.get_total_flops() / median / 1e12}
 
 
 def forward_row(config: dict, batch: int, dtype: torch.dtype, runs: int, device: str
@@ -104,22 +126,62 @@ def training_row(config: dict, dtype: torch.dtype, runs: int, device: str) -> Di
     return measure(run, batch, runs, device)
 
 
-def rows(config: dict, frame_counts: List[int], batch: int, runs: int, device: str
-         ) -> List[Dict[str, object]]:
+def evaluation_row(config: dict, videos: int, dtype: torch.dtype, runs: int, device: str
+                   ) -> Dict[str, object]:
+    """The retrieval evaluation of `videos` random videos and as many paragraphs: both
+    encoded in the config's test batches, then the `k_test` candidates of every video and
+    paragraph re-ranked `k_test_batch_size` pairs at a time (tasks/retrieval.py)."""
+    model = build_retrieval_model(config).to(device).eval()
+    size, batch = config["image_size"], config["batch_size_test"]
+    clips = torch.randn(batch, 3, config["num_frames"], size, size, device=device)
+    words = "a person talks about the long video while the camera moves across the room"
+    paragraphs = [f"{index} " + " ".join([words] * 8) for index in range(videos)]
+    evaluation = Run(config, Path("."), torch.device(device),
+                     Precision(device, dtype, torch.amp.GradScaler(device, enabled=False)))
+
+    @torch.no_grad()
+    def run() -> None:
+        features, tokens, masks = [], [], []
+        with torch.autocast(device, dtype=dtype):
+            for start in range(0, videos, batch):
+                feature, token, mask = model.encode_video(clips[:min(batch, videos - start)])
+                features.append(feature.float())
+                tokens.append(token)
+                masks.append(mask)
+            text = [model.encode_text(paragraphs[start:start + 256]) for start in range(0, videos, 256)]
+        video_feat = torch.cat(features)
+        text_feat, ids, attention = (torch.cat(parts) for parts in zip(*text))
+        sims = video_feat @ text_feat.float().t()  # [V, T]
+        v2t, t2v = candidate_masks(sims, config["k_test"])
+        rerank(model, evaluation, sims, v2t | t2v, torch.arange(videos), torch.cat(tokens),
+               None if masks[0] is None else torch.cat(masks), ids, attention,
+               config["k_test_batch_size"])
+    return measure(run, videos, runs, device)
+
+
+def rows(config: dict, frame_counts: List[int], batch: int, eval_videos: int, runs: int,
+         device: str, peak: Optional[float]) -> List[Dict[str, object]]:
     results = []
-    for kind, frames in [("forward", f) for f in frame_counts] + [("train step", frame_counts[0])]:
+    kinds = ([("forward", f) for f in frame_counts] + [("train step", frame_counts[0])]
+             + [("evaluation", f) for f in frame_counts])
+    for kind, frames in kinds:
         for aggregate in (True, False):
             for dtype_name, dtype in AUTOCAST_DTYPES.items():
                 setting = dict(config, num_frames=frames,
                                token_merging=aggregate and config["token_merging"])
                 row = {"what": kind, "frames": frames, "aggregation": aggregate,
-                       "dtype": dtype_name,
-                       "batch": batch if kind == "forward" else setting["batch_size_train"]}
+                       "dtype": dtype_name, "batch": {"forward": batch, "evaluation": eval_videos}
+                       .get(kind, setting["batch_size_train"])}
                 try:
-                    row.update(forward_row(setting, batch, dtype, runs, device) if kind == "forward"
-                               else training_row(setting, dtype, runs, device))
+                    if kind == "forward":
+                        row.update(forward_row(setting, batch, dtype, runs, device))
+                    elif kind == "evaluation":
+                        row.update(evaluation_row(setting, eval_videos, dtype, runs, device))
+                    else:
+                        row.update(training_row(setting, dtype, runs, device))
                 except torch.OutOfMemoryError:
-                    row.update(videos_per_s=None, peak_gib=None, sdpa="out of memory")
+                    row.update(videos_per_s=None, peak_gib=None, sdpa="out of memory", tflops=None)
+                row["mfu"] = None if peak is None or row["tflops"] is None else row["tflops"] / peak
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 results.append(row)
@@ -130,12 +192,14 @@ def rows(config: dict, frame_counts: List[int], batch: int, runs: int, device: s
 def table_line(row: Dict[str, object]) -> str:
     speed = "-" if row["videos_per_s"] is None else f"{row['videos_per_s']:.2f}"
     peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
+    tflops = "-" if row["tflops"] is None else f"{row['tflops']:.1f}"
+    mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     return (f"| {row['what']} | {row['frames']} | {'yes' if row['aggregation'] else 'no'} | "
-            f"{row['dtype']} | {row['batch']} | {speed} | {peak} | {row['sdpa']} |")
+            f"{row['dtype']} | {row['batch']} | {speed} | {peak} | {row['sdpa']} | {tflops} | {mfu} |")
 
 
-TABLE_HEADER = ("| what | frames | aggregation | dtype | batch | videos/s | peak GiB | SDPA kernel |\n"
-                "|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| what | frames | aggregation | dtype | batch | videos/s | peak GiB | SDPA kernel "
+                "| TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -145,7 +209,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--frames", type=int, nargs="+", default=[32, 96],
                         help="frame counts of the forward rows; the training step uses the first")
     parser.add_argument("--batch", type=int, default=8, help="videos per forward")
+    parser.add_argument("--eval-videos", type=int, default=256,
+                        help="videos (and paragraphs) of the evaluation rows")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row after a warm-up")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the GPU's dense bf16/fp16 TFLOP/s for the MFU column (default: "
+                             "from GPU_PEAK_TFLOPS by the device name)")
     parser.add_argument("--text-encoder", help="tokenizer (default: the config's text_encoder)")
     parser.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -161,9 +230,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.text_encoder:
         config["text_encoder"] = args.text_encoder
     name = "CPU (dry run, tiny model)" if args.cpu_dry_run else torch.cuda.get_device_name()
-    print(f"{name}, torch {torch.__version__}, {args.config}")
+    peak = args.peak_tflops or (None if args.cpu_dry_run else peak_tflops(name))
+    peak_text = "unknown (--peak-tflops)" if peak is None else f"{peak:g} TFLOP/s"
+    print(f"{name}, torch {torch.__version__}, {args.config}; dense bf16/fp16 peak {peak_text}")
     print(TABLE_HEADER, flush=True)
-    rows(config, args.frames, args.batch, args.runs, device)
+    rows(config, args.frames, args.batch, args.eval_videos, args.runs, device, peak)
     return 0
 
 
