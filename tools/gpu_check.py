@@ -159,11 +159,16 @@ def evaluation_row(config: dict, videos: int, dtype: torch.dtype, runs: int, dev
     return measure(run, videos, runs, device)
 
 
+ROW_KINDS = ("forward", "train step", "evaluation")
+
+
 def rows(config: dict, frame_counts: List[int], batch: int, eval_videos: int, runs: int,
-         device: str, peak: Optional[float]) -> List[Dict[str, object]]:
+         device: str, peak: Optional[float], what: List[str] = ROW_KINDS
+         ) -> List[Dict[str, object]]:
     results = []
     kinds = ([("forward", f) for f in frame_counts] + [("train step", frame_counts[0])]
              + [("evaluation", f) for f in frame_counts])
+    kinds = [(kind, frames) for kind, frames in kinds if kind in what]
     for kind, frames in kinds:
         for aggregate in (True, False):
             for dtype_name, dtype in AUTOCAST_DTYPES.items():
@@ -209,6 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--frames", type=int, nargs="+", default=[32, 96],
                         help="frame counts of the forward rows; the training step uses the first")
     parser.add_argument("--batch", type=int, default=8, help="videos per forward")
+    parser.add_argument("--rows", nargs="+", choices=ROW_KINDS, default=list(ROW_KINDS),
+                        help="which kinds of row to measure (default: all)")
     parser.add_argument("--eval-videos", type=int, default=256,
                         help="videos (and paragraphs) of the evaluation rows")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row after a warm-up")
@@ -234,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     peak_text = "unknown (--peak-tflops)" if peak is None else f"{peak:g} TFLOP/s"
     print(f"{name}, torch {torch.__version__}, {args.config}; dense bf16/fp16 peak {peak_text}")
     print(TABLE_HEADER, flush=True)
-    rows(config, args.frames, args.batch, args.eval_videos, args.runs, device, peak)
+    rows(config, args.frames, args.batch, args.eval_videos, args.runs, device, peak, args.rows)
     return 0
 
 
