@@ -23,7 +23,7 @@ def sample_frame_indices(num_frames: int, num_frm: int, strategy: str = "uniform
                          end: int | None = None) -> list[int]:
     """Indices of `num_frm` frames of the range [start, end) of a video of `num_frames` frames.
 
-    - uniform: the reference's `np.arange(start, end, length / num_frm, dtype=int)`, i.e. the
+    - uniform: TESTA's `np.arange(start, end, length / num_frm, dtype=int)` (data/video_dataset.py), i.e. the
       integer stride `length // num_frm` from `start`;
     - nlvl_uniform: evenly spaced, `floor(start + i * length / num_frm)`;
     - nlvl_rand: nlvl_uniform plus a random offset inside each stride;

@@ -13,7 +13,7 @@ from .issues import DataIssues
 from .text import QUESTION_SETTINGS, pre_question
 from .transforms import FRAME_SETTINGS, FinetuneTransform
 
-TRAIN_ANSWER_WEIGHT = 0.2  # per answer occurrence, as in the reference
+TRAIN_ANSWER_WEIGHT = 0.2  # per answer occurrence, as TESTA's data/video_dataset.py (ActivityNet_qa)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv")
 
 
