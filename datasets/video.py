@@ -11,6 +11,7 @@ from .transforms import normalize
 
 SAMPLING_STRATEGIES = ("uniform", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
 RANDOM_STRATEGIES = ("nlvl_rand", "rand", "headtail")
+TEST_STRATEGY = "uniform"  # how evaluation clips sample their frames
 
 
 def evenly_spaced_indices(start: int, length: int, num_frm: int) -> list[int]:
@@ -84,3 +85,9 @@ def load_video(path: str, num_frm: int, strategy: str = "uniform", size: int | N
     """`read_frames` then CLIP normalisation: float32 `[T, 3, H, W]`."""
     return normalize(read_frames(path, num_frm, strategy, size, rng, start_time, end_time,
                                  decoder=decoder))
+
+
+def read_test_frames(path: str, num_frm: int, size: int) -> torch.Tensor:
+    """The frames of `path` that an evaluation clip holds: `num_frm` frames sampled as the
+    test split samples them, at `size` x `size`, uint8 `[T, 3, H, W]`."""
+    return read_frames(path, num_frm, TEST_STRATEGY, size)
