@@ -5,12 +5,14 @@ patch tokens in patch-major, time-minor order (token `1 + l*T + t` is patch `l` 
 `t`); `[(B*T), 1+L, D]` for space-only attention.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from einops import rearrange
 
-from models.aggregation import max_reduction, parse_merging_types, parse_r
+from models.aggregation import max_reduction
+
+MERGING_TYPES = ("patch", "frame", "frame&patch", "frame-patch", "patch-frame")
 
 
 @dataclass
@@ -132,3 +134,67 @@ def _check_r(values: Sequence[int], limit: int, what: str) -> None:
     if too_large:
         raise ValueError(f"testa_r asks to remove {max(too_large)} {what}s in one step, but at "
                          f"most {limit} can be removed from the input (half of them)")
+
+
+def parse_merging_types(merging_type: Union[str, Sequence[str]], depth: int) -> List[str]:
+    """Per-block merging type: one type for all blocks, or alternating ('frame-patch')."""
+    if not isinstance(merging_type, str):
+        types = list(merging_type)
+    elif merging_type in ("patch", "frame", "frame&patch"):
+        types = [merging_type] * depth
+    elif merging_type in ("frame-patch", "patch-frame"):
+        first, second = merging_type.split("-")
+        types = [first if i % 2 == 0 else second for i in range(depth)]
+    else:
+        raise ValueError(f"merging_type {merging_type!r} is not one of {', '.join(MERGING_TYPES)}")
+    bad = [t for t in types if t not in ("patch", "frame", "frame&patch")]
+    if len(types) != depth or bad:
+        raise ValueError(f"merging_type list must hold {depth} entries of 'patch', 'frame' or "
+                         f"'frame&patch', got {list(merging_type)!r}")
+    return types
+
+
+def parse_threshold(threshold: Union[None, float, Sequence[float]]
+                    ) -> Optional[Tuple[float, float]]:
+    """`testa_threshold` -> (frame, patch) cosine-similarity thresholds, or None (off).
+
+    One number sets both; a pair sets them apart. Each lies in [-1, 1] (a pair merges when
+    its score is above it, so -1 merges up to r unless keys point exactly apart).
+    """
+    if threshold is None:
+        return None
+    values = [threshold] * 2 if isinstance(threshold, (int, float)) else list(threshold)
+    if (len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                or not -1.0 <= v <= 1.0 for v in values)):
+        raise ValueError("testa_threshold must be null, a number in [-1, 1] or a [frame, patch] "
+                         f"pair of them, got {threshold!r}")
+    return float(values[0]), float(values[1])
+
+
+def parse_r(r: Union[int, Sequence[int], Tuple[int, float]], num_ops: int) -> List[int]:
+    """r per aggregation operation, in order.
+
+    - int: the same r for every operation;
+    - (r, inflection) pair (inflection a float; a 2-list from YAML): the linear schedule
+      of `parse_r` in tome/utils.py (facebookresearch/ToMe, CC BY-NC 4.0) over the operations;
+    - list: one entry per operation, padded with 0.
+    """
+    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = r
+        low = int(base * (1.0 - inflect))
+        high = 2 * base - low
+        step = (high - low) / (num_ops - 1) if num_ops > 1 else 0.0
+        values = [int(low + step * i) for i in range(num_ops)]
+    elif isinstance(r, int) and not isinstance(r, bool):
+        values = [r] * num_ops
+    elif isinstance(r, (list, tuple)):
+        values = list(r)
+        if len(values) > num_ops:
+            raise ValueError(f"testa_r has {len(values)} entries but the encoder runs only "
+                             f"{num_ops} aggregation operations")
+        values += [0] * (num_ops - len(values))
+    else:
+        raise ValueError(f"testa_r must be an int, a list of ints or an (r, inflection) pair, got {r!r}")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
+        raise ValueError(f"testa_r entries must be non-negative ints, got {values}")
+    return values

@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from datasets.transforms import FRAME_SETTINGS
-from models.aggregation import AGGREGATION_RULES, AGGREGATIONS, parse_threshold
+from models.aggregation import AGGREGATION_RULES, AGGREGATIONS
 from models.blocks import Block
 from models.resize import resize_along_time, resize_patch_grid
-from models.token_state import TokenState, aggregation_plan, initial_state
+from models.token_state import TokenState, aggregation_plan, initial_state, parse_threshold
 from utils import NONE, Setting, Settings, with_defaults
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")

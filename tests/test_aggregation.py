@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models.aggregation import (bipartite_matching, importance_matching, parse_merging_types,
-                                parse_r, pruning)
+from models.aggregation import bipartite_matching, importance_matching, pruning
+from models.token_state import parse_merging_types, parse_r
 from tests.reference_testa import merge_frames, merge_patches
 
 
