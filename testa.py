@@ -25,9 +25,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from datasets import load_video, pre_caption, pre_question
-from datasets.base import stack_clips
-from datasets.transforms import normalize
+from datasets import pre_caption, pre_question
+from datasets.base import video_batch
+from datasets.video import read_test_frames
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models.checkpoint import LoadReport, read_checkpoint
 from models.video_encoder import cat_token_batches
@@ -74,19 +74,19 @@ class ClipReader:
         self.device = device
 
     def clip(self, video: Video) -> torch.Tensor:
-        """float `[T, 3, H, W]`, normalised."""
+        """`[T, 3, H, W]`: uint8 as decoded, or float already normalised."""
         if isinstance(video, (str, Path)):
-            return load_video(str(video), self.num_frm, "uniform", self.size)
+            return read_test_frames(str(video), self.num_frm, self.size)
         expected = (self.num_frm, 3, self.size, self.size)
         if tuple(video.shape) != expected:
             raise ValueError(f"a video tensor must be [T, 3, H, W] = {list(expected)} for this "
                              f"config, got {list(video.shape)}")
-        return normalize(video) if video.dtype == torch.uint8 else video.float()
+        return video
 
     def batch(self, videos: Sequence[Video]) -> torch.Tensor:
         if isinstance(videos, (str, Path, torch.Tensor)):
             raise TypeError("pass a list of videos (paths or [T, 3, H, W] tensors)")
-        return stack_clips([self.clip(video) for video in videos]).to(self.device)
+        return video_batch([self.clip(video) for video in videos]).to(self.device)
 
 
 class VideoText:

@@ -10,6 +10,7 @@ from utils import Setting, Settings
 
 from .annotations import DataError
 from .issues import DataIssues
+from .transforms import normalize
 from .video import RANDOM_STRATEGIES, SAMPLING_STRATEGIES, VideoDecodeError, read_frames
 
 ClipTransform = Callable[[torch.Tensor, random.Random], torch.Tensor]
@@ -37,6 +38,13 @@ def item_rng() -> random.Random:
 def stack_clips(clips: list[torch.Tensor]) -> torch.Tensor:
     """B clips `[T, 3, H, W]` -> one batch `[B, 3, T, H, W]` (channels before time)."""
     return rearrange(torch.stack(clips), "b t c h w -> b c t h w")
+
+
+def video_batch(clips: list[torch.Tensor]) -> torch.Tensor:
+    """B decoded clips `[T, 3, H, W]` -> the encoder's input `[B, 3, T, H, W]`, float32: uint8
+    clips (as `read_frames` returns them) are normalised, float ones taken as normalised."""
+    return stack_clips([normalize(clip) if clip.dtype == torch.uint8 else clip.float()
+                        for clip in clips])
 
 
 def with_clip_cache(config: dict, datasets: tuple) -> tuple:

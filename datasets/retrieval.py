@@ -12,6 +12,7 @@ from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clip
 from .issues import DataIssues
 from .text import CAPTION_SETTINGS, pre_caption
 from .transforms import FRAME_SETTINGS, FinetuneTransform
+from .video import TEST_STRATEGY
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,6 @@ def build_retrieval_datasets(config: dict):
                 config["frm_sampling_strategy"], config["image_size"],
                 FinetuneTransform(config["augment"]))
         return RetrievalEvalDataset(issues, pairs, config["max_words"], config["num_frm_test"],
-                                    "uniform", config["image_size"], FinetuneTransform(False))
+                                    TEST_STRATEGY, config["image_size"], FinetuneTransform(False))
 
     return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))

@@ -11,6 +11,7 @@ from .transforms import normalize
 
 SAMPLING_STRATEGIES = ("uniform", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
 RANDOM_STRATEGIES = ("nlvl_rand", "rand", "headtail")
+TEST_STRATEGY = "uniform"  # how evaluation clips sample their frames
 
 
 def evenly_spaced_indices(start: int, length: int, num_frm: int) -> list[int]:
@@ -23,7 +24,7 @@ def sample_frame_indices(num_frames: int, num_frm: int, strategy: str = "uniform
                          end: int | None = None) -> list[int]:
     """Indices of `num_frm` frames of the range [start, end) of a video of `num_frames` frames.
 
-    - uniform: the reference's `np.arange(start, end, length / num_frm, dtype=int)`, i.e. the
+    - uniform: TESTA's `np.arange(start, end, length / num_frm, dtype=int)` (data/video_dataset.py), i.e. the
       integer stride `length // num_frm` from `start`;
     - nlvl_uniform: evenly spaced, `floor(start + i * length / num_frm)`;
     - nlvl_rand: nlvl_uniform plus a random offset inside each stride;
@@ -84,3 +85,9 @@ def load_video(path: str, num_frm: int, strategy: str = "uniform", size: int | N
     """`read_frames` then CLIP normalisation: float32 `[T, 3, H, W]`."""
     return normalize(read_frames(path, num_frm, strategy, size, rng, start_time, end_time,
                                  decoder=decoder))
+
+
+def read_test_frames(path: str, num_frm: int, size: int) -> torch.Tensor:
+    """The frames of `path` that an evaluation clip holds: `num_frm` frames sampled as the
+    test split samples them, at `size` x `size`, uint8 `[T, 3, H, W]`."""
+    return read_frames(path, num_frm, TEST_STRATEGY, size)

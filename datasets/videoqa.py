@@ -12,8 +12,9 @@ from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clip
 from .issues import DataIssues
 from .text import QUESTION_SETTINGS, pre_question
 from .transforms import FRAME_SETTINGS, FinetuneTransform
+from .video import TEST_STRATEGY
 
-TRAIN_ANSWER_WEIGHT = 0.2  # per answer occurrence, as in the reference
+TRAIN_ANSWER_WEIGHT = 0.2  # per answer occurrence, as TESTA's data/video_dataset.py (ActivityNet_qa)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv")
 
 
@@ -138,6 +139,6 @@ def build_videoqa_datasets(config: dict):
                 config["image_size"], FinetuneTransform(config["augment"]))
         return VideoQAEvalDataset(
             issues, config["ann_root"], config["video_root"], split, config["max_question_len"],
-            config["num_frm_test"], "uniform", config["image_size"], FinetuneTransform(False))
+            config["num_frm_test"], TEST_STRATEGY, config["image_size"], FinetuneTransform(False))
 
     return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))

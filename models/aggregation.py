@@ -1,8 +1,12 @@
 """Token aggregation for TESTA: bipartite matching, importance-based merging, pruning.
 
 Every reducer works on tokens laid out `[..., N, C]` (the token axis is -2; any leading
-dims are batch-like) and returns a `Reduction`: a callable that applies the same choice
-of tokens to any tensor of that layout (features, sizes, sources).
+dims are batch-like) and returns a `Reduction`: one choice of tokens, applied alike to the
+features with their sizes (`merge`) and to the source maps (`merge_source`).
+
+The matching follows `bipartite_soft_matching`, `merge_wavg` and `merge_source` of TESTA's
+testa/merge.py (github.com/RenShuhuai-Andy/TESTA, BSD-3-Clause), which adapt ToMe's
+tome/merge.py (github.com/facebookresearch/ToMe, CC BY-NC 4.0); the code is written anew.
 
 The rules a config can name (`aggregation`) are the entries of `AGGREGATION_RULES`; a
 new rule is one function choosing tokens and one entry there.
@@ -16,24 +20,24 @@ Two token axes are reduced in a TESTA block:
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import (Callable, Dict, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple,
-                    Union)
+from typing import Callable, Dict, Iterator, Optional, Protocol, Tuple
 
 import torch
 
-MERGING_TYPES = ("patch", "frame", "frame&patch", "frame-patch", "patch-frame")
-
-
 class Reduction(Protocol):
-    """A choice of tokens, applied alike to any tensor `[..., N, C]` of the same layout."""
+    """A choice of tokens, applied alike to any tensor `[..., N, C]` of the same layout;
+    N' is the tokens left: N - r for the fixed reducers, at least that for `AdaptiveMerge`,
+    which keeps an emptied slot while another row of the batch still needs it."""
 
-    def __call__(self, x: torch.Tensor, mode: Literal["mean", "sum", "amax"] = "mean"
-                  ) -> torch.Tensor:
-        """`[..., N, C]` -> `[..., N - r, C]`, merged tokens reduced by `mode`."""
+    def merge(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted average of `x [..., N, C]` with sizes `[..., N, 1]` -> (x', size')
+        `[..., N', C]`, `[..., N', 1]`: `x' = sum(x*s) / sum(s)`, `s' = sum(s)` over the
+        tokens merged into one (as merge_wavg in tome/merge.py); a token that takes no merge
+        passes through unchanged (where `x*s/s` could differ from `x` in the last bit)."""
 
-    def weighted(self, x: torch.Tensor, size: torch.Tensor
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Size-weighted merge of `x [..., N, C]` with sizes `[..., N, 1]` -> (x', size')."""
+    def merge_source(self, source: torch.Tensor) -> torch.Tensor:
+        """0/1 maps `[..., N, S]` of the original tokens each token stands for -> `[..., N', S]`
+        (merged rows combined by max, as merge_source in tome/merge.py)."""
 
 
 def _expand_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -52,15 +56,14 @@ class BipartiteMerge:
         self.src_idx = src_idx  # [..., r, 1]
         self.dst_idx = dst_idx  # [..., r, 1] positions in B
 
-    def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        set_a, set_b = x[..., ::2, :], x[..., 1::2, :]
+    def merge_source(self, source: torch.Tensor) -> torch.Tensor:
+        set_a, set_b = source[..., ::2, :], source[..., 1::2, :]
         unmerged = set_a.gather(-2, _expand_index(self.unm_idx, set_a))
         moved = set_a.gather(-2, _expand_index(self.src_idx, set_a))
-        set_b = set_b.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce=mode)
+        set_b = set_b.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce="amax")
         return torch.cat([unmerged, set_b], dim=-2)
 
-    def weighted(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Size-weighted merge in one pass over the tokens (see `merge_weighted`)."""
+    def merge(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         unmerged, unmerged_size = (t[..., ::2, :].gather(-2, _expand_index(self.unm_idx, t))
                                    for t in (x, size))
         return _weighted_into(x[..., 1::2, :], size[..., 1::2, :],
@@ -81,15 +84,15 @@ class SubsetMerge:
         self.src_idx = src_idx  # [..., r, 1]
         self.dst_idx = dst_idx  # [..., r, 1] positions among the kept tokens
 
-    def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        kept = x.gather(-2, _expand_index(self.keep_idx, x))
+    def merge_source(self, source: torch.Tensor) -> torch.Tensor:
+        kept = source.gather(-2, _expand_index(self.keep_idx, source))
         if self.src_idx is None:
             return kept
-        moved = x.gather(-2, _expand_index(self.src_idx, x))
-        return kept.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce=mode)
+        moved = source.gather(-2, _expand_index(self.src_idx, source))
+        return kept.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce="amax")
 
-    def weighted(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Size-weighted merge (see `merge_weighted`); pruning keeps tokens as they are."""
+    def merge(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pruning (no sources) keeps the tokens as they are."""
         kept, kept_size = (t.gather(-2, _expand_index(self.keep_idx, t)) for t in (x, size))
         if self.src_idx is None:
             return kept, kept_size
@@ -122,22 +125,22 @@ def _full_precision(metric: torch.Tensor) -> Iterator[torch.Tensor]:
         yield metric.to(torch.promote_types(metric.dtype, torch.float32))
 
 
-def max_reduction(num_tokens: int, protected: int) -> int:
-    """The largest r one bipartite step can remove: half the unprotected tokens."""
-    return (num_tokens - protected) // 2
+def max_reduction(num_tokens: int, reserved: int) -> int:
+    """The largest r one bipartite step can remove: half the tokens not `reserved`."""
+    return (num_tokens - reserved) // 2
 
 
-def bipartite_matching(metric: torch.Tensor, r: int, *, class_token: bool, protect_first: bool,
+def bipartite_matching(metric: torch.Tensor, r: int, *, reserved: int, protect_first: bool,
                        vote_frames: bool) -> Optional[BipartiteMerge]:
-    """Geometry-based bipartite soft matching (ToMe), with TESTA's frame voting.
+    """Geometry-based bipartite soft matching, with TESTA's frame voting (testa/merge.py
+    `bipartite_soft_matching`, after tome/merge.py).
 
-    metric: `[..., N, Dh]`. `class_token` protects one token in the cap on r (the
-    reference applies it to frame aggregation too) and keeps the unmerged order;
-    `protect_first` forbids merging token 0 (the class token of patch aggregation);
-    `vote_frames` makes every patch position (dim -3) follow the majority decision.
-    Returns None when nothing is merged.
+    metric: `[..., N, Dh]`. `reserved` tokens are kept out of the cap on r (see
+    `max_reduction`); `protect_first` forbids merging token 0 (the class token) and, like
+    `vote_frames`, keeps the unmerged tokens in order; `vote_frames` makes every patch
+    position (dim -3) follow the majority decision. Returns None when nothing is merged.
     """
-    r = min(r, max_reduction(metric.shape[-2], int(class_token)))
+    r = min(r, max_reduction(metric.shape[-2], reserved))
     if r <= 0:
         return None
     with torch.no_grad(), _full_precision(metric) as metric:
@@ -155,7 +158,7 @@ def bipartite_matching(metric: torch.Tensor, r: int, *, class_token: bool, prote
         unm_idx = edge_idx[..., r:, :]
         src_idx = edge_idx[..., :r, :]
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-        if class_token or vote_frames:
+        if protect_first or vote_frames:
             unm_idx = unm_idx.sort(dim=-2).values
     return BipartiteMerge(unm_idx, src_idx, dst_idx)
 
@@ -180,10 +183,10 @@ def _least_important(importance: torch.Tensor, r: int, protect_first: bool,
 
 
 def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, *,
-                        class_token: bool, protect_first: bool,
+                        reserved: int, protect_first: bool,
                         share_over_patches: bool) -> Optional[SubsetMerge]:
     """Merge the r least important tokens (attention received) into their most similar kept token."""
-    r = min(r, max_reduction(metric.shape[-2], int(class_token)))
+    r = min(r, max_reduction(metric.shape[-2], reserved))
     if r <= 0:
         return None
     with torch.no_grad(), _full_precision(metric) as metric:
@@ -200,10 +203,10 @@ def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, 
     return SubsetMerge(keep_idx, src_idx, dst_idx)
 
 
-def pruning(importance: torch.Tensor, r: int, *, class_token: bool, protect_first: bool,
+def pruning(importance: torch.Tensor, r: int, *, reserved: int, protect_first: bool,
             share_over_patches: bool) -> Optional[SubsetMerge]:
     """Drop the r least important tokens."""
-    r = min(r, max_reduction(importance.shape[-1], int(class_token)))
+    r = min(r, max_reduction(importance.shape[-1], reserved))
     if r <= 0:
         return None
     with torch.no_grad():
@@ -220,36 +223,37 @@ class AggregationRule:
         so attention is computed explicitly rather than by the fused kernel.
     adaptive: the rule takes a similarity threshold (`testa_threshold`), with which each
         row merges as many tokens as score above it, at most r.
-    choose(metric, importance, size, r, *, threshold, class_token, protect_first,
+    choose(metric, importance, size, r, *, threshold, reserved, protect_first,
         across_frames) -> the Reduction removing up to r tokens, or None. `metric` are the
         keys `[..., N, Dh]`, `importance` the attention each token receives `[..., N]`
         (None unless `needs_attention`), `size` the token sizes `[..., N, 1]` (0: an empty
         slot, adaptive mode only), `threshold` None unless `adaptive`; `across_frames`:
-        tokens are `[B, L, T, Dh]` frames, and one decision is taken per video.
+        tokens are `[B, L, T, Dh]` frames, and one decision is taken per video; `reserved`
+        and `protect_first` as for `bipartite_matching`.
     """
     needs_attention: bool
     adaptive: bool
     choose: Callable[..., Optional[Reduction]]
 
 
-def _by_geometry(metric, importance, size, r, *, threshold, class_token, protect_first,
+def _by_geometry(metric, importance, size, r, *, threshold, reserved, protect_first,
                  across_frames):
     if threshold is not None:
-        return adaptive_matching(metric, size, r, threshold, class_token=class_token,
+        return adaptive_matching(metric, size, r, threshold, reserved=reserved,
                                  protect_first=protect_first, frames=across_frames)
-    return bipartite_matching(metric, r, class_token=class_token, protect_first=protect_first,
+    return bipartite_matching(metric, r, reserved=reserved, protect_first=protect_first,
                               vote_frames=across_frames)
 
 
-def _by_importance(metric, importance, size, r, *, threshold, class_token, protect_first,
+def _by_importance(metric, importance, size, r, *, threshold, reserved, protect_first,
                    across_frames):
-    return importance_matching(metric, importance, r, class_token=class_token,
+    return importance_matching(metric, importance, r, reserved=reserved,
                                protect_first=protect_first, share_over_patches=across_frames)
 
 
-def _by_pruning(metric, importance, size, r, *, threshold, class_token, protect_first,
+def _by_pruning(metric, importance, size, r, *, threshold, reserved, protect_first,
                 across_frames):
-    return pruning(importance, r, class_token=class_token, protect_first=protect_first,
+    return pruning(importance, r, reserved=reserved, protect_first=protect_first,
                    share_over_patches=across_frames)
 
 
@@ -260,85 +264,6 @@ AGGREGATION_RULES: Dict[str, AggregationRule] = {
     "prune": AggregationRule(needs_attention=True, adaptive=False, choose=_by_pruning),
 }
 AGGREGATIONS = tuple(AGGREGATION_RULES)
-
-
-# applying a reduction ----------------------------------------------------------------
-def merge_weighted(reduce: Reduction, x: torch.Tensor, size: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average: `x' = reduce(x*s, sum) / reduce(s, sum)`, `s' = reduce(s, sum)`.
-
-    Tokens that take no merge pass through unchanged (where `x*s/s` could differ from `x`
-    in the last bit), and only merge destinations are multiplied and divided."""
-    return reduce.weighted(x, size)
-
-
-def merge_source(reduce: Reduction, source: torch.Tensor) -> torch.Tensor:
-    """Track which original tokens each token stands for (0/1 rows, merged with amax)."""
-    return reduce(source, mode="amax")
-
-
-def parse_merging_types(merging_type: Union[str, Sequence[str]], depth: int) -> List[str]:
-    """Per-block merging type: one type for all blocks, or alternating ('frame-patch')."""
-    if not isinstance(merging_type, str):
-        types = list(merging_type)
-    elif merging_type in ("patch", "frame", "frame&patch"):
-        types = [merging_type] * depth
-    elif merging_type in ("frame-patch", "patch-frame"):
-        first, second = merging_type.split("-")
-        types = [first if i % 2 == 0 else second for i in range(depth)]
-    else:
-        raise ValueError(f"merging_type {merging_type!r} is not one of {', '.join(MERGING_TYPES)}")
-    bad = [t for t in types if t not in ("patch", "frame", "frame&patch")]
-    if len(types) != depth or bad:
-        raise ValueError(f"merging_type list must hold {depth} entries of 'patch', 'frame' or "
-                         f"'frame&patch', got {list(merging_type)!r}")
-    return types
-
-
-def parse_threshold(threshold: Union[None, float, Sequence[float]]
-                    ) -> Optional[Tuple[float, float]]:
-    """`testa_threshold` -> (frame, patch) cosine-similarity thresholds, or None (off).
-
-    One number sets both; a pair sets them apart. Each lies in [-1, 1] (a pair merges when
-    its score is above it, so -1 merges up to r unless keys point exactly apart).
-    """
-    if threshold is None:
-        return None
-    values = [threshold] * 2 if isinstance(threshold, (int, float)) else list(threshold)
-    if (len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                or not -1.0 <= v <= 1.0 for v in values)):
-        raise ValueError("testa_threshold must be null, a number in [-1, 1] or a [frame, patch] "
-                         f"pair of them, got {threshold!r}")
-    return float(values[0]), float(values[1])
-
-
-def parse_r(r: Union[int, Sequence[int], Tuple[int, float]], num_ops: int) -> List[int]:
-    """r per aggregation operation, in order.
-
-    - int: the same r for every operation;
-    - (r, inflection) pair (inflection a float; a 2-list from YAML): ToMe's linear
-      schedule over the operations;
-    - list: one entry per operation, padded with 0.
-    """
-    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
-        base, inflect = r
-        low = int(base * (1.0 - inflect))
-        high = 2 * base - low
-        step = (high - low) / (num_ops - 1) if num_ops > 1 else 0.0
-        values = [int(low + step * i) for i in range(num_ops)]
-    elif isinstance(r, int) and not isinstance(r, bool):
-        values = [r] * num_ops
-    elif isinstance(r, (list, tuple)):
-        values = list(r)
-        if len(values) > num_ops:
-            raise ValueError(f"testa_r has {len(values)} entries but the encoder runs only "
-                             f"{num_ops} aggregation operations")
-        values += [0] * (num_ops - len(values))
-    else:
-        raise ValueError(f"testa_r must be an int, a list of ints or an (r, inflection) pair, got {r!r}")
-    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
-        raise ValueError(f"testa_r entries must be non-negative ints, got {values}")
-    return values
 
 
 # content-adaptive aggregation ---------------------------------------------------------
@@ -361,17 +286,15 @@ class AdaptiveMerge:
         tokens[..., 1::2, :] = set_b
         return tokens.gather(-2, _expand_index(self.keep_idx, tokens))
 
-    def __call__(self, x: torch.Tensor, mode: str = "amax") -> torch.Tensor:
-        """Merge 0/1 source maps (`mode` 'amax'): a merged token's originals move to its partner."""
-        if mode != "amax":
-            raise ValueError(f"AdaptiveMerge merges values by size (weighted); got mode {mode!r}")
-        set_a, set_b = x[..., ::2, :], x[..., 1::2, :]
+    def merge_source(self, source: torch.Tensor) -> torch.Tensor:
+        """A merged token's originals move to its partner."""
+        set_a, set_b = source[..., ::2, :], source[..., 1::2, :]
         moved = set_a * self.merged
         set_b = set_b.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce="amax")
         return self._interleave_and_keep(set_a * ~self.merged, set_b)
 
-    def weighted(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Size-weighted merge; a token that ends with size 0 keeps its value (no 0/0)."""
+    def merge(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A token that ends with size 0 keeps its value (no 0/0)."""
         set_a, set_b = x[..., ::2, :], x[..., 1::2, :]
         size_a, size_b = size[..., ::2, :], size[..., 1::2, :]
         moved_size = size_a * self.merged  # [..., |A|, 1], 0 where not merged
@@ -387,7 +310,7 @@ class AdaptiveMerge:
 
 
 def adaptive_matching(metric: torch.Tensor, size: torch.Tensor, r: int, threshold: float, *,
-                      class_token: bool, protect_first: bool, frames: bool) -> AdaptiveMerge:
+                      reserved: int, protect_first: bool, frames: bool) -> AdaptiveMerge:
     """Bipartite matching that merges every pair scoring above `threshold`, at most r per row.
 
     metric: `[..., N, Dh]`; size: `[..., N, 1]`, 0 for empty slots, which neither merge
@@ -413,7 +336,7 @@ def adaptive_matching(metric: torch.Tensor, size: torch.Tensor, r: int, threshol
             scores[..., 0, :] = -math.inf
         node_max, node_idx = scores.max(dim=-1)  # [..., |A|]
         rank = node_max.argsort(dim=-1, descending=True).argsort(dim=-1)
-        cap = ((live.sum(dim=-1, keepdim=True) - int(class_token)) // 2).clamp(min=0, max=r)
+        cap = ((live.sum(dim=-1, keepdim=True) - reserved) // 2).clamp(min=0, max=r)
         wanted = (node_max > threshold).sum(dim=-1, keepdim=True).minimum(cap)
         merged = (rank < wanted)[..., None]  # [..., |A|, 1]
         dst_idx = node_idx[..., None]

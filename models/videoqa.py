@@ -89,7 +89,7 @@ class VideoQAModel(nn.Module):
                      answer_list: Sequence[str], k: int) -> RankedAnswers:
         """The best of `answer_list` for each question: of the k answers whose first token
         is likeliest after `[DEC]`, the one whose whole answer the decoder's loss scores best
-        (label-smoothed, as in the reference); with the scores it ranked by."""
+        (label-smoothed, as BertLMHeadModel in TESTA's models/med.py); with the scores it ranked by."""
         question_states, question_mask = self.encode_questions(video, questions)
         answer_ids, answer_mask = self._tokenized_answer_list(answer_list, video.device)
         num_questions, k = question_states.shape[0], min(k, len(answer_list))
@@ -129,7 +129,7 @@ class VideoQAModel(nn.Module):
         `[SEP]`).
 
         The decoder cross-attends to the question without its padding, as in training and
-        `rank_answers`. The reference generates with an all-ones question mask instead, so
+        `rank_answers`. TESTA's models/testa_vqa.py generates with an all-ones question mask instead, so
         there a question's answer depends on the longest question of its batch, a case
         training never showed the decoder; with equally long questions (e.g. one question
         a batch) both give the same answers.

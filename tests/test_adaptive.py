@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from models import build_retrieval_model
-from models.aggregation import adaptive_matching, merge_source, merge_weighted
+from models.aggregation import adaptive_matching
 from models.text import build_text_config, build_text_encoder, build_tokenizer, encode_grounded
-from models.video_encoder import pool_tokens, token_mask
+from models.video_encoder import pool_tokens
 from tests.reference_testa import reference_forward
 from helpers import (CAPTIONS, TINY_ENCODER as TINY, random_video, tiny_config, tiny_encoder,
                      tiny_video)
-from tools.benchmark import count, traced_gmacs
+from models.cost import content_cost, count, traced_gmacs
 from engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +35,15 @@ def test_patch_merge_hand_worked():
     metric = torch.stack([e2, e2, e1, e1, e0, 0.6 * e0 + 0.8 * e2])[None]  # [1, 6, 3]
     tokens = torch.arange(12, dtype=torch.float64).view(1, 6, 2)
     size = torch.tensor([[1.0, 1.0, 2.0, 1.0, 1.0, 1.0]], dtype=torch.float64)[..., None]
-    reduce = adaptive_matching(metric, size, r=3, threshold=0.7, class_token=True,
+    reduce = adaptive_matching(metric, size, r=3, threshold=0.7, reserved=1,
                                protect_first=True, frames=False)
-    merged, new_size = merge_weighted(reduce, tokens, size)
+    merged, new_size = reduce.merge(tokens, size)
     assert new_size[0, :, 0].tolist() == [1.0, 1.0, 3.0, 1.0, 1.0]  # slots 0, 1, 3, 4, 5
     expected_3 = (2 * tokens[0, 2] + 1 * tokens[0, 3]) / 3
     torch.testing.assert_close(merged[0, 2], expected_3, rtol=0, atol=0)
     for slot, original in ((0, 0), (1, 1), (3, 4), (4, 5)):
         assert torch.equal(merged[0, slot], tokens[0, original])
-    source = merge_source(reduce, torch.eye(6, dtype=torch.float64)[None])
+    source = reduce.merge_source(torch.eye(6, dtype=torch.float64)[None])
     assert source[0].tolist()[2] == [0, 0, 1, 1, 0, 0]
 
 
@@ -56,9 +56,9 @@ def test_rows_of_a_batch_merge_what_each_needs_and_share_the_trim():
     metric = torch.stack([row0, row1])
     size = torch.ones(2, 6, 1, dtype=torch.float64)
     tokens = torch.randn(2, 6, 4, dtype=torch.float64)
-    reduce = adaptive_matching(metric, size, r=2, threshold=0.5, class_token=True,
+    reduce = adaptive_matching(metric, size, r=2, threshold=0.5, reserved=1,
                                protect_first=True, frames=False)
-    merged, new_size = merge_weighted(reduce, tokens, size)
+    merged, new_size = reduce.merge(tokens, size)
     assert merged.shape == (2, 5, 4)
     assert (new_size[0] > 0).sum() == 4 and (new_size[1] > 0).sum() == 5  # row 0: cap r = 2
     assert new_size.sum(dim=(1, 2)).tolist() == [6.0, 6.0]  # nothing lost
@@ -70,10 +70,10 @@ def test_empty_slots_neither_merge_nor_take_merges():
     e0, e1, e2 = torch.eye(3, dtype=torch.float64)
     metric = torch.stack([e2, e1, e1, e1, e0, e0])[None]  # empty slot 2 matches slots 1 and 3
     size = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)[..., None]
-    reduce = adaptive_matching(metric, size, r=3, threshold=0.5, class_token=False,
+    reduce = adaptive_matching(metric, size, r=3, threshold=0.5, reserved=0,
                                protect_first=False, frames=False)
     tokens = torch.randn(1, 6, 3, dtype=torch.float64)
-    merged, new_size = merge_weighted(reduce, tokens, size)
+    merged, new_size = reduce.merge(tokens, size)
     # live slots 0, 1, 4, 5: 0 scores 0; 4 -> 5 scores 1; cap (4 - 0) // 2 = 2
     assert new_size[0, :, 0].tolist() == [1.0, 1.0, 2.0]
     torch.testing.assert_close(merged[0, 2], (tokens[0, 4] + tokens[0, 5]) / 2, rtol=0, atol=1e-15)
@@ -171,22 +171,19 @@ def test_traced_gmacs_equal_the_flop_counter_for_fixed_r(overrides):
     config = dict(TINY, **overrides)
     encoder = tiny_encoder(28, **overrides)
     with torch.no_grad():
-        _, state = encoder.forward_with_state(random_video(2, 8), trace=True)
-    traced = traced_gmacs(config, state.trace, encoder.plan, encoder.blocks[0].class_token)
+        encoder.forward_with_state(random_video(2, 8), size_trace=(trace := []))
+    traced = traced_gmacs(encoder, trace)
     counted = count(config, decimals=12)
     assert traced == [pytest.approx(counted["gmacs"], rel=1e-12)] * 2
 
 
 def test_traced_gmacs_follow_the_content_tokens():
-    config = dict(TINY, testa_r=R_CAPS, testa_threshold=0.95)
     encoder = tiny_encoder(29, testa_r=R_CAPS, testa_threshold=0.95)
     video = still_like(random_video(2, 8, seed=11), 0)
-    with torch.no_grad():
-        _, state = encoder.forward_with_state(video, trace=True)
-        per_video = traced_gmacs(config, state.trace, encoder.plan, True)
-        _, alone = encoder.forward_with_state(video[1:], trace=True)
+    per_video = content_cost(encoder, video)["gmacs"]
+    alone = content_cost(encoder, video[1:])["gmacs"]
     assert per_video[0] < per_video[1]  # the still video costs less
-    assert per_video[1] == pytest.approx(traced_gmacs(config, alone.trace, encoder.plan, True)[0])
+    assert per_video[1] == pytest.approx(alone[0])
 
 
 @pytest.mark.parametrize("value,message", [(1.5, "-1 to 1"), ([0.5, 0.5, 0.5], "pair"),

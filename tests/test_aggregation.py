@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from models.aggregation import (bipartite_matching, importance_matching, merge_source,
-                                merge_weighted, parse_merging_types, parse_r, pruning)
+from models.aggregation import bipartite_matching, importance_matching, pruning
+from models.token_state import parse_merging_types, parse_r
 from tests.reference_testa import merge_frames, merge_patches
 
 
 def _patch_merge(tokens, size, metric, r):
-    reduce = bipartite_matching(metric, r, class_token=True, protect_first=True, vote_frames=False)
-    return merge_weighted(reduce, tokens, size)
+    reduce = bipartite_matching(metric, r, reserved=1, protect_first=True, vote_frames=False)
+    return reduce.merge(tokens, size)
 
 
 @pytest.mark.parametrize("num_tokens,r", [(17, 1), (17, 4), (17, 8), (16, 7), (197, 12)])
@@ -33,8 +33,8 @@ def test_frame_merge_matches_loop_implementation(num_frames, r, class_token):
     frames = torch.randn(batch, patches, num_frames, dim, dtype=torch.float64)
     metric = torch.randn(batch, patches, num_frames, 5, dtype=torch.float64)
     size = torch.randint(1, 3, (batch, patches, num_frames, 1)).double()
-    reduce = bipartite_matching(metric, r, class_token=class_token, protect_first=False, vote_frames=True)
-    merged, new_size = merge_weighted(reduce, frames, size)
+    reduce = bipartite_matching(metric, r, reserved=int(class_token), protect_first=False, vote_frames=True)
+    merged, new_size = reduce.merge(frames, size)
     for b in range(batch):
         expected, expected_size = merge_frames(frames[b], size[b, ..., 0], metric[b], r, class_token)
         torch.testing.assert_close(merged[b], expected, rtol=0, atol=1e-12)
@@ -53,14 +53,14 @@ def test_patch_voting_hand_worked():
         torch.stack([e0, near0, e1, e1]),     # f0 -> f1 (0.8), f2 -> f3 (1.0)
         torch.stack([e0, e1, e1, near0]),     # f0 -> f3 (0.8), f2 -> f1 (1.0)
     ])[None]  # [B=1, L=3, T=4, 2]
-    reduce = bipartite_matching(metric, 1, class_token=True, protect_first=False, vote_frames=True)
+    reduce = bipartite_matching(metric, 1, reserved=1, protect_first=False, vote_frames=True)
     # f0 (A index 0): partners B0, B0, B1 -> B0 (frame 1); scores 1.0, 0.8, 0.8 -> mode 0.8
     # f2 (A index 1): partners B1, B1, B0 -> B1 (frame 3); scores 0.6, 1.0, 1.0 -> mode 1.0
     # so f2 merges first, into frame 3, and every patch follows the same decision
     assert reduce.src_idx[0, :, 0, 0].tolist() == [1, 1, 1]
     assert reduce.dst_idx[0, :, 0, 0].tolist() == [1, 1, 1]
     frames = torch.arange(4.0).repeat(3, 1)[None, ..., None]  # value = frame index
-    merged, size = merge_weighted(reduce, frames, torch.ones_like(frames))
+    merged, size = reduce.merge(frames, torch.ones_like(frames))
     assert merged[0, :, :, 0].tolist() == [[0.0, 1.0, 2.5]] * 3
     assert size[0, :, :, 0].tolist() == [[1.0, 1.0, 2.0]] * 3
 
@@ -91,20 +91,20 @@ def test_sources_partition_the_original_tokens():
     tokens = torch.randn(1, 21, 4)
     source = torch.eye(21)[None]
     for r in (3, 4, 5):
-        reduce = bipartite_matching(tokens, r, class_token=True, protect_first=True, vote_frames=False)
-        tokens, _ = merge_weighted(reduce, tokens, torch.ones_like(tokens[..., :1]))
-        source = merge_source(reduce, source)
+        reduce = bipartite_matching(tokens, r, reserved=1, protect_first=True, vote_frames=False)
+        tokens, _ = reduce.merge(tokens, torch.ones_like(tokens[..., :1]))
+        source = reduce.merge_source(source)
     assert source.shape == (1, 21 - 12, 21)
     assert torch.equal(source.sum(dim=-2), torch.ones(1, 21))  # every original token in one group
 
 
 def test_r_is_capped_at_half_the_unprotected_tokens():
     metric = torch.randn(1, 1, 5, 4)
-    reduce = bipartite_matching(metric, 10, class_token=True, protect_first=False, vote_frames=True)
+    reduce = bipartite_matching(metric, 10, reserved=1, protect_first=False, vote_frames=True)
     assert reduce.src_idx.shape[-2] == 2  # (5 - 1) // 2
-    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, class_token=True, protect_first=False,
+    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, reserved=1, protect_first=False,
                               vote_frames=True) is None  # (2-1)//2 = 0
-    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, class_token=False, protect_first=False,
+    assert bipartite_matching(torch.randn(1, 1, 2, 4), 1, reserved=0, protect_first=False,
                               vote_frames=True).src_idx.shape[-2] == 1
 
 
@@ -112,15 +112,15 @@ def test_importance_merge_moves_least_attended_tokens_and_keeps_the_class_token(
     torch.manual_seed(3)
     tokens = torch.randn(1, 7, 4, dtype=torch.float64)
     importance = torch.tensor([[0.0, 5.0, 0.1, 3.0, 0.2, 4.0, 6.0]], dtype=torch.float64)
-    reduce = importance_matching(tokens, importance, 2, class_token=True, protect_first=True,
+    reduce = importance_matching(tokens, importance, 2, reserved=1, protect_first=True,
                                  share_over_patches=False)
     assert reduce.src_idx[0, :, 0].tolist() == [2, 4]  # least important, class token excluded
     assert reduce.keep_idx[0, :, 0].tolist() == [0, 1, 3, 5, 6]
     assert 0 not in reduce.dst_idx[0, :, 0].tolist()
-    merged, size = merge_weighted(reduce, tokens, torch.ones_like(tokens[..., :1]))
+    merged, size = reduce.merge(tokens, torch.ones_like(tokens[..., :1]))
     torch.testing.assert_close((merged * size).sum(-2), tokens.sum(-2))
-    kept = pruning(importance, 2, class_token=True, protect_first=True, share_over_patches=False)
-    assert torch.equal(kept(tokens), tokens[:, [0, 1, 3, 5, 6]])
+    kept = pruning(importance, 2, reserved=1, protect_first=True, share_over_patches=False)
+    assert torch.equal(kept.merge_source(tokens), tokens[:, [0, 1, 3, 5, 6]])
 
 
 def test_parse_r_forms():

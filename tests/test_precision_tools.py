@@ -9,6 +9,7 @@ from engine import precision
 from engine.config import load_config
 from helpers import write_tiny_encoder_config
 from models.aggregation import adaptive_matching, bipartite_matching, importance_matching
+from models.cost import count, encoder_config
 from tools import benchmark, gpu_check
 
 
@@ -63,14 +64,14 @@ def test_merge_metric_stays_float32_under_bf16_autocast(frames):
     metric = torch.randn(shape, generator=generator).to(torch.bfloat16)
     importance = torch.rand(shape[:-1], generator=generator)
     size = torch.ones(*shape[:-1], 1)
-    for match in (lambda m: bipartite_matching(m, 3, class_token=True, protect_first=not frames,
+    for match in (lambda m: bipartite_matching(m, 3, reserved=1, protect_first=not frames,
                                                  vote_frames=frames),
-                  lambda m: importance_matching(m, importance, 3, class_token=True,
+                  lambda m: importance_matching(m, importance, 3, reserved=1,
                                                 protect_first=not frames,
                                                 share_over_patches=frames),
                   # r large enough that the threshold decides; thresholds among the scores
                   *[lambda m, threshold=threshold: adaptive_matching(
-                      m, size, 8, threshold, class_token=True, protect_first=not frames,
+                      m, size, 8, threshold, reserved=1, protect_first=not frames,
                       frames=frames)
                     for threshold in torch.linspace(0.0, 0.6, 121).tolist()]):
         expected = match(metric.float())
@@ -109,7 +110,7 @@ def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
     assert report["dtype"] == "fp32,bf16"
     assert report["seconds"] == {"fp32": report["seconds_fp32"], "bf16": report["seconds_bf16"]}
     assert report["dtype_speedup"] == round(report["seconds_fp32"] / report["seconds_bf16"], 3)
-    flops = 2e9 * benchmark.count(benchmark.encoder_config(
+    flops = 2e9 * count(encoder_config(
         load_config(str(config)), None, True), decimals=None)["gmacs"]
     for dtype in ("fp32", "bf16"):
         # reported: seconds to 4 decimals, both rates and their ratio to 3; the intervals

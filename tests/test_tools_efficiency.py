@@ -1,4 +1,5 @@
-"""tools/scaling.py (counted on the meta device) and tools/visualize_aggregation.py."""
+"""tools/scaling.py (counted on the meta device), models/visualization.py and
+tools/visualize_aggregation.py."""
 import importlib.util
 from pathlib import Path
 
@@ -10,10 +11,12 @@ from matplotlib.image import imread
 from engine.config import load_config
 from helpers import write_tiny_encoder_config
 from models import build_video_encoder
-from models.video_encoder import TokenState
+from models.encoder_weights import load_visual_encoder
+from models.token_state import TokenState
+from models.visualization import (draw_aggregation, frame_groups, frame_runs, patch_groups,
+                                  patch_overlay)
 from tools import scaling
-from tools.visualize_aggregation import (draw_aggregation, frame_groups, frame_runs,
-                                         load_visual_encoder, main, patch_groups, patch_overlay)
+from tools.visualize_aggregation import main
 
 BASE = load_config("configs/retrieval_queryd_f32.yaml")
 SETTINGS = {setting.name: setting for setting in scaling.SETTINGS}

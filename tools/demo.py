@@ -30,14 +30,15 @@ import torch
 from ruamel.yaml import YAML
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # the repository, run as a script
 import pretrain  # noqa: E402
 import train_retrieval  # noqa: E402
 import train_videoqa  # noqa: E402
 from models import build_video_encoder  # noqa: E402
+from models.cost import count, encoder_config  # noqa: E402
+from models.encoder_weights import load_visual_encoder  # noqa: E402
+from models.visualization import visualize_video  # noqa: E402
 from tools import make_pretrain_list, make_synthetic  # noqa: E402
-from tools.benchmark import count, encoder_config  # noqa: E402
-from tools.visualize_aggregation import load_visual_encoder, visualize_video  # noqa: E402
 
 Task = Literal["retrieval", "videoqa", "pretrain"]
 TASKS: Tuple[str, ...] = ("retrieval", "videoqa", "pretrain")

@@ -40,9 +40,10 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.benchmark import build, count, peak_memory_mb, time_alternately  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
 from engine.config import load_config  # noqa: E402
+from models.cost import count  # noqa: E402
+from models.timing import build, peak_memory_mb, time_alternately  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from utils import with_defaults  # noqa: E402
 

@@ -1,0 +1,129 @@
+"""Timing the video encoder: forwards (and training steps) timed alternately, the memory
+one step needs beyond the model and input, and the best GEMM rate for a roofline."""
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from typing import List, Optional
+
+import torch
+
+from models.cost import video_shape
+from models.video_encoder import build_video_encoder
+
+
+def build(config: dict, device: str, dtype: torch.dtype, train: bool,
+          video: Optional[torch.Tensor] = None):
+    encoder = build_video_encoder(config).to(device=device, dtype=dtype).train(train)
+    if video is None:
+        video = torch.randn(video_shape(config))
+    return encoder, video.to(device=device, dtype=dtype)
+
+
+def step(encoder, video: torch.Tensor, train: bool) -> None:
+    """One forward (and backward when training), synchronised."""
+    if train:
+        encoder.zero_grad(set_to_none=True)
+        encoder(video).float().mean().backward()
+    else:
+        with torch.inference_mode():
+            encoder(video)
+    if video.is_cuda:
+        torch.cuda.synchronize()
+
+
+def timed(encoder, video: torch.Tensor, train: bool) -> float:
+    start = time.perf_counter()
+    step(encoder, video, train)
+    return time.perf_counter() - start
+
+
+def time_alternately(setups: List[tuple], runs: int, train: bool) -> List[float]:
+    """Median seconds of each setup, running them in turn so that drift hits all alike."""
+    for encoder, video in setups:
+        step(encoder, video, train)
+    samples = [[] for _ in setups]
+    for _ in range(runs):
+        for samples_of, (encoder, video) in zip(samples, setups):
+            samples_of.append(timed(encoder, video, train))
+    return [statistics.median(s) for s in samples]
+
+
+def _rss_peak_mb() -> float:
+    # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak
+    # across fork + exec.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int,
+                       video: Optional[torch.Tensor], queue) -> None:
+    torch.set_num_threads(threads)
+    encoder, video = build(config, "cpu", dtype, train, video)
+    baseline = _current_rss_mb()
+    step(encoder, video, train)
+    queue.put(_rss_peak_mb() - baseline)
+
+
+def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool,
+                   video: Optional[torch.Tensor] = None) -> float:
+    """Memory one step needs beyond the model and input (MB)."""
+    if device.startswith("cuda"):
+        encoder, video = build(config, device, dtype, train, video)
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(encoder, video, train)
+        peak = torch.cuda.max_memory_allocated() - baseline
+        del encoder, video
+        torch.cuda.empty_cache()
+        return round(peak / 2**20, 1)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_peak_memory_child,
+                            args=(config, dtype, train, torch.get_num_threads(), video, queue))
+    # Large blocks straight from mmap go back to the system when freed, so the child's
+    # peak resident set follows the live tensors instead of malloc's cached arenas.
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        child.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"peak-memory child process failed (exit code {child.exitcode})")
+    return round(queue.get(timeout=60), 1)
+
+
+def gemm_gflops(config: dict, device: str, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Best GFLOP/s of a few large matrix products at `dtype`: the encoder's qkv and MLP
+    shapes over all input tokens, and a square product of 2*width."""
+    tokens = 1 + config["num_frames"] * (config["image_size"] // config["patch_size"]) ** 2
+    width = config["vision_width"]
+    shapes = [(tokens, width, 3 * width), (tokens, width, 4 * width),
+              (tokens, 4 * width, width), (2 * width, 2 * width, 2 * width)]
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        for run in range(repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            a @ b
+            if a.is_cuda:
+                torch.cuda.synchronize()
+            if run:
+                best = max(best, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best
