@@ -155,8 +155,8 @@ class MomentumVideoTextModel(nn.Module):
         video_masks = (None if video_mask is None
                        else torch.cat([video_mask, neg_video_masks, pos_video_masks]))
         logits = self.itm_logits(videos, texts, masks, video_masks)  # [B + 2B', 2]
-        labels = torch.cat([torch.ones(batch, dtype=torch.long),
-                            torch.zeros(2 * num_negative, dtype=torch.long)]).to(logits.device)
+        labels = torch.cat([torch.ones(batch, dtype=torch.long, device=logits.device),
+                            torch.zeros(2 * num_negative, dtype=torch.long, device=logits.device)])
         return F.cross_entropy(logits, labels)
 
 

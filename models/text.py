@@ -148,8 +148,9 @@ def tokenize(tokenizer: BertTokenizer, texts: Sequence[str], device: torch.devic
              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """texts -> (input_ids `[B, S]`, attention_mask `[B, S]`) on `device`, starting with
     `[CLS]`, truncated to `max_length` when given."""
-    batch = tokenizer(list(texts), padding=padding, truncation=max_length is not None,
-                      max_length=max_length, return_tensors="pt")
+    with torch.device("cpu"):  # data, made on the host whatever the default device is
+        batch = tokenizer(list(texts), padding=padding, truncation=max_length is not None,
+                          max_length=max_length, return_tensors="pt")
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
 

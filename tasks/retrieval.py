@@ -155,8 +155,8 @@ def rerank(model: nn.Module, run: Run, sims: torch.Tensor, candidates: torch.Ten
     scores the pairs of its own videos, `batch_size` pairs at a time, and the ranks'
     matrices are summed."""
     num_videos = sims.shape[0]
-    local_row = torch.full((num_videos,), -1, dtype=torch.long)
-    local_row[own_index] = torch.arange(len(own_index))
+    local_row = torch.full((num_videos,), -1, dtype=torch.long, device=own_index.device)
+    local_row[own_index] = torch.arange(len(own_index), device=own_index.device)
     owned = (local_row >= 0).to(sims.device)
     pairs = (candidates & owned[:, None]).nonzero()  # [P, 2] (video, text)
     scores = torch.zeros_like(sims)
