@@ -7,6 +7,7 @@ Every setting is declared once, as a `Setting` in a group next to the code that 
 `with_defaults` on the config dict they are given and then index it directly.
 """
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -77,6 +78,8 @@ def value_problem(name: str, value: Any, setting: Setting, *,
     if (check_choices and setting.choices is not None and isinstance(value, str)
             and value not in setting.choices):
         return f"{name} must be one of {', '.join(setting.choices)}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes both bounds
+        return f"{name} must be a finite number, got {value!r}"
     if isinstance(value, NUMBER) and not isinstance(value, bool):
         below = setting.min is not None and value < setting.min
         above = setting.max is not None and value > setting.max

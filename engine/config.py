@@ -22,25 +22,34 @@ def load_config(path) -> Dict[str, Any]:
     try:
         config = YAML(typ="safe").load(path.read_text())
     except YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
     return config
 
 
+def yaml_problem(err: YAMLError) -> str:
+    """What ruamel.yaml found wrong, with its line: e.g. 'found duplicate key "a" with
+    value "2" (original value: "1"), line 3'."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return problem if mark is None else f"{problem}, line {mark.line + 1}"
+
+
 def parse_opts(opts: Sequence[str]) -> Dict[str, Any]:
     """`["max_epoch=2", "testa_r=[1,12]"]` -> `{"max_epoch": 2, "testa_r": [1, 12]}`;
-    values are read as YAML scalars, lists or mappings."""
+    values are read as YAML scalars, lists or mappings. A key given twice is an error."""
     parsed = {}
     for opt in opts:
         name, sep, text = opt.partition("=")
         if not sep or not name:
             raise ConfigError(f"--opts: expected key=value, got {opt!r}")
+        if name in parsed:
+            raise ConfigError(f"--opts: {name} is given twice")
         try:
             parsed[name] = YAML(typ="safe").load(text)
         except YAMLError as err:
-            reason = str(err).splitlines()[0]
-            raise ConfigError(f"--opts: {name}: not a YAML value ({reason})") from None
+            raise ConfigError(f"--opts: {name}: not a YAML value ({yaml_problem(err)})") from None
     return parsed
 
 

@@ -154,3 +154,25 @@ def test_builders_fill_defaults_of_a_paper_config():
         with_defaults({k: v for k, v in paper.items() if k != "ann_root"}, FINETUNE_DATA_SETTINGS)
     with pytest.raises(ConfigError, match=r"^config: num_frm_test must be >= 1, got 0$"):
         with_defaults(dict(paper, num_frm_test=0), FINETUNE_DATA_SETTINGS)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    """NaN compares false with both bounds, so a plain range check would let it through."""
+    path = write_config(tmp_path / "x.yaml")
+    with pytest.raises(ConfigError, match=r"^--opts: init_lr must be a finite number, got "):
+        resolve_config(path, [f"init_lr={value}"], RETRIEVAL_SCHEMA)
+    with pytest.raises(ConfigError, match=r"^--opts: text_config: initializer_range must be a "
+                                          r"finite number"):
+        resolve_config(path, [f"text_config={{initializer_range: {value}}}"], RETRIEVAL_SCHEMA)
+
+
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--opts: max_epoch is given twice$"):
+        parse_opts(["max_epoch=2", "max_epoch=3"])
+    path = tmp_path / "twice.yaml"
+    path.write_text(Path(write_config(tmp_path / "x.yaml")).read_text() + "max_epoch: 99\n")
+    with pytest.raises(ConfigError, match=r'twice\.yaml: not valid YAML \(found duplicate key '
+                                          r'"max_epoch" with value "99" \(original value: "\d+"\), '
+                                          r'line \d+\)$'):
+        resolve_config(str(path), [], RETRIEVAL_SCHEMA)
