@@ -4,14 +4,14 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import with_defaults
+from utils import CAPTION_SETTINGS, FRAME_SETTINGS, with_defaults
 
 from .annotations import (DataError, first_existing, iter_csv, iter_jsonl, load_json_list,
                           load_plain_pickle, require_file, string_fields, utf8_text)
 from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
-from .text import CAPTION_SETTINGS, pre_caption
-from .transforms import FRAME_SETTINGS, FinetuneTransform
+from .text import pre_caption
+from .transforms import FinetuneTransform
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ import torch
 
 from datasets import DataError
 from engine.config import resolve_config, save_config
-from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, get_rank,
-                                get_world_size, init_distributed, is_collective_timeout,
-                                select_device)
+from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, init_distributed,
+                                is_collective_timeout, select_device)
 from engine.logs import RunRecords, log, set_progress_bar
 from engine.precision import Precision, build_precision
 from models.checkpoint import CheckpointError, remove_stale_temporaries
+from models.collectives import get_rank, get_world_size
 from utils import NONE, ConfigError, Setting, Settings
 
 RUN_SETTINGS: Settings = {

@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datasets import create_loader, summarize
-from engine.distributed import (all_reduce_sum, barrier, gather_objects, get_rank, get_world_size,
-                                gradient_sync, wrap_ddp)
+from engine.distributed import barrier, gradient_sync, wrap_ddp
 from engine.logs import format_metrics, log, progress, write_json
 from engine.optim import LRSchedule, build_optimizer, learning_rate, set_lr
 from engine.run import NonFiniteError, Run, seed_everything
+from models.collectives import all_reduce_sum, gather_objects, get_rank, get_world_size
 from models.checkpoint import (CheckpointError, load_checkpoint, local_file, read_checkpoint,
                                save_checkpoint)
 from utils import ConfigError, Setting, Settings

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from engine.distributed import concat_all_gather
+from models.collectives import concat_all_gather
 from models.blip_base import (BLIP_BASE_SETTINGS, MomentumVideoTextModel, NegativePool,
                               enqueue, momentum_contrastive_loss, pick_hard_negatives,
                               register_queues)

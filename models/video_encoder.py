@@ -16,16 +16,15 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from datasets.transforms import FRAME_SETTINGS
 from models.aggregation import (AGGREGATION_RULES, AGGREGATIONS, Reduction,
                                 attention_received, max_reduction, merge_source,
                                 merge_weighted, parse_merging_types, parse_r, parse_threshold)
 from models.resize import resize_along_time, resize_patch_grid
-from utils import NONE, Setting, Settings, with_defaults
+from utils import FRAME_SETTINGS, NONE, Setting, Settings, with_defaults
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 
-VIDEO_ENCODER_SETTINGS: Settings = {
+VIDEO_ENCODER_SETTINGS = Settings({
     "vit": Setting(str, "timesformer", "video backbone; TimeSformer is the one there is",
                    choices=("timesformer",)),
     **FRAME_SETTINGS,
@@ -53,7 +52,7 @@ VIDEO_ENCODER_SETTINGS: Settings = {
                                "null: the fixed schedule (docs/adaptive.md)", min=-1, max=1),
     "vit_grad_ckpt": Setting(bool, False, "gradient checkpointing of the encoder blocks"),
     "vit_ckpt_layer": Setting(int, 0, "checkpoint only the last N blocks (0: all)", min=0),
-}
+})
 
 
 @dataclass
@@ -509,6 +508,7 @@ def _check_r(values: Sequence[int], limit: int, what: str) -> None:
                          f"most {limit} can be removed from the input (half of them)")
 
 
+@VIDEO_ENCODER_SETTINGS.check
 def video_encoder_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
     """Why the encoder settings of `config` do not fit together, as (key, problem), or
     None: the checks of the constructor, without building anything. Every problem

@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasets.pretrain import PRETRAIN_DATA_SETTINGS
-from datasets.text import CAPTION_SETTINGS
 from engine.logs import LOG_SETTINGS
 from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS, ramped_alpha, warmup_schedule
 from engine.precision import PRECISION_SETTINGS
@@ -22,7 +21,7 @@ from engine.train import TRAIN_SETTINGS, LossFn, Task
 from models.blip_base import MOMENTUM_SETTINGS
 from models.text import TEXT_SETTINGS
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
-from utils import Setting, Settings, compose
+from utils import CAPTION_SETTINGS, Setting, Settings, compose
 
 ALPHA_RAMP_EPOCHS = 2
 PRETRAINING_SETTINGS: Settings = {

@@ -18,18 +18,17 @@ from torch.utils.data import DataLoader
 
 from datasets import RETRIEVAL_READERS
 from datasets.base import FINETUNE_DATA_SETTINGS
-from datasets.text import CAPTION_SETTINGS
-from engine.distributed import all_reduce_sum
 from engine.logs import LOG_SETTINGS, format_metrics, log, progress
 from engine.optim import OPTIM_SETTINGS, finetune_schedule, ramped_alpha
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
 from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task, check_finite
 from models.blip_base import MOMENTUM_SETTINGS
+from models.collectives import all_reduce_sum
 from models.retrieval import RETRIEVAL_MODEL_SETTINGS
 from models.text import TEXT_SETTINGS
 from models.video_encoder import VIDEO_ENCODER_SETTINGS, cat_token_batches
-from utils import Setting, Settings, compose
+from utils import CAPTION_SETTINGS, Setting, Settings, compose
 
 TEXT_BATCH_SIZE = 256
 BEST_METRIC = "t2v_r_mean"  # the reference keeps the checkpoint best at text-to-video retrieval

@@ -13,7 +13,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from datasets.base import FINETUNE_DATA_SETTINGS  # noqa: E402
 from datasets.pretrain import PRETRAIN_DATA_SETTINGS  # noqa: E402
-from datasets.text import CAPTION_SETTINGS, QUESTION_SETTINGS  # noqa: E402
 from engine.logs import LOG_SETTINGS  # noqa: E402
 from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS  # noqa: E402
 from engine.precision import PRECISION_SETTINGS  # noqa: E402
@@ -26,7 +25,7 @@ from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from tasks.pretraining import PRETRAIN_SCHEMA, PRETRAINING_SETTINGS  # noqa: E402
 from tasks.retrieval import RETRIEVAL_SCHEMA, RETRIEVAL_SETTINGS  # noqa: E402
 from tasks.videoqa import VIDEOQA_SCHEMA, VIDEOQA_SETTINGS  # noqa: E402
-from utils import REQUIRED, Setting, Settings  # noqa: E402
+from utils import CAPTION_SETTINGS, QUESTION_SETTINGS, REQUIRED, Setting, Settings  # noqa: E402
 
 OUTPUT = REPO_ROOT / "docs" / "config_keys.md"
 # (title, file that declares and reads the group, group)
@@ -42,8 +41,8 @@ GROUPS = [
     ("Text towers", "models/text.py", TEXT_SETTINGS),
     ("Momentum model and queues", "models/blip_base.py", MOMENTUM_SETTINGS),
     ("Retrieval model", "models/retrieval.py", RETRIEVAL_MODEL_SETTINGS),
-    ("Captions", "datasets/text.py", CAPTION_SETTINGS),
-    ("Questions", "datasets/text.py", QUESTION_SETTINGS),
+    ("Captions", "utils.py", CAPTION_SETTINGS),
+    ("Questions", "utils.py", QUESTION_SETTINGS),
     ("Fine-tuning data", "datasets/base.py", FINETUNE_DATA_SETTINGS),
     ("Pre-training data", "datasets/pretrain.py", PRETRAIN_DATA_SETTINGS),
     ("Retrieval task", "tasks/retrieval.py", RETRIEVAL_SETTINGS),
