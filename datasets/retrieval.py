@@ -1,6 +1,7 @@
 """Paragraph-to-video retrieval: QuerYD, DiDeMo, ActivityNet Captions, Condensed Movies."""
 import os
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -114,11 +115,20 @@ def read_condensed_movies(ann_root: str, video_root: str, split: str,
     return pairs
 
 
+class Reader(NamedTuple):
+    """A retrieval dataset: its annotation reader, the annotation split its test split reads,
+    and whether a challenge server scores its test split (the evaluation then writes the
+    submission files)."""
+    read: Callable[[str, str, str, DataIssues], list[TextVideoPair]]
+    test_annotations: str = "test"
+    challenge_submission: bool = False
+
+
 READERS = {
-    "retrieval_queryd": read_queryd,
-    "retrieval_didemo": read_didemo,
-    "retrieval_activitynet": read_activitynet,
-    "retrieval_condensedmovies": read_condensed_movies,
+    "retrieval_queryd": Reader(read_queryd),
+    "retrieval_didemo": Reader(read_didemo),
+    "retrieval_activitynet": Reader(read_activitynet, test_annotations="val"),
+    "retrieval_condensedmovies": Reader(read_condensed_movies, challenge_submission=True),
 }
 
 
@@ -175,9 +185,11 @@ class RetrievalTrainDataset(RetrievalDataset):
 
 
 class RetrievalEvalDataset(RetrievalDataset):
-    """One item per video: `(video [T, 3, H, W], video_index)`."""
+    """One item per video: `(video [T, 3, H, W], video_index)`. `challenge_submission`: a
+    challenge server scores this split (see `Reader`)."""
 
     substitute_next_record = False
+    challenge_submission = False
 
     def __len__(self) -> int:
         return len(self.video)
@@ -200,18 +212,20 @@ def build_retrieval_datasets(config: dict):
     config = with_defaults(config, {**FINETUNE_DATA_SETTINGS, **CAPTION_SETTINGS,
                                     **FRAME_SETTINGS})
     name = config["dataset"]
-    read = READERS[name]
+    reader = READERS[name]
 
     def build(split: str, train: bool) -> RetrievalDataset:
         issues = DataIssues(f"{name}/{split}")
-        annotation_split = "val" if name == "retrieval_activitynet" and split == "test" else split
-        pairs = read(config["ann_root"], config["video_root"], annotation_split, issues)
+        annotation_split = reader.test_annotations if split == "test" else split
+        pairs = reader.read(config["ann_root"], config["video_root"], annotation_split, issues)
         if train:
             return RetrievalTrainDataset(
                 issues, pairs, config["max_words"], config["num_frm_train"],
                 config["frm_sampling_strategy"], config["image_size"],
                 FinetuneTransform(config["augment"]))
-        return RetrievalEvalDataset(issues, pairs, config["max_words"], config["num_frm_test"],
-                                    "uniform", config["image_size"], FinetuneTransform(False))
+        dataset = RetrievalEvalDataset(issues, pairs, config["max_words"], config["num_frm_test"],
+                                       "uniform", config["image_size"], FinetuneTransform(False))
+        dataset.challenge_submission = reader.challenge_submission and split == "test"
+        return dataset
 
     return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))

@@ -23,6 +23,8 @@ class PretrainModel(MomentumVideoTextModel):
     process's batch.
     """
 
+    kind = "pre-training"  # how load reports name it
+
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
         config = with_defaults(config, BLIP_BASE_SETTINGS)

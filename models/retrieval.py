@@ -21,6 +21,8 @@ class RetrievalModel(MomentumVideoTextModel):
     Pairs with the same video index count as positives, in the batch and in the queue.
     """
 
+    kind = "retrieval"  # how load reports name it
+
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
         config = with_defaults(config, {**BLIP_BASE_SETTINGS, **RETRIEVAL_MODEL_SETTINGS})

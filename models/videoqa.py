@@ -29,6 +29,8 @@ class VideoQAModel(nn.Module):
     """`forward(video, questions, answers, weights, n) -> loss`; `rank_answers` and
     `generate_answers` for inference."""
 
+    kind = "VideoQA"  # how load reports name it
+
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
         config = with_defaults(config, {**VIDEO_ENCODER_SETTINGS, **TEXT_SETTINGS,

@@ -22,9 +22,10 @@ from models.blip_base import MOMENTUM_SETTINGS  # noqa: E402
 from models.retrieval import RETRIEVAL_MODEL_SETTINGS  # noqa: E402
 from models.text import TEXT_SETTINGS  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
-from tasks.pretraining import PRETRAIN_SCHEMA, PRETRAINING_SETTINGS  # noqa: E402
-from tasks.retrieval import RETRIEVAL_SCHEMA, RETRIEVAL_SETTINGS  # noqa: E402
-from tasks.videoqa import VIDEOQA_SCHEMA, VIDEOQA_SETTINGS  # noqa: E402
+from tasks import TASKS  # noqa: E402
+from tasks.pretraining import PRETRAINING_SETTINGS  # noqa: E402
+from tasks.retrieval import RETRIEVAL_SETTINGS  # noqa: E402
+from tasks.videoqa import VIDEOQA_SETTINGS  # noqa: E402
 from utils import CAPTION_SETTINGS, QUESTION_SETTINGS, REQUIRED, Setting, Settings  # noqa: E402
 
 OUTPUT = REPO_ROOT / "docs" / "config_keys.md"
@@ -49,8 +50,6 @@ GROUPS = [
     ("VideoQA task", "tasks/videoqa.py", VIDEOQA_SETTINGS),
     ("Pre-training task", "tasks/pretraining.py", PRETRAINING_SETTINGS),
 ]
-SCRIPTS = [("train_retrieval.py", RETRIEVAL_SCHEMA), ("train_videoqa.py", VIDEOQA_SCHEMA),
-           ("pretrain.py", PRETRAIN_SCHEMA)]
 
 
 def cell(text: str) -> str:
@@ -89,11 +88,11 @@ def render() -> str:
         "| script | groups |",
         "| --- | --- |",
     ]
-    for script, schema in SCRIPTS:
+    for task in TASKS.values():
         titles = [title for title, _, group in GROUPS
-                  if all(name in schema and schema[name] is setting
+                  if all(name in task.schema and task.schema[name] is setting
                          for name, setting in group.items())]
-        lines.append(f"| `{script}` | {', '.join(titles)} |")
+        lines.append(f"| `{task.script}` | {', '.join(titles)} |")
     for title, path, group in GROUPS:
         lines += ["", f"## {title}", "", f"Declared in `{path}`.", "", *group_table(group)]
     return "\n".join(lines) + "\n"
