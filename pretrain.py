@@ -9,23 +9,23 @@ schedule are in tasks/pretraining.py.
 """
 from typing import List, Optional
 
-from datasets import build_datasets
 from engine.config import build_arg_parser, parse_args
 from engine.run import script_errors, start_run
 from engine.train import build_loaders, check_trainable, fit, initial_weights, load_weights
-from models import build_pretrain_model
-from tasks.pretraining import PRETRAIN_SCHEMA, TASK
+from tasks import TASKS
+
+TASK = TASKS["pretraining"]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(build_arg_parser(__doc__.splitlines()[0], evaluate=False), argv)
     with script_errors():
-        run = start_run(args, PRETRAIN_SCHEMA)
+        run = start_run(args, TASK)
         config = run.config
-        train_set, _, _ = build_datasets(config)
+        train_set, _, _ = TASK.build_datasets(config)
         loaders = build_loaders(run, {"train": train_set}, {"train": config["batch_size"]})
         check_trainable(loaders["train"], "train set")
-        model = build_pretrain_model(config)
+        model = TASK.build_model(config)
         weights = initial_weights(args, config)
         if weights is not None and not args.resume:
             load_weights(model, weights, trust=config["trust_checkpoint"])

@@ -29,16 +29,12 @@ from datasets import pre_caption, pre_question
 from datasets.base import video_batch
 from datasets.video import read_test_frames
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
-from models.checkpoint import LoadReport, read_checkpoint
+from models import LoadReport, read_checkpoint
 from models.video_encoder import cat_token_batches
 from engine.config import load_config
-from tasks.pretraining import PRETRAIN_SCHEMA
-from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, protocol_scores
-from tasks.videoqa import VIDEOQA_SCHEMA
+from tasks import TASKS, task_of_dataset
+from tasks.retrieval import candidate_masks, protocol_scores
 from utils import with_defaults
-
-# the schema of a checkpoint's config, by its `dataset` (any other: a retrieval dataset)
-SCHEMAS = {"activitynet_qa": VIDEOQA_SCHEMA, "pretrain_video": PRETRAIN_SCHEMA}
 
 Video = Union[str, Path, torch.Tensor]
 
@@ -174,6 +170,13 @@ class VideoQA:
         return [answer_list[index] for index in ranked.best.tolist()]
 
 
+# what `load` gives for each registered task: the model it builds and its wrapper (a
+# pre-training checkpoint is served by the retrieval model: its captioning decoder goes unused)
+SERVED_AS = {"retrieval": (build_retrieval_model, VideoText),
+             "pretraining": (build_retrieval_model, VideoText),
+             "videoqa": (build_videoqa_model, VideoQA)}
+
+
 def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] = None,
          device: Union[str, torch.device] = "cpu", trust: bool = False
          ) -> Union[VideoText, VideoQA]:
@@ -183,24 +186,30 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     once into the cache); `trust=True` allows files that need full unpickling (only for
     files from a trusted source: unpickling can run code).
 
-    A VideoQA config (`dataset: activitynet_qa`) gives a `VideoQA`; retrieval and
-    pre-training configs give a `VideoText` (a pre-training checkpoint's captioning
-    decoder is not used: the load report lists it as unexpected).
+    The task the checkpoint records (`tasks.TASKS`; older files without the record: the
+    task of the config's `dataset`) picks the schema and what is returned: a VideoQA task
+    gives a `VideoQA`; retrieval and pre-training give a `VideoText` (a pre-training
+    checkpoint's captioning decoder is not used: the load report lists it as unexpected).
     """
     checkpoint = str(checkpoint)
+    saved = read_checkpoint(checkpoint, trust=trust)[0]
     if config is None:
-        config = read_checkpoint(checkpoint, trust=trust)[0].get("config")
+        config = saved.get("config")
         if not isinstance(config, dict):
             raise ValueError(f"{checkpoint}: holds no config; pass config= (e.g. a configs/*.yaml)")
     elif not isinstance(config, dict):
         config = load_config(config)
-    if "dataset" not in config:
-        raise ValueError(f"{checkpoint}: its config names no dataset; pass config= "
-                         f"(e.g. a configs/*.yaml)")
-    config = with_defaults(config, SCHEMAS.get(config["dataset"], RETRIEVAL_SCHEMA), checkpoint)
-    is_videoqa = config["dataset"] == "activitynet_qa"
-    model = (build_videoqa_model if is_videoqa else build_retrieval_model)(config)
+    if saved.get("task") in TASKS:
+        task = TASKS[saved["task"]]
+    elif "dataset" in config:
+        task = task_of_dataset(config["dataset"])
+    else:
+        raise ValueError(f"{checkpoint}: records no task and its config names no dataset; "
+                         f"pass config= (e.g. a configs/*.yaml)")
+    config = with_defaults(config, task.schema, checkpoint)
+    build_model, served_as = SERVED_AS[task.name]
+    model = build_model(config)
     report = load_checkpoint(model, checkpoint, trust=trust)
     device = torch.device(device)
     model = model.to(device).eval()
-    return (VideoQA if is_videoqa else VideoText)(model, config, report, device)
+    return served_as(model, config, report, device)

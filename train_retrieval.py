@@ -9,12 +9,12 @@ The losses and the evaluation protocol (top-k re-ranking, R@K) are in tasks/retr
 """
 from typing import List, Optional
 
-from datasets import build_datasets
 from engine.config import build_arg_parser, parse_args
 from engine.run import script_errors, start_run
 from engine.train import finetune_or_evaluate
-from models import build_retrieval_model
-from tasks.retrieval import RETRIEVAL_SCHEMA, TASK
+from tasks import TASKS
+
+TASK = TASKS["retrieval"]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -25,9 +25,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     overrides = ({} if args.k_test_batch_size is None
                  else {"k_test_batch_size": args.k_test_batch_size})
     with script_errors():
-        run = start_run(args, RETRIEVAL_SCHEMA, overrides)
-        datasets = build_datasets(run.config)
-        finetune_or_evaluate(run, args, build_retrieval_model(run.config), TASK, datasets)
+        run = start_run(args, TASK, overrides)
+        finetune_or_evaluate(run, args, TASK)
 
 
 if __name__ == "__main__":

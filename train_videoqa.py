@@ -10,20 +10,19 @@ tasks/videoqa.py.
 """
 from typing import List, Optional
 
-from datasets import build_datasets
 from engine.config import build_arg_parser, parse_args
 from engine.run import script_errors, start_run
 from engine.train import finetune_or_evaluate
-from models import build_videoqa_model
-from tasks.videoqa import TASK, VIDEOQA_SCHEMA
+from tasks import TASKS
+
+TASK = TASKS["videoqa"]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(build_arg_parser(__doc__.splitlines()[0]), argv)
     with script_errors():
-        run = start_run(args, VIDEOQA_SCHEMA)
-        datasets = build_datasets(run.config)
-        finetune_or_evaluate(run, args, build_videoqa_model(run.config), TASK, datasets)
+        run = start_run(args, TASK)
+        finetune_or_evaluate(run, args, TASK)
 
 
 if __name__ == "__main__":

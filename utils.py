@@ -1,5 +1,6 @@
 """What models, datasets and the engine share: the config error, the declaration of a
-setting, and the one function that fills a config's defaults from declarations.
+setting and of a group of settings with its cross-key checks, the one function that fills a
+config's defaults from declarations, and the keys that the data and the models both read.
 
 Every setting is declared once, as a `Setting` in a group next to the code that reads it
 (`VIDEO_ENCODER_SETTINGS` in models/video_encoder.py, `TEXT_SETTINGS` in models/text.py,
@@ -9,7 +10,7 @@ Every setting is declared once, as a `Setting` in a group next to the code that 
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,22 @@ class Setting:
         return f"<= {self.max:g}" if self.min is None else f"{self.min:g} to {self.max:g}"
 
 
-Settings = Dict[str, Setting]
+# a check across the keys of a resolved config: (the key it is about, the problem) or None
+Check = Callable[[Mapping[str, Any]], Optional[Tuple[str, str]]]
+
+
+class Settings(Dict[str, Setting]):
+    """A group of settings (name -> `Setting`), declared as a dict literal or as
+    `Settings({...})` when the group has checks across its keys; `@GROUP.check` adds one,
+    and a schema composed of the group runs it on every resolved config."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks: List[Check] = []
+
+    def check(self, check: Check) -> Check:
+        self.checks.append(check)
+        return check
 
 
 def unknown_key_problem(name: str, settings: Settings) -> str:
@@ -112,11 +128,28 @@ def with_defaults(config: Mapping[str, Any], settings: Settings,
 
 
 def compose(*groups: Settings) -> Settings:
-    """One schema from groups of settings; a key declared in two groups is a bug."""
-    schema: Settings = {}
+    """One schema from groups of settings, with the checks of the groups that have them;
+    a key declared in two groups is a bug."""
+    schema = Settings()
     for group in groups:
         twice = set(schema) & set(group)
         if twice:
             raise ValueError(f"settings declared twice: {', '.join(sorted(twice))}")
         schema.update(group)
+        if isinstance(group, Settings):
+            schema.checks += group.checks
     return schema
+
+
+# keys the datasets and the models both read ------------------------------------------
+FRAME_SETTINGS = {
+    "image_size": Setting(int, meaning="frame side in pixels after the transforms (and the "
+                          "video encoder's position grid)", min=1),
+}
+CAPTION_SETTINGS = {
+    "max_words": Setting(int, meaning="words kept of a caption, and its tokens in the text "
+                         "towers", min=1),
+}
+QUESTION_SETTINGS = {
+    "max_question_len": Setting(int, 35, "words kept of a question, and its tokens", min=1),
+}

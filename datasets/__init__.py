@@ -13,7 +13,16 @@ from .text import pre_caption, pre_question
 from .video import VideoDecodeError, load_video, read_frames, sample_frame_indices
 from .videoqa import VideoQAEvalDataset, VideoQATrainDataset, build_videoqa_datasets
 
-DATASETS = (*RETRIEVAL_READERS, "activitynet_qa", "pretrain_video")
+
+def build_pretrain_splits(config: dict):
+    """Pre-training has a train split only: (train, None, None)."""
+    return build_pretrain_dataset(config), None, None
+
+
+# dataset name -> the builder of its (train, val, test) splits
+BUILDERS = {**{name: build_retrieval_datasets for name in RETRIEVAL_READERS},
+            "activitynet_qa": build_videoqa_datasets, "pretrain_video": build_pretrain_splits}
+DATASETS = tuple(BUILDERS)
 
 
 def build_datasets(config: dict):
@@ -24,14 +33,9 @@ def build_datasets(config: dict):
     naming the file; bad records inside a good file are skipped and counted instead.
     """
     name = config["dataset"]
-    if name in RETRIEVAL_READERS:
-        splits = build_retrieval_datasets(config)
-    elif name == "activitynet_qa":
-        splits = build_videoqa_datasets(config)
-    elif name == "pretrain_video":
-        splits = build_pretrain_dataset(config), None, None
-    else:
+    if name not in BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    splits = BUILDERS[name](config)
     for dataset in splits:
         if dataset is not None:
             dataset.check_usable()

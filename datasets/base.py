@@ -16,7 +16,7 @@ from .video import RANDOM_STRATEGIES, SAMPLING_STRATEGIES, VideoDecodeError, rea
 ClipTransform = Callable[[torch.Tensor, random.Random], torch.Tensor]
 
 # the fine-tuning datasets (retrieval and VideoQA)
-FINETUNE_DATA_SETTINGS: Settings = {
+FINETUNE_DATA_SETTINGS = Settings({
     "video_root": Setting(str, meaning="folder of the videos"),
     "ann_root": Setting(str, meaning="folder of the annotation files (DATASETS.md)"),
     "num_frm_train": Setting(int, meaning="frames sampled per training clip", min=1),
@@ -27,7 +27,16 @@ FINETUNE_DATA_SETTINGS: Settings = {
     "augment": Setting(bool, False, "random crops and flips of training clips"),
     "cache_clips": Setting(bool, False, "decode each video once and keep its frames in memory "
                            "(small datasets; needs num_workers: 0)"),
-}
+})
+
+
+@FINETUNE_DATA_SETTINGS.check
+def clip_cache_problem(config):
+    """The clip cache lives in the main process: it needs `num_workers: 0`."""
+    if config["cache_clips"] and "num_workers" in config and config["num_workers"] > 0:
+        return "cache_clips", ("cache_clips keeps the decoded clips in the main process; it "
+                               "needs num_workers: 0")
+    return None
 
 
 def item_rng() -> random.Random:

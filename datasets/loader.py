@@ -1,25 +1,20 @@
 """DataLoader construction for every dataset of this package."""
-import signal
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler,
                               SequentialSampler)
 
 
-def leave_signals_to_the_main_process(worker_id: int) -> None:
-    """A worker ignores SIGINT and SIGTERM: Ctrl-C and schedulers signal the whole process
-    group, and the main process, which handles them (engine/run.py), shuts the workers
-    down; a worker left with the main process's handler would die with a traceback."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool,
-                  distributed: bool, seed: int = 0) -> DataLoader:
+                  distributed: bool, seed: int = 0,
+                  worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
     """Shuffled, drop-last batches when `train`; the dataset's `collate_fn`.
 
     With `distributed`, a DistributedSampler over the initialised process group: call
-    `loader.sampler.set_epoch(epoch)` every epoch. Worker RNGs derive from `seed`.
+    `loader.sampler.set_epoch(epoch)` every epoch. Worker RNGs derive from `seed`;
+    `worker_init_fn` runs in every worker (the training loop's leaves signals to the main
+    process, engine/signals.py).
     """
     generator = torch.Generator().manual_seed(seed)
     if distributed:
@@ -38,5 +33,5 @@ def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bo
         drop_last=train,
         persistent_workers=False,
         generator=generator,
-        worker_init_fn=leave_signals_to_the_main_process,
+        worker_init_fn=worker_init_fn,
     )

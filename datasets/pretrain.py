@@ -6,16 +6,17 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from utils import Setting, Settings, with_defaults
+from utils import CAPTION_SETTINGS, FRAME_SETTINGS, Setting, Settings, with_defaults
 
 from .annotations import load_json_list, string_fields
-from .base import ClipDataset, stack_clips, with_clip_cache
+from .base import (FINETUNE_DATA_SETTINGS, ClipDataset, clip_cache_problem, stack_clips,
+                   with_clip_cache)
 from .issues import DataIssues
-from .text import CAPTION_SETTINGS, pre_caption
-from .transforms import FRAME_SETTINGS, PretrainImageTransform, PretrainVideoTransform
+from .text import pre_caption
+from .transforms import PretrainImageTransform, PretrainVideoTransform
 from .video import SAMPLING_STRATEGIES, VideoDecodeError
 
-PRETRAIN_DATA_SETTINGS: Settings = {
+PRETRAIN_DATA_SETTINGS = Settings({
     "train_file": Setting((str, list), meaning="JSON list(s) of {path, caption}; image paths "
                           "become static clips"),
     "video_root": Setting(str, "", "prefix of relative paths in train_file ('' = as written)"),
@@ -24,9 +25,9 @@ PRETRAIN_DATA_SETTINGS: Settings = {
                                      choices=SAMPLING_STRATEGIES),
     "video_resize": Setting(int, 256, "side videos are decoded at before cropping", min=1),
     "augment": Setting(bool, True, "RandAugment of the clips (off: the random square crop only)"),
-    "cache_clips": Setting(bool, False, "decode each video once and keep its frames in memory "
-                           "(small datasets; needs num_workers: 0)"),
-}
+    "cache_clips": FINETUNE_DATA_SETTINGS["cache_clips"],
+})
+PRETRAIN_DATA_SETTINGS.check(clip_cache_problem)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".flv", ".webm", ".mkv")
 

@@ -1,17 +1,18 @@
 """Paragraph-to-video retrieval: QuerYD, DiDeMo, ActivityNet Captions, Condensed Movies."""
 import os
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
-from utils import with_defaults
+from utils import CAPTION_SETTINGS, FRAME_SETTINGS, with_defaults
 
 from .annotations import (DataError, first_existing, iter_csv, iter_jsonl, load_json_list,
                           load_plain_pickle, require_file, string_fields, utf8_text)
 from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
-from .text import CAPTION_SETTINGS, pre_caption
-from .transforms import FRAME_SETTINGS, FinetuneTransform
+from .text import pre_caption
+from .transforms import FinetuneTransform
 from .video import TEST_STRATEGY
 
 
@@ -115,11 +116,20 @@ def read_condensed_movies(ann_root: str, video_root: str, split: str,
     return pairs
 
 
+class Reader(NamedTuple):
+    """A retrieval dataset: its annotation reader, the annotation split its test split reads,
+    and whether a challenge server scores its test split (the evaluation then writes the
+    submission files)."""
+    read: Callable[[str, str, str, DataIssues], list[TextVideoPair]]
+    test_annotations: str = "test"
+    challenge_submission: bool = False
+
+
 READERS = {
-    "retrieval_queryd": read_queryd,
-    "retrieval_didemo": read_didemo,
-    "retrieval_activitynet": read_activitynet,
-    "retrieval_condensedmovies": read_condensed_movies,
+    "retrieval_queryd": Reader(read_queryd),
+    "retrieval_didemo": Reader(read_didemo),
+    "retrieval_activitynet": Reader(read_activitynet, test_annotations="val"),
+    "retrieval_condensedmovies": Reader(read_condensed_movies, challenge_submission=True),
 }
 
 
@@ -176,9 +186,11 @@ class RetrievalTrainDataset(RetrievalDataset):
 
 
 class RetrievalEvalDataset(RetrievalDataset):
-    """One item per video: `(video [T, 3, H, W], video_index)`."""
+    """One item per video: `(video [T, 3, H, W], video_index)`. `challenge_submission`: a
+    challenge server scores this split (see `Reader`)."""
 
     substitute_next_record = False
+    challenge_submission = False
 
     def __len__(self) -> int:
         return len(self.video)
@@ -201,18 +213,20 @@ def build_retrieval_datasets(config: dict):
     config = with_defaults(config, {**FINETUNE_DATA_SETTINGS, **CAPTION_SETTINGS,
                                     **FRAME_SETTINGS})
     name = config["dataset"]
-    read = READERS[name]
+    reader = READERS[name]
 
     def build(split: str, train: bool) -> RetrievalDataset:
         issues = DataIssues(f"{name}/{split}")
-        annotation_split = "val" if name == "retrieval_activitynet" and split == "test" else split
-        pairs = read(config["ann_root"], config["video_root"], annotation_split, issues)
+        annotation_split = reader.test_annotations if split == "test" else split
+        pairs = reader.read(config["ann_root"], config["video_root"], annotation_split, issues)
         if train:
             return RetrievalTrainDataset(
                 issues, pairs, config["max_words"], config["num_frm_train"],
                 config["frm_sampling_strategy"], config["image_size"],
                 FinetuneTransform(config["augment"]))
-        return RetrievalEvalDataset(issues, pairs, config["max_words"], config["num_frm_test"],
-                                    TEST_STRATEGY, config["image_size"], FinetuneTransform(False))
+        dataset = RetrievalEvalDataset(issues, pairs, config["max_words"], config["num_frm_test"],
+                                       TEST_STRATEGY, config["image_size"], FinetuneTransform(False))
+        dataset.challenge_submission = reader.challenge_submission and split == "test"
+        return dataset
 
     return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))

@@ -1,8 +1,6 @@
 """Caption and question cleaning, the BLIP way."""
 import re
 
-from utils import Setting
-
 CAPTION_PUNCTUATION = re.compile(r'[!"()*#~]')
 QUESTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
 WHITESPACE_RUN = re.compile(r"\s{2,}")
@@ -27,12 +25,3 @@ def pre_question(question: str, max_words: int = 50) -> str:
     question = question.rstrip(" ")
     return truncate_words(question, max_words)
 
-
-# text lengths, read by the datasets and by the models' tokenizers
-CAPTION_SETTINGS = {
-    "max_words": Setting(int, meaning="words kept of a caption, and its tokens in the text "
-                         "towers", min=1),
-}
-QUESTION_SETTINGS = {
-    "max_question_len": Setting(int, 35, "words kept of a question, and its tokens", min=1),
-}

@@ -10,13 +10,6 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from utils import Setting
-
-FRAME_SETTINGS = {
-    "image_size": Setting(int, meaning="frame side in pixels after the transforms (and the "
-                          "video encoder's position grid)", min=1),
-}
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import with_defaults
+from utils import FRAME_SETTINGS, QUESTION_SETTINGS, with_defaults
 
 from .annotations import first_existing, load_json_list, string_fields
 from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
-from .text import QUESTION_SETTINGS, pre_question
-from .transforms import FRAME_SETTINGS, FinetuneTransform
+from .text import pre_question
+from .transforms import FinetuneTransform
 from .video import TEST_STRATEGY
 
 TRAIN_ANSWER_WEIGHT = 0.2  # per answer occurrence, as TESTA's data/video_dataset.py (ActivityNet_qa)

@@ -7,8 +7,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from models.text import text_config_problem
-from models.video_encoder import video_encoder_problem
 from utils import (REQUIRED, ConfigError, Settings, missing_problem, unknown_key_problem,
                    value_problem)
 
@@ -57,9 +55,9 @@ def resolve_config(path: str, opts: Sequence[str], schema: Settings,
                    overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The config of `path` with `--opts` and command-line `overrides` over it and the
     schema's defaults filled in. Unknown keys, missing required keys and values of the
-    wrong type, choice or range, and video encoder settings that do not fit together
-    (e.g. an r too large for the tokens), raise ConfigError naming the file (or `--opts`)
-    and the key."""
+    wrong type, choice or range, and settings that do not fit together (the checks of the
+    schema's groups, e.g. an r too large for the video encoder's tokens), raise ConfigError
+    naming the file (or `--opts`) and the key."""
     file_config = load_config(path)
     opt_config = parse_opts(opts)
     for source, entries in ((path, file_config), ("--opts", opt_config)):
@@ -77,17 +75,10 @@ def resolve_config(path: str, opts: Sequence[str], schema: Settings,
             raise ConfigError(f"{'--opts' if name in opt_config else path}: {problem}")
     defaults = {name: setting.default for name, setting in schema.items() if name not in config}
     resolved = {**config, **defaults}
-    if "cache_clips" in schema and resolved["cache_clips"] and resolved["num_workers"] > 0:
-        raise ConfigError(f"{path}: cache_clips keeps the decoded clips in the main process; "
-                          "it needs num_workers: 0")
-    if "text_config" in schema:
-        text_problem = text_config_problem(resolved)
-        if text_problem:
-            raise ConfigError(f"{'--opts' if 'text_config' in opt_config else path}: {text_problem}")
-    if "vision_width" in schema:
-        encoder_problem = video_encoder_problem(resolved)
-        if encoder_problem:
-            key, problem = encoder_problem
+    for check in schema.checks:  # across keys, declared with the groups that own them
+        found = check(resolved)
+        if found:
+            key, problem = found
             raise ConfigError(f"{'--opts' if key in opt_config else path}: {problem}")
     return resolved
 

@@ -1,16 +1,17 @@
-"""Ranks, gathers and DistributedDataParallel; every helper falls back to the identity
-in a single process, so models and the loop call them unconditionally. All ranks must
-pass tensors of the same shape."""
+"""The process group (device, setup, timeouts, barrier) and DistributedDataParallel;
+every helper falls back to the identity in a single process. The collectives are in
+models/collectives.py."""
 import datetime
 import inspect
 import os
 from contextlib import nullcontext
-from typing import Any, List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.collectives import is_distributed
 from utils import NUMBER, ConfigError, Setting, Settings
 
 DISTRIBUTED_SETTINGS: Settings = {
@@ -18,19 +19,6 @@ DISTRIBUTED_SETTINGS: Settings = {
                                     "group setup and every collective before the run ends "
                                     "with an error", min=0.01),
 }
-
-
-def is_distributed() -> bool:
-    """True when a process group is initialised (and has more than one rank)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
 
 
 # process group -----------------------------------------------------------------------
@@ -76,56 +64,6 @@ def finish_distributed() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-# collectives -------------------------------------------------------------------------
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over the ranks in place (the identity in a single process)."""
-    if is_distributed():
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def gather_objects(obj: Any) -> List[Any]:
-    """`obj` of every rank, in rank order."""
-    if not is_distributed():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-@torch.no_grad()
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """`[M, ...]` on every rank -> `[world*M, ...]` in rank order, without gradient."""
-    if not is_distributed():
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands every rank the summed gradient of its own slice."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)  # every rank's loss may have used this rank's slice
-        return grad.chunk(dist.get_world_size(), dim=0)[dist.get_rank()]
-
-
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """`[M, ...]` on every rank -> `[world*M, ...]` in rank order; gradients flow back."""
-    if not is_distributed():
-        return tensor
-    return _GatherWithGrad.apply(tensor)
 
 
 # data parallel -----------------------------------------------------------------------

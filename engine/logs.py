@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional
 
 from tqdm import tqdm
 
-from engine.distributed import get_rank
+from models.collectives import get_rank
 from utils import ConfigError, Setting, Settings
 
 LOG_FILE = "log.jsonl"

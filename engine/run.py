@@ -5,24 +5,26 @@ import logging
 import os
 import random
 import shutil
-import signal
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from datasets import DataError
 from engine.config import resolve_config, save_config
-from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, get_rank,
-                                get_world_size, init_distributed, is_collective_timeout,
-                                select_device)
+from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, init_distributed,
+                                is_collective_timeout, select_device)
 from engine.logs import RunRecords, log, set_progress_bar
 from engine.precision import Precision, build_precision
-from models.checkpoint import CheckpointError, remove_stale_temporaries
+from engine.saving import remove_stale_temporaries
+from engine.task import Task
+from engine.signals import Interrupted, script_signals
+from models.checkpoint_reading import CheckpointError
+from models.collectives import get_rank, get_world_size
 from utils import NONE, ConfigError, Setting, Settings
 
 RUN_SETTINGS: Settings = {
@@ -33,10 +35,10 @@ RUN_SETTINGS: Settings = {
     "seed": Setting(int, 42, "seed of weights, data order and augmentation", min=0),
     **DISTRIBUTED_SETTINGS,
 }
-# what a run writes into its output folder; a folder holding any of these holds a run
+# what every run writes into its output folder (and its task's `outputs`); a folder holding
+# any of these holds a run
 RUN_OUTPUTS = ("checkpoint_*.pth", "log.jsonl", "summary.json", "eval_results.json",
-               "test_metrics.json", "*_answers.json", "score_test_t2v.npy", "submission.zip",
-               "tensorboard")
+               "test_metrics.json", "tensorboard")
 
 
 @dataclass
@@ -66,18 +68,20 @@ class Run:
         return get_rank() == 0
 
 
-def start_run(args: argparse.Namespace, schema: Settings,
+def start_run(args: argparse.Namespace, task: Task,
               overrides: Optional[Mapping[str, Any]] = None) -> Run:
-    """Resolve the config, check the output folder, join the process group, check what
-    depends on the number of processes, seed, and save the config used in the output
-    folder (and remove temporaries an interrupted save left in it). Every check comes
-    before any work (one-line errors, see script_errors)."""
+    """Resolve the config against the task's schema, check the output folder (a previous
+    run's files: RUN_OUTPUTS and the task's), join the process group, check what depends
+    on the number of processes, seed, and save the config used in the output folder (and
+    remove temporaries an interrupted save left in it). Every check comes before any work
+    (one-line errors, see script_errors)."""
     if args.trust_checkpoint:
         overrides = {**(overrides or {}), "trust_checkpoint": True}
-    config = resolve_config(args.config, args.opts, schema, overrides)
+    config = resolve_config(args.config, args.opts, task.schema, overrides)
     device = select_device(args.device)
     output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+    prepare_output_dir(output_dir, RUN_OUTPUTS + task.outputs, resume=args.resume,
+                       overwrite=args.overwrite)
     init_distributed(device, config["dist_timeout_minutes"])
     if not getattr(args, "evaluate", False):
         check_queue_fits_batch(config, args)
@@ -97,10 +101,11 @@ def start_run(args: argparse.Namespace, schema: Settings,
     return run
 
 
-def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_output_dir(output_dir: Path, outputs: Sequence[str], *, resume: bool,
+                       overwrite: bool) -> None:
     """Create `output_dir` and make sure it is writable. A folder that holds a previous
-    run (RUN_OUTPUTS) is refused unless `resume` continues it or `overwrite` starts afresh,
-    which removes those files (rank 0)."""
+    run (files matching `outputs`) is refused unless `resume` continues it or `overwrite`
+    starts afresh, which removes those files (rank 0)."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -114,7 +119,7 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
         os.remove(probe_path)
     except OSError as err:
         raise ConfigError(f"--output_dir: {output_dir}: cannot write there ({err.strerror})") from None
-    previous = sorted(path.name for pattern in RUN_OUTPUTS for path in output_dir.glob(pattern))
+    previous = sorted(path.name for pattern in outputs for path in output_dir.glob(pattern))
     if not previous or resume:
         return
     if not overwrite:
@@ -158,25 +163,15 @@ class NonFiniteError(ValueError):
     """A loss, feature or score that is NaN or infinite; the message names it and where."""
 
 
-class Interrupted(BaseException):
-    """SIGTERM (what schedulers send) reached the script. A BaseException like
-    KeyboardInterrupt, so that code skipping bad records (`except Exception`) lets it pass."""
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
 @contextmanager
 def script_errors():
     """Bad input (a config, checkpoint or data file), SIGTERM or SIGINT, and a stalled or
     lost peer end the script with a one-line message (exit status 1); the process group is
-    released and the signal handlers restored in any case. A save that a signal interrupts
-    removes its temporary file itself (models/checkpoint.py)."""
-    previous = {signum: signal.signal(signum, _raise_interrupted)
-                for signum in (signal.SIGTERM, signal.SIGINT)}
+    released and the signal handlers restored in any case (engine/signals.py). A save that
+    a signal interrupts removes its temporary file itself (engine/saving.py)."""
     try:
-        yield
+        with script_signals():
+            yield
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None
     except (Interrupted, KeyboardInterrupt) as err:
@@ -190,6 +185,4 @@ def script_errors():
                          f"in a collective within dist_timeout_minutes, or left "
                          f"({str(err).splitlines()[0][:160]})") from None
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         finish_distributed()

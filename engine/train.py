@@ -21,13 +21,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datasets import create_loader, summarize
-from engine.distributed import (all_reduce_sum, barrier, gather_objects, get_rank, get_world_size,
-                                gradient_sync, wrap_ddp)
+from engine.distributed import barrier, gradient_sync, wrap_ddp
 from engine.logs import format_metrics, log, progress, write_json
-from engine.optim import LRSchedule, build_optimizer, learning_rate, set_lr
+from engine.optim import build_optimizer, learning_rate, set_lr
 from engine.run import NonFiniteError, Run, seed_everything
-from models.checkpoint import (CheckpointError, load_checkpoint, local_file, read_checkpoint,
-                               save_checkpoint)
+from models.collectives import all_reduce_sum, gather_objects, get_rank, get_world_size
+from engine.saving import model_checkpoint, save_checkpoint
+from engine.signals import ignore_signals_in_worker
+from engine.task import LossFn, Task
+from models.checkpoint import load_checkpoint
+from models.checkpoint_reading import CheckpointError, local_file, read_checkpoint
 from utils import ConfigError, Setting, Settings
 
 TRAIN_SETTINGS: Settings = {
@@ -42,29 +45,6 @@ FINETUNE_BATCH_SETTINGS: Settings = {
 LAST_CHECKPOINT = "checkpoint_last.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
 RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")
-
-LossFn = Callable[[Any, int, int], Dict[str, torch.Tensor]]  # (batch, epoch, step) -> losses
-
-
-@dataclass
-class Task:
-    """What differs between the scripts' training.
-
-    make_losses(train_model, run, train_loader) -> the LossFn of a training step.
-    schedule(config) -> the learning-rate schedule.
-    decay_norms_and_biases: False exempts biases and LayerNorm weights from weight decay.
-    evaluate(model, loader, run, split) -> metrics (also printed and written by it), or
-        None for no evaluation.
-    best_metric: the validation metric that picks checkpoint_best.pth (with `evaluate`).
-    epoch_checkpoint: a name like `checkpoint_{epoch:02d}.pth` to keep every epoch's weights.
-    """
-    make_losses: Callable[[nn.Module, Run, DataLoader], LossFn]
-    schedule: Callable[[Mapping[str, Any]], LRSchedule]
-    decay_norms_and_biases: bool = True
-    evaluate: Optional[Callable[[nn.Module, DataLoader, Run, str], Dict[str, float]]] = None
-    best_metric: Optional[str] = None
-    epoch_checkpoint: Optional[str] = None
-
 
 # data order --------------------------------------------------------------------------
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -87,7 +67,8 @@ def build_loaders(run: Run, datasets: Mapping[str, Dataset],
     there are several (evaluation shards repeat a few items to even out the ranks)."""
     config = run.config
     return {split: create_loader(dataset, batch_sizes[split], config["num_workers"],
-                                 split == "train", run.world_size > 1, config["seed"])
+                                 split == "train", run.world_size > 1, config["seed"],
+                                 worker_init_fn=ignore_signals_in_worker)
             for split, dataset in datasets.items()}
 
 
@@ -203,21 +184,24 @@ class TrainState:
         return True
 
 
-def save_weights(run: Run, model: nn.Module, name: str, epoch: int) -> None:
-    """output_dir/name with the model and config only (rank 0)."""
+def save_weights(run: Run, model: nn.Module, task: Task, name: str, epoch: int) -> None:
+    """output_dir/name with the model, config and task only (rank 0)."""
     if run.is_main:
-        save_checkpoint(str(run.output_dir / name), model, run.config, epoch)
+        save_checkpoint(str(run.output_dir / name),
+                        model_checkpoint(model, run.config, epoch, task=task.name))
     barrier()
 
 
-def save_last(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_last(run: Run, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
               state: TrainState) -> None:
     """output_dir/checkpoint_last.pth: everything `--resume` needs after epoch
     `state.epoch - 1` (model with its queues, optimizer, loss scaler, best result)."""
     if run.is_main:
-        save_checkpoint(str(run.output_dir / LAST_CHECKPOINT), model, run.config, state.epoch - 1,
-                        optimizer, scaler=run.precision.scaler.state_dict(),
-                        best_metric=state.best_metric, best_epoch=state.best_epoch)
+        checkpoint = model_checkpoint(model, run.config, state.epoch - 1, task=task.name,
+                                      optimizer=optimizer,
+                                      scaler=run.precision.scaler.state_dict(),
+                                      best_metric=state.best_metric, best_epoch=state.best_epoch)
+        save_checkpoint(str(run.output_dir / LAST_CHECKPOINT), checkpoint)
     barrier()
 
 
@@ -295,16 +279,16 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
         record["train_seconds"] = round(time.perf_counter() - epoch_started, 3)
         # the trained epoch is on disk before validation, which may fail
         state.epoch = epoch + 1
-        save_last(run, model, optimizer, state)
+        save_last(run, model, task, optimizer, state)
         if task.epoch_checkpoint is not None:
-            save_weights(run, model, task.epoch_checkpoint.format(epoch=epoch), epoch)
+            save_weights(run, model, task, task.epoch_checkpoint.format(epoch=epoch), epoch)
         if task.evaluate is not None:
             val_started = time.perf_counter()
             val_metrics = task.evaluate(model, loaders["val"], run, "val")
             record["val_seconds"] = round(time.perf_counter() - val_started, 3)
             if state.improved_by(val_metrics[task.best_metric], epoch):
-                save_weights(run, model, BEST_CHECKPOINT, epoch)
-                save_last(run, model, optimizer, state)  # with the new best result
+                save_weights(run, model, task, BEST_CHECKPOINT, epoch)
+                save_last(run, model, task, optimizer, state)  # with the new best result
             record.update({f"val_{k}": v for k, v in val_metrics.items()},
                           best_epoch=state.best_epoch)
         record["epoch_seconds"] = round(time.perf_counter() - epoch_started, 3)
@@ -330,11 +314,13 @@ def run_test(run: Run, model: nn.Module, task: Task, loader: DataLoader,
     return result
 
 
-def finetune_or_evaluate(run: Run, args: argparse.Namespace, model: nn.Module,
-                         task: Task, datasets: Sequence) -> Dict[str, float]:
-    """`--evaluate`: test the given weights (eval_results.json). Otherwise fine-tune,
-    then test checkpoint_best.pth (test_metrics.json). Ends with the run's summary."""
+def finetune_or_evaluate(run: Run, args: argparse.Namespace, task: Task) -> Dict[str, float]:
+    """Build the task's datasets and model; `--evaluate`: test the given weights
+    (eval_results.json). Otherwise fine-tune, then test checkpoint_best.pth
+    (test_metrics.json). Ends with the run's summary."""
     config = run.config
+    datasets = task.build_datasets(config)
+    model = task.build_model(config)
     loaders = build_loaders(run, dict(zip(("train", "val", "test"), datasets)),
                             {"train": config["batch_size_train"], "val": config["batch_size_test"],
                              "test": config["batch_size_test"]})

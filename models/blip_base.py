@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.text import CAPTION_SETTINGS
-from engine.distributed import all_gather_with_grad, concat_all_gather, is_distributed
+from models.collectives import (all_gather_with_grad, all_reduce_max, concat_all_gather,
+                                is_distributed)
 from models.text import (TEXT_SETTINGS, build_text_config, build_text_encoder,
                          build_tokenizer, encode_grounded, encode_text_only, tokenize,
                          with_first_token)
 from models.video_encoder import (VIDEO_ENCODER_SETTINGS, build_video_encoder, pad_tokens,
                                   pool_tokens)
-from utils import NUMBER, Setting, Settings, with_defaults
+from utils import CAPTION_SETTINGS, NUMBER, Setting, Settings, with_defaults
 
 MOMENTUM_SETTINGS: Settings = {
     "embed_dim": Setting(int, 256, "width of the video-text similarity space", min=1),
@@ -238,7 +238,7 @@ class NegativePool:
         video_embeds, video_mask = self.video_embeds, self.video_mask
         if video_mask is not None and is_distributed():  # ranks may keep different token counts
             length = torch.tensor(video_embeds.shape[1], device=video_embeds.device)
-            torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+            all_reduce_max(length)
             video_embeds, video_mask = pad_tokens(video_embeds, video_mask, int(length))
         return NegativePool(all_gather_with_grad(video_embeds),
                             concat_all_gather(self.video_feat), concat_all_gather(self.text_feat),

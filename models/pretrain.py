@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from engine.distributed import concat_all_gather
+from models.collectives import concat_all_gather
 from models.blip_base import (BLIP_BASE_SETTINGS, MomentumVideoTextModel, NegativePool,
                               enqueue, momentum_contrastive_loss, pick_hard_negatives,
                               register_queues)
@@ -22,6 +22,8 @@ class PretrainModel(MomentumVideoTextModel):
     Each video's only positive is its own caption; hard negatives come from this
     process's batch.
     """
+
+    kind = "pre-training"  # how load reports name it
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)

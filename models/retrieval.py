@@ -4,7 +4,7 @@ from typing import Any, Mapping, Sequence, Tuple
 
 import torch
 
-from engine.distributed import concat_all_gather
+from models.collectives import concat_all_gather
 from models.blip_base import (BLIP_BASE_SETTINGS, MomentumVideoTextModel, NegativePool,
                               enqueue, momentum_contrastive_loss, pick_hard_negatives,
                               register_queues)
@@ -20,6 +20,8 @@ class RetrievalModel(MomentumVideoTextModel):
 
     Pairs with the same video index count as positives, in the batch and in the queue.
     """
+
+    kind = "retrieval"  # how load reports name it
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)

@@ -26,7 +26,7 @@ from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import NONE, Setting, Settings, unknown_key_problem, value_problem, with_defaults
 
 BERT_UNCASED_VOCAB_SIZE = 30522
-TEXT_SETTINGS: Settings = {
+TEXT_SETTINGS = Settings({
     "text_encoder": Setting(str, "bert-base-uncased", "tokenizer: hub name, local directory or "
                             "vocab.txt of bert-base-uncased"),
     "med_config": Setting(str, "configs/med_config.json", "JSON of the BLIP text towers' BERT "
@@ -35,7 +35,7 @@ TEXT_SETTINGS: Settings = {
                            "override, e.g. {hidden_size: 64}"),
     "text_init": Setting((str, NONE), None, "BERT weights for the text towers (file or Hugging "
                          "Face folder), for training without a BLIP checkpoint"),
-}
+})
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # bert-base-uncased's vocab.txt, byte for byte (models/vocab/README.md): no hub or cache needed
 SHIPPED_VOCABS = {"bert-base-uncased": REPO_ROOT / "models" / "vocab" / "bert-base-uncased.txt"}
@@ -64,9 +64,11 @@ TEXT_CONFIG_SETTINGS: Settings = {
 MED_CONFIG_KEYS = tuple(key for key in TEXT_CONFIG_SETTINGS if key not in MED_DEFAULTS)
 
 
-def text_config_problem(config: Mapping[str, Any]) -> Optional[str]:
+@TEXT_SETTINGS.check
+def text_config_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
     """Why `config["text_config"]` cannot build the text towers (an unknown key, a value of
-    the wrong type or range, a width the heads do not divide), or None."""
+    the wrong type or range, a width the heads do not divide), as ("text_config", problem),
+    or None."""
     text_config = config["text_config"] or {}
     problems = [unknown_key_problem(name, TEXT_CONFIG_SETTINGS) for name in text_config
                 if name not in TEXT_CONFIG_SETTINGS]
@@ -77,7 +79,7 @@ def text_config_problem(config: Mapping[str, Any]) -> Optional[str]:
             and text_config["hidden_size"] % text_config["num_attention_heads"]:
         problems.append(f"hidden_size {text_config['hidden_size']} is not divisible by "
                         f"num_attention_heads {text_config['num_attention_heads']}")
-    return f"text_config: {'; '.join(problems)}" if problems else None
+    return ("text_config", f"text_config: {'; '.join(problems)}") if problems else None
 
 
 # tokenizer ---------------------------------------------------------------------------

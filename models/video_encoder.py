@@ -16,16 +16,15 @@ from timm.layers import PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from datasets.transforms import FRAME_SETTINGS
 from models.aggregation import AGGREGATION_RULES, AGGREGATIONS
 from models.blocks import Block
 from models.resize import resize_along_time, resize_patch_grid
 from models.token_state import TokenState, aggregation_plan, initial_state, parse_threshold
-from utils import NONE, Setting, Settings, with_defaults
+from utils import FRAME_SETTINGS, NONE, Setting, Settings, with_defaults
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 
-VIDEO_ENCODER_SETTINGS: Settings = {
+VIDEO_ENCODER_SETTINGS = Settings({
     "vit": Setting(str, "timesformer", "video backbone; TimeSformer is the one there is",
                    choices=("timesformer",)),
     **FRAME_SETTINGS,
@@ -53,7 +52,7 @@ VIDEO_ENCODER_SETTINGS: Settings = {
                                "null: the fixed schedule (docs/adaptive.md)", min=-1, max=1),
     "vit_grad_ckpt": Setting(bool, False, "gradient checkpointing of the encoder blocks"),
     "vit_ckpt_layer": Setting(int, 0, "checkpoint only the last N blocks (0: all)", min=0),
-}
+})
 
 
 def pool_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -217,6 +216,7 @@ def _check_settings(image_size: int, patch_size: int, num_frames: int, embed_dim
         raise ValueError(f"vision_width {embed_dim} is not divisible by num_heads {num_heads}")
 
 
+@VIDEO_ENCODER_SETTINGS.check
 def video_encoder_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
     """Why the encoder settings of `config` do not fit together, as (key, problem), or
     None: the checks of the constructor, without building anything. Every problem

@@ -10,12 +10,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from datasets.text import QUESTION_SETTINGS
 from models.text import (TEXT_SETTINGS, build_text_config, build_text_decoder,
                          build_text_encoder, build_tokenizer, encode_grounded, tokenize,
                          with_first_token)
 from models.video_encoder import VIDEO_ENCODER_SETTINGS, build_video_encoder
-from utils import with_defaults
+from utils import QUESTION_SETTINGS, with_defaults
 
 
 class RankedAnswers(NamedTuple):
@@ -29,6 +28,8 @@ class RankedAnswers(NamedTuple):
 class VideoQAModel(nn.Module):
     """`forward(video, questions, answers, weights, n) -> loss`; `rank_answers` and
     `generate_answers` for inference."""
+
+    kind = "VideoQA"  # how load reports name it
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()

@@ -13,16 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasets.pretrain import PRETRAIN_DATA_SETTINGS
-from datasets.text import CAPTION_SETTINGS
 from engine.logs import LOG_SETTINGS
 from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS, ramped_alpha, warmup_schedule
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
-from engine.train import TRAIN_SETTINGS, LossFn, Task
+from engine.task import LossFn, Task
+from engine.train import TRAIN_SETTINGS
 from models.blip_base import MOMENTUM_SETTINGS
+from models.pretrain import build_pretrain_model
 from models.text import TEXT_SETTINGS
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
-from utils import Setting, Settings, compose
+from utils import CAPTION_SETTINGS, Setting, Settings, compose
 
 ALPHA_RAMP_EPOCHS = 2
 PRETRAINING_SETTINGS: Settings = {
@@ -49,5 +50,6 @@ def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> L
     return losses_of
 
 
-TASK = Task(make_losses, warmup_schedule, decay_norms_and_biases=False,
+TASK = Task("pretraining", "pretrain.py", PRETRAIN_SCHEMA, build_pretrain_model, make_losses,
+            warmup_schedule, decay_norms_and_biases=False,
             epoch_checkpoint="checkpoint_{epoch:02d}.pth")

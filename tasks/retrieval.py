@@ -18,18 +18,18 @@ from torch.utils.data import DataLoader
 
 from datasets import RETRIEVAL_READERS
 from datasets.base import FINETUNE_DATA_SETTINGS
-from datasets.text import CAPTION_SETTINGS
-from engine.distributed import all_reduce_sum
 from engine.logs import LOG_SETTINGS, format_metrics, log, progress
 from engine.optim import OPTIM_SETTINGS, finetune_schedule, ramped_alpha
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
-from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task, check_finite
+from engine.task import LossFn, Task
+from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, check_finite
 from models.blip_base import MOMENTUM_SETTINGS
-from models.retrieval import RETRIEVAL_MODEL_SETTINGS
+from models.collectives import all_reduce_sum
+from models.retrieval import RETRIEVAL_MODEL_SETTINGS, build_retrieval_model
 from models.text import TEXT_SETTINGS
 from models.video_encoder import VIDEO_ENCODER_SETTINGS, cat_token_batches
-from utils import Setting, Settings, compose
+from utils import CAPTION_SETTINGS, Setting, Settings, compose
 
 TEXT_BATCH_SIZE = 256
 BEST_METRIC = "t2v_r_mean"  # the reference keeps the checkpoint best at text-to-video retrieval
@@ -193,7 +193,7 @@ def evaluate_split(model: nn.Module, loader: DataLoader, run: Run, split: str) -
     dataset = loader.dataset
     metrics = itm_eval(scores_v2t, scores_t2v, dataset.txt2video, dataset.video2txt)
     log(f"{split}: " + format_metrics(metrics))
-    if split == "test" and run.config["dataset"] == "retrieval_condensedmovies" and run.is_main:
+    if dataset.challenge_submission and run.is_main:
         write_submission(run.output_dir, scores_t2v)
     return metrics
 
@@ -218,4 +218,6 @@ def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> L
     return losses_of
 
 
-TASK = Task(make_losses, finetune_schedule, evaluate=evaluate_split, best_metric=BEST_METRIC)
+TASK = Task("retrieval", "train_retrieval.py", RETRIEVAL_SCHEMA, build_retrieval_model, make_losses,
+            finetune_schedule, evaluate=evaluate_split, best_metric=BEST_METRIC,
+            outputs=("score_test_t2v.npy", "submission.zip"))

@@ -12,16 +12,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasets.base import FINETUNE_DATA_SETTINGS
-from datasets.text import QUESTION_SETTINGS
-from engine.distributed import gather_objects
 from engine.logs import LOG_SETTINGS, log, progress, write_json
 from engine.optim import OPTIM_SETTINGS, finetune_schedule
 from engine.precision import PRECISION_SETTINGS
 from engine.run import RUN_SETTINGS, Run
-from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, LossFn, Task, check_finite
+from engine.task import LossFn, Task
+from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS, check_finite
+from models.collectives import gather_objects
 from models.text import TEXT_SETTINGS
+from models.videoqa import build_videoqa_model
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
-from utils import Setting, Settings, compose
+from utils import QUESTION_SETTINGS, Setting, Settings, compose
 
 BEST_METRIC = "accuracy"
 
@@ -109,4 +110,6 @@ def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> L
     return losses_of
 
 
-TASK = Task(make_losses, finetune_schedule, evaluate=evaluate_split, best_metric=BEST_METRIC)
+TASK = Task("videoqa", "train_videoqa.py", VIDEOQA_SCHEMA, build_videoqa_model, make_losses,
+            finetune_schedule, evaluate=evaluate_split, best_metric=BEST_METRIC,
+            outputs=("*_answers.json",))

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from models import build_retrieval_model
-from engine.distributed import all_gather_with_grad
+from models.collectives import all_gather_with_grad
 from helpers import CAPTIONS, tiny_config, tiny_video
 
 

@@ -14,7 +14,8 @@ from ruamel.yaml import YAML
 import testa
 from datasets import build_datasets, load_video, read_frames
 from datasets.base import stack_clips
-from models import build_videoqa_model, save_checkpoint
+from engine.saving import model_checkpoint, save_checkpoint
+from models import build_videoqa_model
 from tools import demo
 from tasks.retrieval import itm_eval
 
@@ -99,7 +100,7 @@ def test_videoqa_answers_match_the_models_ranking_on_the_eval_clips(demo_root, t
                   num_frm_test=4, k_test=4)
     torch.manual_seed(0)
     model = build_videoqa_model(config).eval()
-    save_checkpoint(str(tmp_path / "vqa.pth"), model, config, epoch=0)
+    save_checkpoint(str(tmp_path / "vqa.pth"), model_checkpoint(model, config, epoch=0))
 
     test_set = build_datasets(config)[2]
     items = [test_set[index] for index in range(3)]

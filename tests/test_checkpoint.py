@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.saving import model_checkpoint, save_checkpoint
 from models import (CheckpointError, build_pretrain_model, build_retrieval_model,
-                    load_checkpoint, save_checkpoint)
-from models.checkpoint import read_checkpoint
+                    load_checkpoint, read_checkpoint)
 
 TEMPORAL = re.compile(r"\.(temporal_\w+|time_embed)(\.|$)")
 
@@ -63,7 +63,7 @@ def test_time_embed_nearest_interpolated_from_8_to_32_frames(tiny_config, tmp_pa
         for encoder in (source.visual_encoder, source.visual_encoder_m):
             encoder.time_embed.copy_(torch.arange(8.0)[None, :, None].expand(1, 8, 64))
     path = tmp_path / "testa_f8.pth"
-    save_checkpoint(str(path), source, tiny_config(num_frames=8), epoch=0)
+    save_checkpoint(str(path), model_checkpoint(source, tiny_config(num_frames=8), epoch=0))
 
     model = build_retrieval_model(tiny_config(num_frames=32, testa_r=0))
     report = load_checkpoint(model, str(path))
@@ -99,11 +99,13 @@ def test_save_is_atomic_and_round_trips(tiny_config, tmp_path):
     model = build_pretrain_model(tiny_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     path = tmp_path / "out" / "checkpoint_best.pth"
-    save_checkpoint(str(path), model, tiny_config(), epoch=3, optimizer=optimizer, best=0.5)
+    save_checkpoint(str(path), model_checkpoint(model, tiny_config(), epoch=3, task="pretraining",
+                                                optimizer=optimizer, best=0.5))
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(saved) == {"model", "config", "epoch", "optimizer", "best"}
+    assert set(saved) == {"model", "config", "epoch", "task", "optimizer", "best"}
     assert saved["epoch"] == 3 and saved["config"]["vision_width"] == 64
+    assert saved["task"] == "pretraining"
     assert os.listdir(path.parent) == ["checkpoint_best.pth"]
 
     fresh = build_pretrain_model(tiny_config())
@@ -115,7 +117,8 @@ def test_save_is_atomic_and_round_trips(tiny_config, tmp_path):
 
     before = path.read_bytes()
     with pytest.raises(Exception):
-        save_checkpoint(str(path), model, tiny_config(), epoch=4, unpicklable=lambda: None)
+        save_checkpoint(str(path), model_checkpoint(model, tiny_config(), epoch=4,
+                                                    unpicklable=lambda: None))
     assert path.read_bytes() == before
     assert os.listdir(path.parent) == ["checkpoint_best.pth"]
 

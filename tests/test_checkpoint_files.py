@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import train_retrieval
-from models import build_pretrain_model, build_retrieval_model, load_checkpoint, save_checkpoint
+from engine.saving import model_checkpoint, remove_stale_temporaries, save_checkpoint
+from models import build_pretrain_model, build_retrieval_model, load_checkpoint
 from helpers import REPO_ROOT, read_metrics, run_script, tiny_config
-from models.checkpoint import CheckpointError, remove_stale_temporaries
+from models import CheckpointError
 
 BAD_LINE_EXIT = SystemExit  # the scripts end bad input with SystemExit("error: ...")
 
@@ -50,7 +51,8 @@ def weights(tmp_path_factory) -> Path:
     """A tiny retrieval model's checkpoint as the scripts save it."""
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    save_checkpoint(str(path), build_retrieval_model(tiny_model_config()), {}, epoch=0)
+    save_checkpoint(str(path), model_checkpoint(build_retrieval_model(tiny_model_config()), {},
+                                                epoch=0))
     return path
 
 
@@ -153,7 +155,7 @@ def test_zero_shot_report_explains_the_unused_decoder(retrieval_config, tmp_path
     torch.manual_seed(2)
     pretrained = tmp_path / "pretrain.pth"
     pretrain_model = build_pretrain_model(tiny_model_config())
-    save_checkpoint(str(pretrained), pretrain_model, {}, epoch=0)
+    save_checkpoint(str(pretrained), model_checkpoint(pretrain_model, {}, epoch=0))
     decoder = sum(key.startswith("text_decoder.") for key in pretrain_model.state_dict())
     printed = evaluate(retrieval_config, tmp_path / "zero_shot", "--checkpoint", pretrained)
     report_lines = [line for line in printed.splitlines()
@@ -166,8 +168,8 @@ def test_zero_shot_report_explains_the_unused_decoder(retrieval_config, tmp_path
 
 def test_temporal_scaling_of_pretraining_is_expected_unused(tmp_path):
     pretrained = tmp_path / "pretrain.pth"
-    save_checkpoint(str(pretrained), build_pretrain_model(
-        tiny_model_config(learnable_temporal_scaling=True)), {}, epoch=0)
+    save_checkpoint(str(pretrained), model_checkpoint(build_pretrain_model(
+        tiny_model_config(learnable_temporal_scaling=True)), {}, epoch=0))
     report = load_checkpoint(build_retrieval_model(tiny_model_config()), str(pretrained))
     blocks = 2 * 2  # 2 blocks in the main and the momentum video encoder
     assert report.unused_parts["temporal_scaling"] == blocks
@@ -193,7 +195,8 @@ def test_unexplained_keys_get_the_full_report(weights, tmp_path):
 def test_checkpoints_follow_the_umask(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
-        save_checkpoint(str(tmp_path / "checkpoint_best.pth"), torch.nn.Linear(2, 2), {}, epoch=0)
+        save_checkpoint(str(tmp_path / "checkpoint_best.pth"),
+                        model_checkpoint(torch.nn.Linear(2, 2), {}, epoch=0))
     finally:
         os.umask(previous)
     assert (tmp_path / "checkpoint_best.pth").stat().st_mode & 0o777 == mode
@@ -221,20 +224,20 @@ def test_full_disk_is_one_line_and_leaves_no_temporary(retrieval_config, tmp_pat
 SLOW_SAVE = """
 import os, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from models import save_checkpoint
+from engine.saving import model_checkpoint, save_checkpoint
 real_write = os.write
 def slow_write(fd, data):  # a slow disk: the save takes seconds
     time.sleep(0.05)
     return real_write(fd, data[:1 << 16])
 os.write = slow_write
-save_checkpoint(sys.argv[2], torch.nn.Linear(1024, 1024), {}, epoch=1)
+save_checkpoint(sys.argv[2], model_checkpoint(torch.nn.Linear(1024, 1024), {}, epoch=1))
 """
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_save_leaves_no_temporary(tmp_path, signum):
     path = tmp_path / "checkpoint_last.pth"
-    save_checkpoint(str(path), torch.nn.Linear(2, 2), {}, epoch=0)
+    save_checkpoint(str(path), model_checkpoint(torch.nn.Linear(2, 2), {}, epoch=0))
     before = path.read_bytes()
     saving = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(REPO_ROOT), str(path)],
                               stderr=subprocess.PIPE)

@@ -144,7 +144,7 @@ def test_builders_fill_defaults_of_a_paper_config():
     """A config without project-only keys (here max_question_len) still builds, with the
     declared defaults; a missing required key is named."""
     from datasets.base import FINETUNE_DATA_SETTINGS
-    from datasets.text import QUESTION_SETTINGS
+    from utils import QUESTION_SETTINGS
     from utils import with_defaults
     paper = {"video_root": "v", "ann_root": "a", "num_frm_train": 8, "num_frm_test": 8}
     filled = with_defaults(paper, {**FINETUNE_DATA_SETTINGS, **QUESTION_SETTINGS})

@@ -254,7 +254,8 @@ STALLED_PEER = """
 import os, sys, time
 from pathlib import Path
 import torch
-from engine.distributed import all_reduce_sum, init_distributed
+from engine.distributed import init_distributed
+from models.collectives import all_reduce_sum
 from engine.run import script_errors
 with script_errors():
     init_distributed(torch.device("cpu"), timeout_minutes=0.05)  # 3 s

@@ -64,6 +64,8 @@ def test_training_writes_checkpoints_logs_and_config(straight_run):
     output_dir, printed = straight_run
     for name in ("checkpoint_last.pth", "checkpoint_best.pth", "config.yaml", "test_metrics.json"):
         assert (output_dir / name).is_file(), name
+    for name in ("checkpoint_last.pth", "checkpoint_best.pth"):  # each records its task
+        assert torch.load(output_dir / name, weights_only=True)["task"] == "retrieval"
     epochs = read_log(output_dir, "epoch")
     assert [record["epoch"] for record in epochs] == [0, 1]
     assert epochs[1]["train_lr"] == pytest.approx(cosine_lr(1, 2, 1e-3, 0.0))
@@ -289,7 +291,7 @@ def test_pretrain_then_zero_shot_retrieval(synthetic, retrieval_config, tmp_path
     steps = read_log(pretrained, "step")
     assert [step["lr"] for step in steps] == pytest.approx([1e-6, 5.005e-4, 1e-3])  # warmup
     assert all(set(step) >= {"loss_vtc", "loss_vtm", "loss_cap"} for step in steps)
-    assert (pretrained / "checkpoint_00.pth").is_file()
+    assert torch.load(pretrained / "checkpoint_00.pth", weights_only=True)["task"] == "pretraining"
     assert (pretrained / "checkpoint_last.pth").is_file()
     summary = json.loads((pretrained / "summary.json").read_text())  # no validation, no test
     last_epoch = read_log(pretrained, "epoch")[-1]

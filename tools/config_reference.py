@@ -13,7 +13,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from datasets.base import FINETUNE_DATA_SETTINGS  # noqa: E402
 from datasets.pretrain import PRETRAIN_DATA_SETTINGS  # noqa: E402
-from datasets.text import CAPTION_SETTINGS, QUESTION_SETTINGS  # noqa: E402
 from engine.logs import LOG_SETTINGS  # noqa: E402
 from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS  # noqa: E402
 from engine.precision import PRECISION_SETTINGS  # noqa: E402
@@ -23,10 +22,11 @@ from models.blip_base import MOMENTUM_SETTINGS  # noqa: E402
 from models.retrieval import RETRIEVAL_MODEL_SETTINGS  # noqa: E402
 from models.text import TEXT_SETTINGS  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
-from tasks.pretraining import PRETRAIN_SCHEMA, PRETRAINING_SETTINGS  # noqa: E402
-from tasks.retrieval import RETRIEVAL_SCHEMA, RETRIEVAL_SETTINGS  # noqa: E402
-from tasks.videoqa import VIDEOQA_SCHEMA, VIDEOQA_SETTINGS  # noqa: E402
-from utils import REQUIRED, Setting, Settings  # noqa: E402
+from tasks import TASKS  # noqa: E402
+from tasks.pretraining import PRETRAINING_SETTINGS  # noqa: E402
+from tasks.retrieval import RETRIEVAL_SETTINGS  # noqa: E402
+from tasks.videoqa import VIDEOQA_SETTINGS  # noqa: E402
+from utils import CAPTION_SETTINGS, QUESTION_SETTINGS, REQUIRED, Setting, Settings  # noqa: E402
 
 OUTPUT = REPO_ROOT / "docs" / "config_keys.md"
 # (title, file that declares and reads the group, group)
@@ -42,16 +42,14 @@ GROUPS = [
     ("Text towers", "models/text.py", TEXT_SETTINGS),
     ("Momentum model and queues", "models/blip_base.py", MOMENTUM_SETTINGS),
     ("Retrieval model", "models/retrieval.py", RETRIEVAL_MODEL_SETTINGS),
-    ("Captions", "datasets/text.py", CAPTION_SETTINGS),
-    ("Questions", "datasets/text.py", QUESTION_SETTINGS),
+    ("Captions", "utils.py", CAPTION_SETTINGS),
+    ("Questions", "utils.py", QUESTION_SETTINGS),
     ("Fine-tuning data", "datasets/base.py", FINETUNE_DATA_SETTINGS),
     ("Pre-training data", "datasets/pretrain.py", PRETRAIN_DATA_SETTINGS),
     ("Retrieval task", "tasks/retrieval.py", RETRIEVAL_SETTINGS),
     ("VideoQA task", "tasks/videoqa.py", VIDEOQA_SETTINGS),
     ("Pre-training task", "tasks/pretraining.py", PRETRAINING_SETTINGS),
 ]
-SCRIPTS = [("train_retrieval.py", RETRIEVAL_SCHEMA), ("train_videoqa.py", VIDEOQA_SCHEMA),
-           ("pretrain.py", PRETRAIN_SCHEMA)]
 
 
 def cell(text: str) -> str:
@@ -90,11 +88,11 @@ def render() -> str:
         "| script | groups |",
         "| --- | --- |",
     ]
-    for script, schema in SCRIPTS:
+    for task in TASKS.values():
         titles = [title for title, _, group in GROUPS
-                  if all(name in schema and schema[name] is setting
+                  if all(name in task.schema and task.schema[name] is setting
                          for name, setting in group.items())]
-        lines.append(f"| `{script}` | {', '.join(titles)} |")
+        lines.append(f"| `{task.script}` | {', '.join(titles)} |")
     for title, path, group in GROUPS:
         lines += ["", f"## {title}", "", f"Declared in `{path}`.", "", *group_table(group)]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""Signals, handled in this one place. SIGTERM (what schedulers send) and SIGINT (Ctrl-C)
+raise an exception in the main process, so that cleanup code runs (a checkpoint being
+written removes its temporary file) and a script ends with one line; DataLoader workers
+ignore them, since the process group's signal reaches them too and the main process shuts
+them down."""
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached a script. A BaseException like KeyboardInterrupt, so that
+    code skipping bad records (`except Exception`) lets it pass."""
+
+
+class SignalCatcher:
+    """The handler of SIGTERM and SIGINT while installed, and the signal that came. The
+    handler raises at once, but an exception raised while a finalizer runs (e.g. a
+    `__del__` during garbage collection) is printed and dropped, so `check` raises it
+    again where the code can act on it."""
+
+    def __init__(self, exception: Callable[[int], BaseException]):
+        self.exception = exception
+        self.signum: Optional[int] = None
+
+    def handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self.check()
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise self.exception(self.signum)
+
+
+def _interrupted(signum: int) -> BaseException:
+    return Interrupted(signal.Signals(signum).name)
+
+
+def _as_by_default(signum: int) -> BaseException:
+    """What the default handling amounts to: SIGINT's KeyboardInterrupt, and for SIGTERM
+    an exit with the status of a process the signal ended (128 + 15)."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+@contextmanager
+def script_signals() -> Iterator[SignalCatcher]:
+    """During a script SIGTERM and SIGINT raise `Interrupted` naming the signal; the
+    previous handlers come back afterwards."""
+    catcher = SignalCatcher(_interrupted)
+    previous = {signum: signal.signal(signum, catcher.handle) for signum in SIGNALS}
+    try:
+        yield catcher
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def signals_raise() -> Iterator[SignalCatcher]:
+    """During the block SIGTERM and SIGINT raise; yields the catcher to `check` at the
+    points where the block can still act on a signal. Within `script_signals`, the
+    script's catcher. Elsewhere, for signals with their default handling and on the main
+    thread (where Python handles signals), SIGTERM raises SystemExit(143) and SIGINT
+    KeyboardInterrupt; a handler the program set stays, and `check` never raises."""
+    installed = signal.getsignal(signal.SIGTERM)
+    if isinstance(getattr(installed, "__self__", None), SignalCatcher):
+        yield installed.__self__
+        return
+    catcher = SignalCatcher(_as_by_default)
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    handled = ([signum for signum, default in defaults.items()
+                if signal.getsignal(signum) is default]
+               if threading.current_thread() is threading.main_thread() else [])
+    for signum in handled:
+        signal.signal(signum, catcher.handle)
+    try:
+        yield catcher
+    finally:
+        for signum in handled:
+            signal.signal(signum, defaults[signum])
+
+
+def ignore_signals_in_worker(worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: the worker ignores SIGINT and SIGTERM, which
+    the main process handles; a worker left with the main process's handler would die
+    with a traceback."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
