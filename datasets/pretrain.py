@@ -11,6 +11,7 @@ from utils import Setting, Settings, with_defaults
 from .annotations import load_json_list, string_fields
 from .base import ClipDataset, stack_clips, with_clip_cache
 from .issues import DataIssues
+from .records import StringColumn
 from .text import CAPTION_SETTINGS, pre_caption
 from .transforms import FRAME_SETTINGS, PretrainImageTransform, PretrainVideoTransform
 from .video import SAMPLING_STRATEGIES, VideoDecodeError
@@ -57,7 +58,7 @@ class PretrainDataset(ClipDataset):
                  augment: bool = True):
         if video_resize < image_size:
             raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
-        self.captions: list[str] = []
+        captions: list[str] = []
         video: list[str] = []
         for train_file in train_files:
             for position, record in enumerate(load_json_list(issues.reading(train_file))):
@@ -75,7 +76,8 @@ class PretrainDataset(ClipDataset):
                     issues.skip("empty caption", source)
                     continue
                 video.append(path)
-                self.captions.append(caption)
+                captions.append(caption)
+        self.captions = StringColumn(captions)  # flat, see datasets/records.py
         self.image_transform = PretrainImageTransform(image_size, num_frames)
         super().__init__(issues, video, num_frames, strategy, video_resize,
                          PretrainVideoTransform(image_size, augment=augment))
