@@ -7,6 +7,7 @@ from .annotations import DataError
 from .base import ClipDataset
 from .loader import create_loader
 from .pretrain import PretrainDataset, build_pretrain_dataset
+from .shards import ShardedPretrainDataset, build_sharded_dataset
 from .retrieval import (READERS as RETRIEVAL_READERS, RetrievalEvalDataset, RetrievalTrainDataset,
                         build_retrieval_datasets)
 from .text import pre_caption, pre_question
@@ -29,7 +30,8 @@ def build_datasets(config: dict):
     elif name == "activitynet_qa":
         splits = build_videoqa_datasets(config)
     elif name == "pretrain_video":
-        splits = build_pretrain_dataset(config), None, None
+        from_shards = config.get("train_shards") not in (None, "", [])
+        splits = (build_sharded_dataset if from_shards else build_pretrain_dataset)(config), None, None
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     for dataset in splits:
@@ -51,7 +53,7 @@ def summarize(*datasets) -> str:
 
 __all__ = [
     "DATASETS", "ClipDataset", "DataError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
-    "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
+    "ShardedPretrainDataset", "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
     "create_loader", "load_video", "pre_caption", "pre_question", "read_frames",
     "sample_frame_indices", "summarize",
 ]

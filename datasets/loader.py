@@ -2,8 +2,8 @@
 import signal
 
 import torch
-from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler,
-                              SequentialSampler)
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset,
+                              RandomSampler, SequentialSampler)
 
 
 def leave_signals_to_the_main_process(worker_id: int) -> None:
@@ -19,10 +19,13 @@ def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bo
     """Shuffled, drop-last batches when `train`; the dataset's `collate_fn`.
 
     With `distributed`, a DistributedSampler over the initialised process group: call
-    `loader.sampler.set_epoch(epoch)` every epoch. Worker RNGs derive from `seed`.
+    `loader.sampler.set_epoch(epoch)` every epoch. Worker RNGs derive from `seed`. An
+    IterableDataset (tar shards) orders and splits its samples itself: no sampler.
     """
     generator = torch.Generator().manual_seed(seed)
-    if distributed:
+    if isinstance(dataset, IterableDataset):
+        sampler = None
+    elif distributed:
         sampler = DistributedSampler(dataset, shuffle=train, drop_last=train, seed=seed)
     elif train:
         sampler = RandomSampler(dataset, generator=generator)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from utils import Setting, Settings, with_defaults
+from utils import NONE, ConfigError, Setting, Settings, with_defaults
 
 from .annotations import load_json_list, string_fields
 from .base import ClipDataset, stack_clips, with_clip_cache
@@ -17,8 +17,14 @@ from .transforms import FRAME_SETTINGS, PretrainImageTransform, PretrainVideoTra
 from .video import SAMPLING_STRATEGIES, VideoDecodeError
 
 PRETRAIN_DATA_SETTINGS: Settings = {
-    "train_file": Setting((str, list), meaning="JSON list(s) of {path, caption}; image paths "
-                          "become static clips"),
+    "train_file": Setting((str, list, NONE), None, "JSON list(s) of {path, caption}; image "
+                          "paths become static clips (this or train_shards)"),
+    "train_shards": Setting((str, list, NONE), None, "webdataset tar shards (paths, brace "
+                            "patterns, http(s) URLs, pipe: commands; this or train_file)"),
+    "shards_manifest": Setting(str, "", "manifest of train_shards ('' = manifest.json next to "
+                               "the first shard)"),
+    "shuffle_buffer": Setting(int, 1000, "raw samples each loader worker shuffles through "
+                              "(train_shards)", min=1),
     "video_root": Setting(str, "", "prefix of relative paths in train_file ('' = as written)"),
     "num_frm_train": Setting(int, meaning="frames sampled per clip", min=1),
     "frm_sampling_strategy": Setting(str, "headtail", "frame sampling of the clips",
@@ -104,9 +110,30 @@ class PretrainDataset(ClipDataset):
         return stack_clips(list(clips)), list(captions)
 
 
-def build_pretrain_dataset(config: dict) -> PretrainDataset:
+def data_source_problem(config: dict) -> str | None:
+    """Why the config does not name exactly one of train_file and train_shards, or None."""
+    given = [key for key in ("train_file", "train_shards") if config.get(key) not in (None, "", [])]
+    if len(given) == 1:
+        return None
+    if given:
+        return "train_file and train_shards are both set; set one of them"
+    return "set train_file (JSON lists) or train_shards (tar shards)"
+
+
+def pretrain_data_config(config: dict) -> dict:
+    """`config` with the data defaults filled in, checked; ConfigError when it names
+    neither or both of train_file and train_shards."""
     config = with_defaults(config, {**PRETRAIN_DATA_SETTINGS, **CAPTION_SETTINGS,
                                     **FRAME_SETTINGS})
+    problem = data_source_problem(config)
+    if problem:
+        raise ConfigError(f"config: {problem}")
+    return config
+
+
+def build_pretrain_dataset(config: dict) -> PretrainDataset:
+    """The dataset of `train_file` (JSON lists of records)."""
+    config = pretrain_data_config(config)
     train_files = config["train_file"]
     if isinstance(train_files, str):
         train_files = [train_files]

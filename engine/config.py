@@ -7,6 +7,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from datasets.pretrain import data_source_problem
 from models.text import text_config_problem
 from models.video_encoder import video_encoder_problem
 from utils import (REQUIRED, ConfigError, Settings, missing_problem, unknown_key_problem,
@@ -71,6 +72,10 @@ def resolve_config(path: str, opts: Sequence[str], schema: Settings,
     if "cache_clips" in schema and resolved["cache_clips"] and resolved["num_workers"] > 0:
         raise ConfigError(f"{path}: cache_clips keeps the decoded clips in the main process; "
                           "it needs num_workers: 0")
+    if "train_shards" in schema:
+        source_problem = data_source_problem(resolved)
+        if source_problem:
+            raise ConfigError(f"{path}: {source_problem}")
     if "text_config" in schema:
         text_problem = text_config_problem(resolved)
         if text_problem:
