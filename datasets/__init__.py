@@ -7,6 +7,7 @@ from .annotations import DataError
 from .base import ClipDataset
 from .loader import create_loader
 from .pretrain import PretrainDataset, build_pretrain_dataset
+from .shards import ShardedPretrainDataset, build_sharded_dataset
 from .retrieval import (READERS as RETRIEVAL_READERS, RetrievalEvalDataset, RetrievalTrainDataset,
                         build_retrieval_datasets)
 from .text import pre_caption, pre_question
@@ -15,8 +16,10 @@ from .videoqa import VideoQAEvalDataset, VideoQATrainDataset, build_videoqa_data
 
 
 def build_pretrain_splits(config: dict):
-    """Pre-training has a train split only: (train, None, None)."""
-    return build_pretrain_dataset(config), None, None
+    """Pre-training has a train split only: (train, None, None), from `train_shards` (tar
+    shards) or `train_file` (JSON lists)."""
+    from_shards = config.get("train_shards") not in (None, "", [])
+    return (build_sharded_dataset if from_shards else build_pretrain_dataset)(config), None, None
 
 
 # dataset name -> the builder of its (train, val, test) splits
@@ -55,7 +58,7 @@ def summarize(*datasets) -> str:
 
 __all__ = [
     "DATASETS", "ClipDataset", "DataError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
-    "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
+    "ShardedPretrainDataset", "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
     "create_loader", "load_video", "pre_caption", "pre_question", "read_frames",
     "sample_frame_indices", "summarize",
 ]

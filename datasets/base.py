@@ -11,6 +11,7 @@ from utils import Setting, Settings
 from .annotations import DataError
 from .issues import DataIssues
 from .transforms import normalize
+from .records import StringColumn
 from .video import RANDOM_STRATEGIES, SAMPLING_STRATEGIES, VideoDecodeError, read_frames
 
 ClipTransform = Callable[[torch.Tensor, random.Random], torch.Tensor]
@@ -67,7 +68,8 @@ def with_clip_cache(config: dict, datasets: tuple) -> tuple:
 class ClipDataset(Dataset):
     """Items built around one clip of `self.video[video_index_of(index)]`.
 
-    A video that fails to decode is flagged once (`DataIssues`) and substituted: train datasets
+    The video paths are kept flat (`StringColumn`), shared by forked loader workers without
+    copy-on-read. A video that fails to decode is flagged once (`DataIssues`) and substituted: train datasets
     (`substitute_next_record = True`) use the next record whose video decodes, so captions stay
     paired; eval datasets return a blank clip (zeros after normalisation) so indices stay put.
     """
@@ -77,7 +79,7 @@ class ClipDataset(Dataset):
     def __init__(self, issues: DataIssues, video: list[str], num_frames: int, strategy: str,
                  size: int, transform: ClipTransform):
         self.issues = issues
-        self.video = video
+        self.video = StringColumn(video)
         self.num_frames = num_frames
         self.strategy = strategy
         self.size = size

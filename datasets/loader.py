@@ -2,8 +2,8 @@
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler,
-                              SequentialSampler)
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset,
+                              RandomSampler, SequentialSampler)
 
 
 def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool,
@@ -14,10 +14,13 @@ def create_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bo
     With `distributed`, a DistributedSampler over the initialised process group: call
     `loader.sampler.set_epoch(epoch)` every epoch. Worker RNGs derive from `seed`;
     `worker_init_fn` runs in every worker (the training loop's leaves signals to the main
-    process, engine/signals.py).
+    process, engine/signals.py). An IterableDataset (tar shards) orders and splits its
+    samples itself: no sampler.
     """
     generator = torch.Generator().manual_seed(seed)
-    if distributed:
+    if isinstance(dataset, IterableDataset):
+        sampler = None
+    elif distributed:
         sampler = DistributedSampler(dataset, shuffle=train, drop_last=train, seed=seed)
     elif train:
         sampler = RandomSampler(dataset, generator=generator)

@@ -1,24 +1,32 @@
 """Video-language pre-training on WebVid-2M + CC3M: video clips and images as static clips."""
 import os
 import random
+from typing import Optional, Tuple
 
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from utils import CAPTION_SETTINGS, FRAME_SETTINGS, Setting, Settings, with_defaults
+from utils import CAPTION_SETTINGS, FRAME_SETTINGS, NONE, ConfigError, Setting, Settings, with_defaults
 
 from .annotations import load_json_list, string_fields
 from .base import (FINETUNE_DATA_SETTINGS, ClipDataset, clip_cache_problem, stack_clips,
                    with_clip_cache)
 from .issues import DataIssues
+from .records import StringColumn
 from .text import pre_caption
 from .transforms import PretrainImageTransform, PretrainVideoTransform
 from .video import SAMPLING_STRATEGIES, VideoDecodeError
 
 PRETRAIN_DATA_SETTINGS = Settings({
-    "train_file": Setting((str, list), meaning="JSON list(s) of {path, caption}; image paths "
-                          "become static clips"),
+    "train_file": Setting((str, list, NONE), None, "JSON list(s) of {path, caption}; image "
+                          "paths become static clips (this or train_shards)"),
+    "train_shards": Setting((str, list, NONE), None, "webdataset tar shards (paths, brace "
+                            "patterns, http(s) URLs, pipe: commands; this or train_file)"),
+    "shards_manifest": Setting(str, "", "manifest of train_shards ('' = manifest.json next to "
+                               "the first shard)"),
+    "shuffle_buffer": Setting(int, 1000, "raw samples each loader worker shuffles through "
+                              "(train_shards)", min=1),
     "video_root": Setting(str, "", "prefix of relative paths in train_file ('' = as written)"),
     "num_frm_train": Setting(int, meaning="frames sampled per clip", min=1),
     "frm_sampling_strategy": Setting(str, "headtail", "frame sampling of the clips",
@@ -58,7 +66,7 @@ class PretrainDataset(ClipDataset):
                  augment: bool = True):
         if video_resize < image_size:
             raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
-        self.captions: list[str] = []
+        captions: list[str] = []
         video: list[str] = []
         for train_file in train_files:
             for position, record in enumerate(load_json_list(issues.reading(train_file))):
@@ -76,7 +84,8 @@ class PretrainDataset(ClipDataset):
                     issues.skip("empty caption", source)
                     continue
                 video.append(path)
-                self.captions.append(caption)
+                captions.append(caption)
+        self.captions = StringColumn(captions)  # flat, see datasets/records.py
         self.image_transform = PretrainImageTransform(image_size, num_frames)
         super().__init__(issues, video, num_frames, strategy, video_resize,
                          PretrainVideoTransform(image_size, augment=augment))
@@ -103,9 +112,32 @@ class PretrainDataset(ClipDataset):
         return stack_clips(list(clips)), list(captions)
 
 
-def build_pretrain_dataset(config: dict) -> PretrainDataset:
+@PRETRAIN_DATA_SETTINGS.check
+def data_source_problem(config: dict) -> Optional[Tuple[str, str]]:
+    """Why the config does not name exactly one of train_file and train_shards, as
+    (key, problem), or None."""
+    given = [key for key in ("train_file", "train_shards") if config.get(key) not in (None, "", [])]
+    if len(given) == 1:
+        return None
+    if given:
+        return "train_shards", "train_file and train_shards are both set; set one of them"
+    return "train_file", "set train_file (JSON lists) or train_shards (tar shards)"
+
+
+def pretrain_data_config(config: dict) -> dict:
+    """`config` with the data defaults filled in, checked; ConfigError when it names
+    neither or both of train_file and train_shards."""
     config = with_defaults(config, {**PRETRAIN_DATA_SETTINGS, **CAPTION_SETTINGS,
                                     **FRAME_SETTINGS})
+    problem = data_source_problem(config)
+    if problem:
+        raise ConfigError(f"config: {problem[1]}")
+    return config
+
+
+def build_pretrain_dataset(config: dict) -> PretrainDataset:
+    """The dataset of `train_file` (JSON lists of records)."""
+    config = pretrain_data_config(config)
     train_files = config["train_file"]
     if isinstance(train_files, str):
         train_files = [train_files]

@@ -11,6 +11,7 @@ from .annotations import (DataError, first_existing, iter_csv, iter_jsonl, load_
                           load_plain_pickle, require_file, string_fields, utf8_text)
 from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
 from .issues import DataIssues
+from .records import IndexLists, IntColumn, StringColumn
 from .text import pre_caption
 from .transforms import FinetuneTransform
 from .video import TEST_STRATEGY
@@ -137,14 +138,15 @@ class RetrievalDataset(ClipDataset):
     """Texts and videos of one split: `text`, `video` (paths), `txt2video`, `video2txt`.
 
     Records whose video is missing or whose cleaned caption is empty are skipped; the index maps
-    describe only what remains. Records naming the same video share its index.
+    describe only what remains. Records naming the same video share its index. All are kept
+    flat (datasets/records.py).
     """
 
     def __init__(self, issues: DataIssues, pairs: list[TextVideoPair], max_words: int, num_frames: int,
                  strategy: str, image_size: int, transform: ClipTransform):
-        self.text: list[str] = []
-        self.txt2video: list[int] = []
-        self.video2txt: list[list[int]] = []
+        text: list[str] = []
+        txt2video: list[int] = []
+        video2txt: list[list[int]] = []
         video: list[str] = []
         video_index: dict[str, int] = {}
         for pair in pairs:
@@ -159,10 +161,13 @@ class RetrievalDataset(ClipDataset):
             if path not in video_index:
                 video_index[path] = len(video)
                 video.append(path)
-                self.video2txt.append([])
-            self.video2txt[video_index[path]].append(len(self.text))
-            self.txt2video.append(video_index[path])
-            self.text.append(caption)
+                video2txt.append([])
+            video2txt[video_index[path]].append(len(text))
+            txt2video.append(video_index[path])
+            text.append(caption)
+        self.text = StringColumn(text)
+        self.txt2video = IntColumn(txt2video)
+        self.video2txt = IndexLists(video2txt)
         super().__init__(issues, video, num_frames, strategy, image_size, transform)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from datasets import create_loader, summarize
 from engine.distributed import barrier, gradient_sync, wrap_ddp
@@ -56,6 +56,8 @@ def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     rank), so that a resumed run repeats an uninterrupted one."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
+    if isinstance(loader.dataset, IterableDataset):  # tar shards: the epoch's shard order
+        loader.dataset.set_epoch(epoch)
     rank_seed = epoch_seed(seed, epoch, get_rank())
     loader.generator.manual_seed(rank_seed)  # RandomSampler order and worker seeds
     seed_everything(rank_seed)
@@ -85,7 +87,9 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
                     lr_at_step: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
     """One pass over `loader`: `losses_of(batch, epoch, step)` gives named losses, whose
     sum is back-propagated; the weights step every `accum_steps` batches. Returns the
-    losses averaged over steps and ranks, and the last learning rate."""
+    losses averaged over steps and ranks, the last learning rate, and the steps run and
+    clips consumed by each rank (`steps_per_rank`, `samples_per_rank`; a batch's first
+    entry is its clips)."""
     model.train()
     accum_steps, print_freq = run.config["accum_steps"], run.config["print_freq"]
     num_steps = len(loader)
@@ -94,7 +98,9 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
     watch = NonFiniteWatch(run.device)
     optimizer.zero_grad(set_to_none=True)
     logged_step, logged_at = -1, time.perf_counter()
+    steps_run = samples_seen = 0
     for step, batch in enumerate(progress(loader, f"epoch {epoch}", total=num_steps)):
+        steps_run, samples_seen = step + 1, samples_seen + len(batch[0])
         if lr_at_step is not None:
             set_lr(optimizer, lr_at_step(step))
         updates = (step + 1) % accum_steps == 0 or step + 1 == num_steps
@@ -122,7 +128,9 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
                                "global_step": epoch * num_steps + step, "lr": lr, **values,
                                "seconds": round(seconds, 3),
                                "samples_per_s": round(samples * run.world_size / seconds, 2)})
-    return {**mean_over_ranks(sums, num_steps, run.device), "lr": optimizer.param_groups[0]["lr"]}
+    return {**mean_over_ranks(sums, num_steps, run.device), "lr": optimizer.param_groups[0]["lr"],
+            "steps_per_rank": gather_objects(steps_run),
+            "samples_per_rank": gather_objects(samples_seen)}
 
 
 class NonFiniteWatch:

@@ -341,7 +341,8 @@ def linear_regression_epoch(tmp_path, batch_size: int, accum_steps: int) -> torc
 
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch_size)
     stats = train_one_epoch(run, model, loader, optimizer, 0, losses_of)
-    assert set(stats) == {"mse", "lr"}
+    assert set(stats) == {"mse", "lr", "steps_per_rank", "samples_per_rank"}
+    assert stats["steps_per_rank"] == [len(loader)] and stats["samples_per_rank"] == [len(inputs)]
     return torch.cat([model.weight.detach().flatten(), model.bias.detach()])
 
 
