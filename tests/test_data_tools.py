@@ -1,4 +1,5 @@
-"""tools/make_synthetic.py and tools/compress_videos.py: formats, determinism, failures."""
+"""The synthetic long-video set (datasets/synthetic.py, tools/make_synthetic.py) and
+tools/compress_videos.py: formats, determinism, failures."""
 import filecmp
 import importlib.util
 import json
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 import datasets
+from datasets import synthetic as generator
 from datasets.decoders import open_reader
+from tools import make_synthetic
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
@@ -24,7 +27,6 @@ def load_tool(name: str):
     return module
 
 
-make_synthetic = load_tool("make_synthetic")
 compress_videos = load_tool("compress_videos")
 
 
@@ -36,7 +38,7 @@ def synthetic(tmp_path_factory) -> str:
 
 
 def rendered(spec) -> np.ndarray:
-    return np.stack(list(make_synthetic.render(spec, 112)))
+    return np.stack(list(generator.render(spec, 112)))
 
 
 def test_synthetic_is_deterministic_per_seed(synthetic, tmp_path):
@@ -47,8 +49,8 @@ def test_synthetic_is_deterministic_per_seed(synthetic, tmp_path):
                                                tmp_path / "annotations", names, shallow=False)
     assert not mismatch and not errors
     # the rendered frames are a function of the seed, in any process
-    keys = make_synthetic.first_event_keys(3)
-    specs = [make_synthetic.make_spec(i, 3, keys, (16, 32)) for i in range(10)]
+    keys = generator.first_event_keys(3)
+    specs = [generator.make_spec(i, 3, keys, (16, 32)) for i in range(10)]
     with multiprocessing.get_context("fork").Pool(2) as pool:
         in_workers = pool.map(rendered, specs, chunksize=4)
     assert all(np.array_equal(rendered(spec), frames) for spec, frames in zip(specs, in_workers))
@@ -63,8 +65,8 @@ def test_synthetic_is_deterministic_per_seed(synthetic, tmp_path):
         every_frame = range(first.num_frames)
         difference = first.get(every_frame).numpy().astype(int) - second.get(every_frame).numpy().astype(int)
         assert abs(difference).mean() < 0.5, name
-    other = make_synthetic.make_spec(0, 4, make_synthetic.first_event_keys(4), (16, 32))
-    assert other != make_synthetic.make_spec(0, 3, make_synthetic.first_event_keys(3), (16, 32))
+    other = generator.make_spec(0, 4, generator.first_event_keys(4), (16, 32))
+    assert other != generator.make_spec(0, 3, generator.first_event_keys(3), (16, 32))
 
 
 def test_synthetic_captions_format(synthetic):
@@ -82,16 +84,16 @@ def test_synthetic_captions_format(synthetic):
 
 
 def test_synthetic_videos_match_their_description(synthetic):
-    keys = make_synthetic.first_event_keys(3)
-    spec = make_synthetic.make_spec(0, 3, keys, (16, 32))
+    keys = generator.first_event_keys(3)
+    spec = generator.make_spec(0, 3, keys, (16, 32))
     reader = open_reader(os.path.join(synthetic, "videos", "v_synth00000.mp4"), None)
     assert reader.num_frames == sum(event.num_frames for event in spec.events)
     assert reader.get([0]).shape == (1, 112, 112, 3) and round(reader.fps) == 8
     top_left = reader.get([0])[0].numpy()[2, 2].astype(int)
-    assert np.abs(top_left - make_synthetic.BACKGROUNDS[spec.background]).max() < 12
+    assert np.abs(top_left - generator.BACKGROUNDS[spec.background]).max() < 12
     first = spec.events[0]
     middle = reader.get([first.num_frames // 2])[0].numpy().astype(int)
-    colour = np.array(make_synthetic.SHAPE_COLOURS[first.colour])
+    colour = np.array(generator.SHAPE_COLOURS[first.colour])
     assert (np.abs(middle - colour).max(axis=-1) < 40).sum() > 30  # the shape's pixels are there
 
 

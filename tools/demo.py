@@ -34,11 +34,12 @@ sys.path.insert(0, str(REPO_ROOT))  # the repository, run as a script
 import pretrain  # noqa: E402
 import train_retrieval  # noqa: E402
 import train_videoqa  # noqa: E402
+from datasets import DataError  # noqa: E402
+from datasets.synthetic import GenerationSettings, check_stamp, write_pretrain_list  # noqa: E402
 from models import build_video_encoder  # noqa: E402
 from models.cost import count, encoder_config  # noqa: E402
 from models.encoder_weights import load_visual_encoder  # noqa: E402
 from models.visualization import visualize_video  # noqa: E402
-from tools import make_pretrain_list, make_synthetic  # noqa: E402
 
 Task = Literal["retrieval", "videoqa", "pretrain"]
 TASKS: Tuple[str, ...] = ("retrieval", "videoqa", "pretrain")
@@ -63,10 +64,10 @@ class SyntheticSet:
     held_out: int
     frames_per_event: Tuple[int, int] = (16, 32)
 
-    def arguments(self, folder: Path) -> List[str]:
-        return ["--out", str(folder), "--videos", str(self.videos), "--seed", "0", "--size", "64",
-                "--frames-per-event", *map(str, self.frames_per_event),
-                "--val-fraction", str(self.held_out / self.videos)]
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(videos=self.videos, seed=0, frames_per_event=self.frames_per_event,
+                                  size=64, val_fraction=self.held_out / self.videos)
 
 
 # 2000 training videos; VideoQA, with 5 questions a video, trains on 300 (1500 questions)
@@ -80,24 +81,16 @@ QUICK_SET = SyntheticSet("synthetic_quick", 16, 8, frames_per_event=(4, 8))
 def ensure_dataset(synthetic: SyntheticSet, folder: Path) -> None:
     """Generate the set in `folder`, or reuse it when its settings.json matches; a folder
     made with other (or unknown) settings stops the demo with a message saying so."""
-    arguments = synthetic.arguments(folder)
-    wanted = make_synthetic.generation_settings(make_synthetic.parse_args(arguments))
-    stamp = folder / make_synthetic.SETTINGS_FILE
-    if stamp.is_file():
-        found = json.loads(stamp.read_text())
-        if found == wanted:
-            print(f"dataset: {folder} (already there, made with the demo's settings)")
-            return
-        differences = ", ".join(f"{key} {found.get(key)!r} instead of {value!r}"
-                                for key, value in wanted.items() if found.get(key) != value)
-        raise SystemExit(f"error: {folder} was made with other settings ({differences}); "
-                         f"remove it or pass --data with another folder")
-    if folder.exists() and any(folder.iterdir()):
-        raise SystemExit(f"error: {folder} holds files but no {make_synthetic.SETTINGS_FILE}, so "
-                         f"its settings are unknown; remove it or pass --data with another folder")
+    try:
+        reuse = check_stamp(folder, synthetic.settings)
+    except DataError as error:
+        raise SystemExit(f"error: {error}; remove it or pass --data with another folder")
+    if reuse:
+        print(f"dataset: {folder} (already there, made with the demo's settings)")
+        return
     print(f"dataset: generating {synthetic.videos} synthetic videos in {folder}")
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_synthetic.py"), *arguments],
-                   check=True)
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_synthetic.py"), "--out", str(folder),
+                    *synthetic.settings.arguments()], check=True)
 
 
 @dataclass(frozen=True)
@@ -208,8 +201,7 @@ def epoch_losses(demo: Demo) -> List[dict]:
 def run_pretrain(demo: Demo) -> dict:
     """Pre-train from scratch on the training videos' paragraphs, then evaluate the last
     checkpoint zero-shot with the retrieval protocol on the held-out videos."""
-    make_pretrain_list.main(["--data", str(demo.data),
-                             *([] if demo.quick else ["--limit", str(PRETRAIN_VIDEOS)])])
+    write_pretrain_list(demo.data, limit=None if demo.quick else PRETRAIN_VIDEOS)
     pretrain.main(["--config", str(CONFIGS["pretrain"]), "--output_dir", str(demo.output),
                    "--opts", *demo.overrides])
     epochs = epoch_losses(demo)

@@ -8,13 +8,12 @@ video's paragraph (its sentences joined).
         # reads data/synthetic/annotations/train.json, writes .../annotations/pretrain.json
 """
 import argparse
-import json
+import sys
 from pathlib import Path
 
-
-def pretrain_records(captions: list) -> list:
-    """ActivityNet Captions records `{"video", "caption": [sentences]}` -> `{"path", "caption"}`."""
-    return [{"path": record["video"], "caption": " ".join(record["caption"])} for record in captions]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
+from datasets import DataError  # noqa: E402
+from datasets.synthetic import write_pretrain_list  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -26,14 +25,10 @@ def main(argv=None) -> Path:
     parser.add_argument("--limit", type=int, help="only the first LIMIT videos (default: all)")
     parser.add_argument("--out", type=Path, help="default: DATA/annotations/pretrain.json")
     args = parser.parse_args(argv)
-    source = args.data / "annotations" / f"{args.split}.json"
-    if not source.is_file():
-        raise SystemExit(f"error: {source}: not found (write the set with tools/make_synthetic.py)")
-    records = pretrain_records(json.loads(source.read_text())[:args.limit])
-    out = args.out or args.data / "annotations" / "pretrain.json"
-    out.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"wrote {len(records)} videos with their paragraphs to {out}")
-    return out
+    try:
+        return write_pretrain_list(args.data, args.split, args.limit, args.out)
+    except DataError as error:
+        raise SystemExit(f"error: {error}")
 
 
 if __name__ == "__main__":
