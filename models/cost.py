@@ -109,3 +109,27 @@ def count_on_video(config: dict, video: torch.Tensor, seed: int, decimals: Optio
     tokens_in = 1 + video.shape[2] * (video.shape[3] // config["patch_size"]) ** 2
     return {"gmacs": _rounded(cost["gmacs"][0], decimals), "tokens_in": tokens_in,
             "tokens_out": int(cost["tokens_out"][0])}
+
+
+def fixed_r1_at(gmacs: float, fixed: Dict[str, dict]) -> Optional[float]:
+    """The text-to-video R@1 of fixed r at `gmacs` mean GMACs, linear between the two fixed
+    settings around it (`fixed`: name -> {"gmacs_mean", "t2v_r1"}); None outside them."""
+    points = sorted((stats["gmacs_mean"], stats["t2v_r1"]) for stats in fixed.values())
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= gmacs <= x1:
+            return y0 if x1 == x0 else round(y0 + (y1 - y0) * (gmacs - x0) / (x1 - x0), 2)
+    return None
+
+
+def compare_at_equal_gmacs(fixed: Dict[str, dict], adaptive: Dict[str, dict]) -> Dict[str, dict]:
+    """Per adaptive setting (name -> {"gmacs_mean", "t2v_r1"}): its R@1 next to fixed r's
+    at the same mean GMACs, and its GMACs next to the cheapest fixed setting that reaches
+    its R@1."""
+    comparison = {}
+    for name, stats in adaptive.items():
+        reaching = [s["gmacs_mean"] for s in fixed.values() if s["t2v_r1"] >= stats["t2v_r1"]]
+        comparison[name] = {
+            "t2v_r1": stats["t2v_r1"], "gmacs_mean": stats["gmacs_mean"],
+            "fixed_t2v_r1_at_equal_gmacs": fixed_r1_at(stats["gmacs_mean"], fixed),
+            "fixed_gmacs_at_equal_r1": min(reaching) if reaching else None}
+    return comparison

