@@ -1,5 +1,5 @@
-"""tools/scaling.py (counted on the meta device), models/visualization.py and
-tools/visualize_aggregation.py."""
+"""The scaling study's rows (models/scaling.py, counted on the meta device),
+models/visualization.py and tools/visualize_aggregation.py."""
 import importlib.util
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from models.encoder_weights import load_visual_encoder
 from models.token_state import TokenState
 from models.visualization import (draw_aggregation, frame_groups, frame_runs, patch_groups,
                                   patch_overlay)
-from tools import scaling
+from models import scaling
 from tools.visualize_aggregation import main
 
 BASE = load_config("configs/retrieval_queryd_f32.yaml")
