@@ -1,5 +1,6 @@
 """Timing the video encoder: forwards (and training steps) timed alternately, the memory
-one step needs beyond the model and input, and the best GEMM rate for a roofline."""
+one step needs beyond the model and input, the best GEMM rate for a roofline, the GPUs'
+nominal peak rates, and the op classes of a profile table."""
 import multiprocessing
 import os
 import resource
@@ -11,6 +12,23 @@ import torch
 
 from models.cost import video_shape
 from models.video_encoder import build_video_encoder
+
+# aten op name fragments -> op class of the profile table, first match wins
+OP_CLASSES = (
+    ("attention", ("attention", "softmax", "flash", "baddbmm")),
+    ("GEMM", ("addmm", "aten::mm", "bmm", "matmul", "linear", "conv", "mkldnn")),
+    ("merging", ("sort", "gather", "scatter", "aten::mode", "aten::max", "amax", "topk", "index",
+                 "vector_norm")),
+    ("copies", ("copy", "clone", "contiguous", "aten::cat", "repeat", "stack", "fill", "zero")),
+    ("norms/elementwise", ("layer_norm", "gelu", "add", "mul", "div", "log", "tanh",
+                           "mean", "sum", "sub", "where", "eq", "ne")),
+)
+# nominal dense (no sparsity) bf16 = fp16 tensor-core TFLOP/s from the vendors' data sheets,
+# matched against torch.cuda.get_device_name(), most specific name first
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                   ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+                   ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+                   ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0))
 
 
 def build(config: dict, device: str, dtype: torch.dtype, train: bool,
@@ -127,3 +145,16 @@ def gemm_gflops(config: dict, device: str, dtype: torch.dtype, repeats: int = 3)
             if run:
                 best = max(best, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    """The nominal dense bf16/fp16 rate of a GPU by its name, or None if not in the table."""
+    return next((tflops for name, tflops in GPU_PEAK_TFLOPS if name in device_name), None)
+
+
+def op_class(name: str) -> str:
+    """The profile table's class of an aten op name."""
+    for op_class_name, fragments in OP_CLASSES:
+        if any(fragment in name for fragment in fragments):
+            return op_class_name
+    return "other"

@@ -10,6 +10,7 @@ from engine.config import load_config
 from helpers import write_tiny_encoder_config
 from models.aggregation import adaptive_matching, bipartite_matching, importance_matching
 from models.cost import count, encoder_config
+from models.timing import op_class, peak_tflops
 from tools import benchmark, gpu_check
 
 
@@ -82,15 +83,15 @@ def test_merge_metric_stays_float32_under_bf16_autocast(frames):
 
 
 # tools/benchmark.py ---------------------------------------------------------------------
-@pytest.mark.parametrize("name, op_class", [
+@pytest.mark.parametrize("name, expected", [
     ("aten::addmm", "GEMM"), ("aten::bmm", "GEMM"), ("aten::_softmax", "attention"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
     ("aten::native_layer_norm", "norms/elementwise"), ("aten::gelu", "norms/elementwise"),
     ("aten::linalg_vector_norm", "merging"), ("aten::argsort", "merging"),
     ("aten::scatter_add_", "merging"), ("aten::copy_", "copies"), ("aten::cat", "copies"),
 ])
-def test_profile_op_classes(name, op_class):
-    assert benchmark.op_class(name) == op_class
+def test_profile_op_classes(name, expected):
+    assert op_class(name) == expected
 
 
 def test_bf16_on_a_cpu_without_it_is_refused_before_any_work(monkeypatch):
@@ -153,10 +154,10 @@ def test_gpu_check_dry_run_fills_every_row(capsys):
 
 
 def test_gpu_peak_rates_are_matched_by_the_most_specific_name():
-    assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert gpu_check.peak_tflops("NVIDIA H200") == 989.4
-    assert gpu_check.peak_tflops("NVIDIA L40S") == 362.1
-    assert gpu_check.peak_tflops("NVIDIA L4") == 121.0
-    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert gpu_check.peak_tflops("Some Future GPU") is None
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops("NVIDIA H200") == 989.4
+    assert peak_tflops("NVIDIA L40S") == 362.1
+    assert peak_tflops("NVIDIA L4") == 121.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future GPU") is None

@@ -40,29 +40,10 @@ from datasets.video import read_test_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.precision import cpu_bf16_problem  # noqa: E402
 from models.cost import count, count_on_video, encoder_config  # noqa: E402
-from models.timing import build, gemm_gflops, peak_memory_mb, step, time_alternately  # noqa: E402
+from models.timing import (OP_CLASSES, build, gemm_gflops, op_class, peak_memory_mb, step,  # noqa: E402
+                           time_alternately)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# aten op name fragments -> op class of the profile table, first match wins
-OP_CLASSES = (
-    ("attention", ("attention", "softmax", "flash", "baddbmm")),
-    ("GEMM", ("addmm", "aten::mm", "bmm", "matmul", "linear", "conv", "mkldnn")),
-    ("merging", ("sort", "gather", "scatter", "aten::mode", "aten::max", "amax", "topk", "index",
-                 "vector_norm")),
-    ("copies", ("copy", "clone", "contiguous", "aten::cat", "repeat", "stack", "fill", "zero")),
-    ("norms/elementwise", ("layer_norm", "gelu", "add", "mul", "div", "log", "tanh",
-                           "mean", "sum", "sub", "where", "eq", "ne")),
-)
-
-
-def op_class(name: str) -> str:
-    """The profile table's class of an aten op name."""
-    for op_class_name, fragments in OP_CLASSES:
-        if any(fragment in name for fragment in fragments):
-            return op_class_name
-    return "other"
-
-
 def profile_by_class(encoder, video: torch.Tensor, train: bool) -> Dict[str, float]:
     """Seconds of one step by op class (self time of each aten op, so nothing counts twice)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if video.is_cuda else [])

@@ -12,7 +12,7 @@ fp16 autocast, with and without token aggregation. Columns: videos per second (m
 scaled-dot-product-attention kernel ran (from the profiler), and the model-FLOP
 utilisation: the matrix FLOPs the step ran (counted by torch's FlopCounterMode: linear
 layers, convolutions, attention, backward included) per second over the GPU's nominal dense
-bf16/fp16 tensor rate (`GPU_PEAK_TFLOPS`, or `--peak-tflops`). Random weights: the speed
+bf16/fp16 tensor rate (`models.timing.GPU_PEAK_TFLOPS`, or `--peak-tflops`). Random weights: the speed
 and memory do not depend on them. A row that runs out of memory says so and the others go
 on. On a machine without CUDA it says so and exits with 0.
 """
@@ -32,16 +32,11 @@ from models import build_retrieval_model, build_video_encoder  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.precision import Precision  # noqa: E402
 from engine.run import Run  # noqa: E402
+from models.timing import peak_tflops  # noqa: E402
 from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, rerank  # noqa: E402
 from utils import with_defaults  # noqa: E402
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# nominal dense (no sparsity) bf16 = fp16 tensor-core TFLOP/s from the vendors' data sheets,
-# matched against torch.cuda.get_device_name(), most specific name first
-GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
-                   ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
-                   ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-                   ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0))
 # aten ops of torch.nn.functional.scaled_dot_product_attention's kernels
 SDPA_KERNELS = {"_scaled_dot_product_flash_attention": "flash",
                 "_scaled_dot_product_efficient_attention": "mem-efficient",
@@ -67,11 +62,6 @@ def sdpa_kernel(run: Callable[[], None], device: str) -> str:
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def peak_tflops(device_name: str) -> Optional[float]:
-    """The nominal dense bf16/fp16 rate of a GPU by its name, or None if not in the table."""
-    return next((tflops for name, tflops in GPU_PEAK_TFLOPS if name in device_name), None)
 
 
 def measure(run: Callable[[], None], batch: int, runs: int, device: str) -> Dict[str, object]:
