@@ -65,13 +65,19 @@ Check = Callable[[Mapping[str, Any]], Optional[Tuple[str, str]]]
 
 
 class Settings(Dict[str, Setting]):
-    """A group of settings (name -> `Setting`), declared as a dict literal or as
-    `Settings({...})` when the group has checks across its keys; `@GROUP.check` adds one,
-    and a schema composed of the group runs it on every resolved config."""
+    """A group of settings (name -> `Setting`), declared as
+    `Settings(title=..., module=__name__, settings={...})`: the title and declaring module
+    name its section of docs/config_keys.md. `@GROUP.check` adds a check across its keys,
+    which a schema composed of the group runs on every resolved config; a schema
+    (`compose`) keeps the groups it was made of in `groups`."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, settings: Mapping[str, Setting] = (), *, title: Optional[str] = None,
+                 module: Optional[str] = None):
+        super().__init__(settings)
+        self.title = title
+        self.module = module
         self.checks: List[Check] = []
+        self.groups: List[Settings] = []
 
     def check(self, check: Check) -> Check:
         self.checks.append(check)
@@ -128,16 +134,17 @@ def with_defaults(config: Mapping[str, Any], settings: Settings,
 
 
 def compose(*groups: Settings) -> Settings:
-    """One schema from groups of settings, with the checks of the groups that have them;
-    a key declared in two groups is a bug."""
+    """One schema from groups of settings, with their checks; a key declared in two
+    groups is a bug."""
     schema = Settings()
     for group in groups:
         twice = set(schema) & set(group)
         if twice:
             raise ValueError(f"settings declared twice: {', '.join(sorted(twice))}")
         schema.update(group)
-        if isinstance(group, Settings):
-            schema.checks += group.checks
+        group = group if isinstance(group, Settings) else Settings(group)  # untitled
+        schema.checks += group.checks
+        schema.groups += group.groups or [group]
     return schema
 
 
@@ -146,10 +153,10 @@ FRAME_SETTINGS = {
     "image_size": Setting(int, meaning="frame side in pixels after the transforms (and the "
                           "video encoder's position grid)", min=1),
 }
-CAPTION_SETTINGS = {
+CAPTION_SETTINGS = Settings(title="Captions", module=__name__, settings={
     "max_words": Setting(int, meaning="words kept of a caption, and its tokens in the text "
                          "towers", min=1),
-}
-QUESTION_SETTINGS = {
+})
+QUESTION_SETTINGS = Settings(title="Questions", module=__name__, settings={
     "max_question_len": Setting(int, 35, "words kept of a question, and its tokens", min=1),
-}
+})

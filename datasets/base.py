@@ -17,7 +17,7 @@ from .video import RANDOM_STRATEGIES, SAMPLING_STRATEGIES, VideoDecodeError, rea
 ClipTransform = Callable[[torch.Tensor, random.Random], torch.Tensor]
 
 # the fine-tuning datasets (retrieval and VideoQA)
-FINETUNE_DATA_SETTINGS = Settings({
+FINETUNE_DATA_SETTINGS = Settings(title="Fine-tuning data", module=__name__, settings={
     "video_root": Setting(str, meaning="folder of the videos"),
     "ann_root": Setting(str, meaning="folder of the annotation files (DATASETS.md)"),
     "num_frm_train": Setting(int, meaning="frames sampled per training clip", min=1),

@@ -18,7 +18,7 @@ from .text import pre_caption
 from .transforms import PretrainImageTransform, PretrainVideoTransform
 from .video import SAMPLING_STRATEGIES, VideoDecodeError
 
-PRETRAIN_DATA_SETTINGS = Settings({
+PRETRAIN_DATA_SETTINGS = Settings(title="Pre-training data", module=__name__, settings={
     "train_file": Setting((str, list, NONE), None, "JSON list(s) of {path, caption}; image "
                           "paths become static clips (this or train_shards)"),
     "train_shards": Setting((str, list, NONE), None, "webdataset tar shards (paths, brace "

@@ -19,13 +19,13 @@ TENSORBOARD_DIR = "tensorboard"
 CONFIG_FILE = "config.yaml"
 
 ProgressBar = Literal["auto", "on", "off"]
-LOG_SETTINGS: Settings = {
+LOG_SETTINGS = Settings(title="Logs", module=__name__, settings={
     "progress_bar": Setting(str, "auto", "tqdm bars (rank 0, on stderr): auto draws them only "
                             "when stderr is a terminal", choices=("auto", "on", "off")),
     "tensorboard": Setting(bool, False, "also write the numbers of log.jsonl as TensorBoard "
                            "scalars under <output_dir>/tensorboard (needs the tensorboard "
                            "package)"),
-}
+})
 # fields of a record that index it rather than measure something (no TensorBoard scalar)
 INDEX_FIELDS = ("epoch", "step", "global_step", "best_epoch")
 

@@ -9,21 +9,21 @@ from torch import nn
 
 from utils import NUMBER, Setting, Settings
 
-OPTIM_SETTINGS: Settings = {
+OPTIM_SETTINGS = Settings(title="Optimizer and schedule", module=__name__, settings={
     "init_lr": Setting(NUMBER, meaning="peak learning rate", min=0),
     "min_lr": Setting(NUMBER, 0.0, "floor of the learning-rate decay", min=0),
     "weight_decay": Setting(NUMBER, 0.05, "AdamW weight decay", min=0),
     "max_epoch": Setting(int, meaning="epochs to train", min=1),
-}
+})
 # pre-training only; fine-tuning decays by cosine per epoch without warmup
-WARMUP_SETTINGS: Settings = {
+WARMUP_SETTINGS = Settings(title="Warmup and decay (pre-training)", module=__name__, settings={
     "warmup_lr": Setting(NUMBER, 1e-6, "learning rate of the first warmup step", min=0),
     "warmup_steps": Setting(int, 0, "steps of linear warmup from warmup_lr to init_lr", min=0),
     "lr_schedule": Setting(str, "step", "per-epoch decay after warmup: step (x lr_decay_rate "
                            "each epoch, the released config) or cosine (the paper)",
                            choices=("step", "cosine")),
     "lr_decay_rate": Setting(NUMBER, 0.9, "factor per epoch of the step schedule", min=0),
-}
+})
 
 
 def is_norm_or_bias(name: str) -> bool:

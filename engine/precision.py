@@ -8,10 +8,10 @@ import torch
 from engine.logs import log
 from utils import Setting, Settings
 
-PRECISION_SETTINGS: Settings = {
+PRECISION_SETTINGS = Settings(title="Precision", module=__name__, settings={
     "amp": Setting(str, "bf16", "mixed precision: on GPU, and bf16 on CPUs with native bfloat16 (else float32)",
                    choices=("bf16", "fp16", "none")),
-}
+})
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 

@@ -27,14 +27,14 @@ from models.checkpoint_reading import CheckpointError
 from models.collectives import get_rank, get_world_size
 from utils import NONE, ConfigError, Setting, Settings
 
-RUN_SETTINGS: Settings = {
+RUN_SETTINGS = Settings(title="Run", module=__name__, settings={
     "pretrained": Setting((str, NONE), None, "checkpoint to start from (BLIP or TESTA): "
                           "path, http(s) URL or hf:// id; --checkpoint overrides it"),
     "trust_checkpoint": Setting(bool, False, "unpickle checkpoint files in full, beyond the "
                                 "safe list (runs code from the file; --trust_checkpoint sets it)"),
     "seed": Setting(int, 42, "seed of weights, data order and augmentation", min=0),
     **DISTRIBUTED_SETTINGS,
-}
+})
 # what every run writes into its output folder (and its task's `outputs`); a folder holding
 # any of these holds a run
 RUN_OUTPUTS = ("checkpoint_*.pth", "log.jsonl", "summary.json", "eval_results.json",

@@ -33,15 +33,15 @@ from models.checkpoint import load_checkpoint
 from models.checkpoint_reading import CheckpointError, local_file, read_checkpoint
 from utils import ConfigError, Setting, Settings
 
-TRAIN_SETTINGS: Settings = {
+TRAIN_SETTINGS = Settings(title="Training loop", module=__name__, settings={
     "accum_steps": Setting(int, 1, "batches per optimizer step (gradient accumulation)", min=1),
     "print_freq": Setting(int, 50, "steps between log lines", min=1),
     "num_workers": Setting(int, 4, "data loader worker processes per rank", min=0),
-}
-FINETUNE_BATCH_SETTINGS: Settings = {
+})
+FINETUNE_BATCH_SETTINGS = Settings(title="Fine-tuning batches", module=__name__, settings={
     "batch_size_train": Setting(int, meaning="training clips per process and step", min=1),
     "batch_size_test": Setting(int, meaning="evaluation clips per process and step", min=1),
-}
+})
 LAST_CHECKPOINT = "checkpoint_last.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
 RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")

@@ -21,13 +21,13 @@ from models.video_encoder import (VIDEO_ENCODER_SETTINGS, build_video_encoder, p
                                   pool_tokens)
 from utils import CAPTION_SETTINGS, NUMBER, Setting, Settings, with_defaults
 
-MOMENTUM_SETTINGS: Settings = {
+MOMENTUM_SETTINGS = Settings(title="Momentum model and queues", module=__name__, settings={
     "embed_dim": Setting(int, 256, "width of the video-text similarity space", min=1),
     "queue_size": Setting(int, 57600, "features kept in each queue (a multiple of the global "
                           "batch)", min=1),
     "momentum": Setting(NUMBER, 0.995, "momentum of the momentum towers", min=0, max=1),
     "alpha": Setting(NUMBER, 0.4, "distillation weight of the momentum targets", min=0, max=1),
-}
+})
 BLIP_BASE_SETTINGS: Settings = {**VIDEO_ENCODER_SETTINGS, **TEXT_SETTINGS, **MOMENTUM_SETTINGS,
                                 **CAPTION_SETTINGS}
 

@@ -10,9 +10,9 @@ from models.blip_base import (BLIP_BASE_SETTINGS, MomentumVideoTextModel, Negati
                               register_queues)
 from utils import Setting, Settings, with_defaults
 
-RETRIEVAL_MODEL_SETTINGS: Settings = {
+RETRIEVAL_MODEL_SETTINGS = Settings(title="Retrieval model", module=__name__, settings={
     "negative_all_rank": Setting(bool, False, "mine hard negatives from every rank's batch"),
-}
+})
 
 
 class RetrievalModel(MomentumVideoTextModel):

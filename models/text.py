@@ -26,7 +26,7 @@ from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import NONE, Setting, Settings, unknown_key_problem, value_problem, with_defaults
 
 BERT_UNCASED_VOCAB_SIZE = 30522
-TEXT_SETTINGS = Settings({
+TEXT_SETTINGS = Settings(title="Text towers", module=__name__, settings={
     "text_encoder": Setting(str, "bert-base-uncased", "tokenizer: hub name, local directory or "
                             "vocab.txt of bert-base-uncased"),
     "med_config": Setting(str, "configs/med_config.json", "JSON of the BLIP text towers' BERT "

@@ -24,7 +24,7 @@ from utils import FRAME_SETTINGS, NONE, Setting, Settings, with_defaults
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 
-VIDEO_ENCODER_SETTINGS = Settings({
+VIDEO_ENCODER_SETTINGS = Settings(title="Video encoder", module=__name__, settings={
     "vit": Setting(str, "timesformer", "video backbone; TimeSformer is the one there is",
                    choices=("timesformer",)),
     **FRAME_SETTINGS,

@@ -26,11 +26,11 @@ from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import CAPTION_SETTINGS, Setting, Settings, compose
 
 ALPHA_RAMP_EPOCHS = 2
-PRETRAINING_SETTINGS: Settings = {
+PRETRAINING_SETTINGS = Settings(title="Pre-training task", module=__name__, settings={
     "dataset": Setting(str, "pretrain_video", "the pre-training data reader",
                        choices=("pretrain_video",)),
     "batch_size": Setting(int, meaning="clips per process and step", min=1),
-}
+})
 PRETRAIN_SCHEMA: Settings = compose(
     RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, OPTIM_SETTINGS,
     WARMUP_SETTINGS, VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, MOMENTUM_SETTINGS, CAPTION_SETTINGS,

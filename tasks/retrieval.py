@@ -35,13 +35,13 @@ TEXT_BATCH_SIZE = 256
 BEST_METRIC = "t2v_r_mean"  # the reference keeps the checkpoint best at text-to-video retrieval
 NOT_RERANKED = -100.0
 
-RETRIEVAL_SETTINGS: Settings = {
+RETRIEVAL_SETTINGS = Settings(title="Retrieval task", module=__name__, settings={
     "dataset": Setting(str, meaning="the retrieval dataset (DATASETS.md)",
                        choices=tuple(RETRIEVAL_READERS)),
     "k_test": Setting(int, 128, "candidates per video and per text re-scored by the matching "
                       "head", min=1),
     "k_test_batch_size": Setting(int, 64, "candidate pairs re-scored per forward", min=1),
-}
+})
 RETRIEVAL_SCHEMA: Settings = compose(
     RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS,
     OPTIM_SETTINGS, VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, MOMENTUM_SETTINGS,

@@ -26,7 +26,7 @@ from utils import QUESTION_SETTINGS, Setting, Settings, compose
 
 BEST_METRIC = "accuracy"
 
-VIDEOQA_SETTINGS: Settings = {
+VIDEOQA_SETTINGS = Settings(title="VideoQA task", module=__name__, settings={
     "dataset": Setting(str, meaning="the VideoQA dataset", choices=("activitynet_qa",)),
     "inference": Setting(str, "rank", "answers ranked from the answer list, or generated",
                          choices=("rank", "generate")),
@@ -34,7 +34,7 @@ VIDEOQA_SETTINGS: Settings = {
     "num_beams": Setting(int, 3, "beam width (inference: generate)", min=1),
     "max_answer_len": Setting(int, 10, "tokens of a generated answer (inference: generate)",
                               min=1),
-}
+})
 VIDEOQA_SCHEMA: Settings = compose(
     RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS,
     OPTIM_SETTINGS, VIDEO_ENCODER_SETTINGS, TEXT_SETTINGS, QUESTION_SETTINGS,

@@ -7,49 +7,34 @@ declarations (each group next to the code that reads it).
 import argparse
 import sys
 from pathlib import Path
+from typing import List
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from datasets.base import FINETUNE_DATA_SETTINGS  # noqa: E402
-from datasets.pretrain import PRETRAIN_DATA_SETTINGS  # noqa: E402
-from engine.logs import LOG_SETTINGS  # noqa: E402
-from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS  # noqa: E402
-from engine.precision import PRECISION_SETTINGS  # noqa: E402
-from engine.run import RUN_SETTINGS  # noqa: E402
-from engine.train import FINETUNE_BATCH_SETTINGS, TRAIN_SETTINGS  # noqa: E402
-from models.blip_base import MOMENTUM_SETTINGS  # noqa: E402
-from models.retrieval import RETRIEVAL_MODEL_SETTINGS  # noqa: E402
-from models.text import TEXT_SETTINGS  # noqa: E402
-from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from tasks import TASKS  # noqa: E402
-from tasks.pretraining import PRETRAINING_SETTINGS  # noqa: E402
-from tasks.retrieval import RETRIEVAL_SETTINGS  # noqa: E402
-from tasks.videoqa import VIDEOQA_SETTINGS  # noqa: E402
-from utils import CAPTION_SETTINGS, QUESTION_SETTINGS, REQUIRED, Setting, Settings  # noqa: E402
+from utils import REQUIRED, Setting, Settings  # noqa: E402
 
 OUTPUT = REPO_ROOT / "docs" / "config_keys.md"
-# (title, file that declares and reads the group, group)
-GROUPS = [
-    ("Run", "engine/run.py", RUN_SETTINGS),
-    ("Logs", "engine/logs.py", LOG_SETTINGS),
-    ("Precision", "engine/precision.py", PRECISION_SETTINGS),
-    ("Training loop", "engine/train.py", TRAIN_SETTINGS),
-    ("Fine-tuning batches", "engine/train.py", FINETUNE_BATCH_SETTINGS),
-    ("Optimizer and schedule", "engine/optim.py", OPTIM_SETTINGS),
-    ("Warmup and decay (pre-training)", "engine/optim.py", WARMUP_SETTINGS),
-    ("Video encoder", "models/video_encoder.py", VIDEO_ENCODER_SETTINGS),
-    ("Text towers", "models/text.py", TEXT_SETTINGS),
-    ("Momentum model and queues", "models/blip_base.py", MOMENTUM_SETTINGS),
-    ("Retrieval model", "models/retrieval.py", RETRIEVAL_MODEL_SETTINGS),
-    ("Captions", "utils.py", CAPTION_SETTINGS),
-    ("Questions", "utils.py", QUESTION_SETTINGS),
-    ("Fine-tuning data", "datasets/base.py", FINETUNE_DATA_SETTINGS),
-    ("Pre-training data", "datasets/pretrain.py", PRETRAIN_DATA_SETTINGS),
-    ("Retrieval task", "tasks/retrieval.py", RETRIEVAL_SETTINGS),
-    ("VideoQA task", "tasks/videoqa.py", VIDEOQA_SETTINGS),
-    ("Pre-training task", "tasks/pretraining.py", PRETRAINING_SETTINGS),
-]
+
+
+def groups_of_tasks() -> List[Settings]:
+    """The settings groups of every task's schema, each once, in the order the tasks
+    compose them."""
+    groups: List[Settings] = []
+    for task in TASKS.values():
+        for group in task.schema.groups:
+            if group.title is None or group.module is None:
+                raise ValueError(f"the {task.name} schema has a settings group without a title "
+                                 f"or module ({', '.join(group)}); declare it as "
+                                 f"Settings(title=..., module=__name__, settings={{...}})")
+            if all(group is not known for known in groups):
+                groups.append(group)
+    return groups
+
+
+def declared_in(group: Settings) -> str:
+    return group.module.replace(".", "/") + ".py"
 
 
 def cell(text: str) -> str:
@@ -75,6 +60,7 @@ def group_table(settings: Settings) -> list:
 
 
 def render() -> str:
+    groups = groups_of_tasks()
     lines = [
         "# Config keys",
         "",
@@ -89,12 +75,10 @@ def render() -> str:
         "| --- | --- |",
     ]
     for task in TASKS.values():
-        titles = [title for title, _, group in GROUPS
-                  if all(name in task.schema and task.schema[name] is setting
-                         for name, setting in group.items())]
-        lines.append(f"| `{task.script}` | {', '.join(titles)} |")
-    for title, path, group in GROUPS:
-        lines += ["", f"## {title}", "", f"Declared in `{path}`.", "", *group_table(group)]
+        lines.append(f"| `{task.script}` | {', '.join(group.title for group in task.schema.groups)} |")
+    for group in groups:
+        lines += ["", f"## {group.title}", "", f"Declared in `{declared_in(group)}`.", "",
+                  *group_table(group)]
     return "\n".join(lines) + "\n"
 
 
