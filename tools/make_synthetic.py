@@ -1,12 +1,6 @@
 """Write a synthetic long-video dataset: coloured shapes moving over static backgrounds.
 
-Each video is a sequence of 3-5 events; in each event one shape (circle, square, triangle,
-diamond or cross; small or large; one of ten colours) crosses a static per-video gradient
-background to the left, right, up or down. The paragraph describes the events in order, one
-sentence each, the first naming the background: "on a navy background, a small red circle moves
-left. a large white square moves up. ..."  The (background, first colour, first shape) triple
-cycles through a seeded permutation of all 345 contrasting triples, so any 345 consecutive
-videos differ in it.
+Each video is a sequence of 3-5 events, described one sentence each (datasets/synthetic.py).
 
 Layout written under --out:
     videos/v_synth00000.mp4 ...        H.264 (mpeg4 if PyAV lacks libx264), --size px, --fps fps
