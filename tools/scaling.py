@@ -28,6 +28,7 @@ Settings (the encoder is the config's ViT-B/16 TimeSformer, only these keys chan
 """
 import argparse
 import csv
+import functools
 import multiprocessing
 import sys
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
 from engine.config import load_config  # noqa: E402
 from models.cost import count  # noqa: E402
-from models.timing import build, peak_memory_mb, time_alternately  # noqa: E402
+from models.timing import build, peak_memory_mb, step, time_alternately  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from utils import with_defaults  # noqa: E402
 
@@ -178,7 +179,7 @@ class TimePredictor:
 def _timing_child(config: dict, device: str, runs: int, train: bool, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     encoder, video = build(config, device, torch.float32, train)
-    queue.put(time_alternately([(encoder, video)], runs, train)[0])
+    queue.put(time_alternately([functools.partial(step, encoder, video, train)], runs)[0])
 
 
 def step_seconds(config: dict, device: str, runs: int, train: bool) -> float:
