@@ -17,7 +17,13 @@ normalisation), or as clips already decoded: `[T, 3, H, W]` tensors, uint8 as
 `datasets.read_frames` returns them (normalised here) or float as `datasets.load_video`
 returns them (already normalised). Texts get the datasets' cleaning (`pre_caption`,
 `pre_question`) before tokenisation.
+
+The model runs under the autocast of `load(amp=...)`, as a run with that `amp` setting
+evaluates: by default bfloat16 on GPUs and on CPUs with native bfloat16 (AVX512-BF16,
+AMX, Arm BF16), float32 on any other CPU (one log line says why); `amp="none"` is float32.
+Features and scores come back in float32 in every mode.
 """
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -32,6 +38,7 @@ from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models import LoadReport, read_checkpoint
 from models.video_encoder import cat_token_batches
 from engine.config import load_config
+from engine.precision import AMP_DTYPES, Precision, build_precision
 from tasks import TASKS, task_of_dataset
 from tasks.retrieval import candidate_masks, protocol_scores
 from utils import with_defaults
@@ -57,6 +64,15 @@ class TextEmbeddings:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     texts: List[str]
+
+
+def inference(method):
+    """`method` of a wrapper without gradients, under the wrapper's autocast."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.no_grad(), self.precision.autocast():
+            return method(self, *args, **kwargs)
+    return run
 
 
 class ClipReader:
@@ -87,36 +103,37 @@ class ClipReader:
 
 class VideoText:
     """A retrieval (or pre-training) checkpoint: embeddings, similarities and the
-    protocol's re-ranked scores. `model`, `config` and `load_report` are public."""
+    protocol's re-ranked scores. `model`, `config`, `load_report` and `precision` are public."""
 
     def __init__(self, model: nn.Module, config: dict, load_report: LoadReport,
-                 device: torch.device):
+                 device: torch.device, precision: Precision):
         self.model, self.config, self.load_report = model, config, load_report
         self.reader = ClipReader(config, device)
+        self.precision = precision
 
-    @torch.no_grad()
+    @inference
     def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8) -> VideoEmbeddings:
         features, tokens, masks = [], [], []
         for start in range(0, len(videos), batch_size):
             feat, embeds, mask = self.model.encode_video(self.reader.batch(videos[start:start + batch_size]))
-            features.append(feat)
+            features.append(feat.float())
             tokens.append(embeds)
             masks.append(mask)
         return VideoEmbeddings(torch.cat(features), *cat_token_batches(tokens, masks))
 
-    @torch.no_grad()
+    @inference
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
         if isinstance(paragraphs, str):
             raise TypeError("pass a list of paragraphs")
         texts = [pre_caption(text, self.config["max_words"]) for text in paragraphs]
         features, input_ids, attention_mask = self.model.encode_text(texts)
-        return TextEmbeddings(features, input_ids, attention_mask, texts)
+        return TextEmbeddings(features.float(), input_ids, attention_mask, texts)
 
     def similarity(self, videos: VideoEmbeddings, texts: TextEmbeddings) -> torch.Tensor:
         """Cosine similarities `[V, T]`."""
         return videos.features @ texts.features.t()
 
-    @torch.no_grad()
+    @inference
     def matching_logits(self, videos: VideoEmbeddings, texts: TextEmbeddings,
                         pairs: torch.Tensor) -> torch.Tensor:
         """The matching head's "match" logit `[P]` of (video, text) index pairs `[P, 2]`."""
@@ -124,7 +141,7 @@ class VideoText:
         logits = self.model.itm_logits(videos.tokens[video], texts.input_ids[text],
                                        texts.attention_mask[text],
                                        None if videos.mask is None else videos.mask[video])  # [P, 2]
-        return logits[:, 1]
+        return logits[:, 1].float()
 
     def rerank(self, videos: VideoEmbeddings, texts: TextEmbeddings, *,
                k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -141,15 +158,16 @@ class VideoText:
 
 
 class VideoQA:
-    """A VideoQA checkpoint: answers ranked from a list or generated. `model`, `config`
-    and `load_report` are public."""
+    """A VideoQA checkpoint: answers ranked from a list or generated. `model`, `config`,
+    `load_report` and `precision` are public."""
 
     def __init__(self, model: nn.Module, config: dict, load_report: LoadReport,
-                 device: torch.device):
+                 device: torch.device, precision: Precision):
         self.model, self.config, self.load_report = model, config, load_report
         self.reader = ClipReader(config, device)
+        self.precision = precision
 
-    @torch.no_grad()
+    @inference
     def answer(self, videos: Sequence[Video], questions: Sequence[str], *,
                answer_list: Optional[Sequence[str]] = None) -> List[str]:
         """One answer per question, about the video at the same position (a single video
@@ -178,7 +196,7 @@ SERVED_AS = {"retrieval": (build_retrieval_model, VideoText),
 
 
 def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] = None,
-         device: Union[str, torch.device] = "cpu", trust: bool = False
+         device: Union[str, torch.device] = "cpu", trust: bool = False, amp: str = "bf16"
          ) -> Union[VideoText, VideoQA]:
     """The model of `checkpoint` in eval mode on `device`, built from the config saved in
     the checkpoint (or `config`: a YAML path or a dict, for files that carry none).
@@ -190,7 +208,13 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     task of the config's `dataset`) picks the schema and what is returned: a VideoQA task
     gives a `VideoQA`; retrieval and pre-training give a `VideoText` (a pre-training
     checkpoint's captioning decoder is not used: the load report lists it as unexpected).
+
+    `amp` is the autocast the model runs under, as the `amp` setting of a run: `bf16`
+    (default: on GPU, and on CPUs with native bfloat16, else float32), `fp16` (GPU) or
+    `none` (float32).
     """
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     checkpoint = str(checkpoint)
     saved = read_checkpoint(checkpoint, trust=trust)[0]
     if config is None:
@@ -212,4 +236,4 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     report = load_checkpoint(model, checkpoint, trust=trust)
     device = torch.device(device)
     model = model.to(device).eval()
-    return served_as(model, config, report, device)
+    return served_as(model, config, report, device, build_precision(amp, device))

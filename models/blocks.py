@@ -32,11 +32,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, size: Optional[torch.Tensor] = None,
-                return_attn: bool = False, live: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                return_attn: bool = False, live: Optional[torch.Tensor] = None,
+                return_metric: bool = True
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """x `[batch, N, D]`, size `[batch, N, 1]` (proportional attention; size 0 masks
         a key), live `[batch, N]` (keys to attend to, when no size is given) ->
-        (output `[batch, N, D]`, keys averaged over heads `[batch, N, Dh]`,
+        (output `[batch, N, D]`, keys averaged over heads `[batch, N, Dh]` if
+        `return_metric` (the merge metric: a block that merges nothing skips it),
         attention averaged over heads `[batch, N, N]` if `return_attn`)."""
         qkv = rearrange(self.qkv(x), "b n (three h c) -> three b h n c", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)  # [batch, H, N, Dh] each
@@ -54,7 +56,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
             attn = None
         out = self.proj(rearrange(out, "b h n c -> b n (h c)"))
-        return out, k.mean(dim=1), attn
+        return out, k.mean(dim=1) if return_metric else None, attn
 
 
 def live_key_bias(live: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -112,7 +114,7 @@ class Block(nn.Module):
         frames_in = rearrange(x[:, 1:], "b (l t) d -> (b l) t d", t=num_frames)
         res_t, metric_t, attn_t = self.temporal_attn(
             self.temporal_norm1(frames_in), return_attn=needs_attn and r_frame > 0,
-            live=state.temporal_keys())
+            live=state.temporal_keys(), return_metric=r_frame > 0)
         if self.temporal_scaling is not None:
             res_t = res_t * (torch.tanh(resize_along_time(self.temporal_scaling, num_frames)) + 1)
         res_t = rearrange(res_t, "(b l) t d -> b (l t) d", b=batch)
@@ -128,7 +130,8 @@ class Block(nn.Module):
         trace(state.size)
         size = rearrange(state.size, "b t l 1 -> (b t) l 1") if self.prop_attn else None
         res_s, metric_s, attn_s = self.attn(
-            self.norm1(xs), size, return_attn=needs_attn and r_patch > 0, live=state.spatial_keys())
+            self.norm1(xs), size, return_attn=needs_attn and r_patch > 0, live=state.spatial_keys(),
+            return_metric=r_patch > 0)
         # the class token takes the mean of its per-frame results (testa/patch/timesformer.py)
         cls = cls_in + state.mean_over_frames(rearrange(res_s[:, 0], "(b t) d -> b t d", b=batch))
         # The class slot of each frame is protected by every reducer and dropped below,
@@ -189,7 +192,7 @@ class Block(nn.Module):
                 ) -> Tuple[torch.Tensor, TokenState]:
         needs_attn = self.rule.needs_attention and r > 0
         res, metric, attn = self.attn(self.norm1(x), state.size if self.prop_attn else None,
-                                      return_attn=needs_attn)
+                                      return_attn=needs_attn, return_metric=r > 0)
         x = x + res
         if r > 0:
             importance = None if attn is None else attention_received(attn)

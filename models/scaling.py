@@ -5,6 +5,7 @@ Every row is counted on the meta device (`count_row`); `measure_rows` times and 
 the rows predicted to finish within a time limit, cheapest first, and marks a row whose
 largest attention matrix would not fit in the free memory instead of running it.
 """
+import functools
 import multiprocessing
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -12,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from models.cost import count
-from models.timing import build, peak_memory_mb, time_alternately
+from models.timing import build, peak_memory_mb, step, time_alternately
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import with_defaults
 
@@ -146,7 +147,7 @@ class TimePredictor:
 def _timing_child(config: dict, device: str, runs: int, train: bool, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     encoder, video = build(config, device, torch.float32, train)
-    queue.put(time_alternately([(encoder, video)], runs, train)[0])
+    queue.put(time_alternately([functools.partial(step, encoder, video, train)], runs)[0])
 
 
 def step_seconds(config: dict, device: str, runs: int, train: bool) -> float:

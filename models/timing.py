@@ -1,12 +1,13 @@
 """Timing the video encoder: forwards (and training steps) timed alternately, the memory
-one step needs beyond the model and input, the best GEMM rate for a roofline, the GPUs'
-nominal peak rates, and the op classes of a profile table."""
+one step needs beyond the model and input, GEMM rates for a roofline (the encoder's own
+linear layers alone, timed in turn with the encoder, and the best of a few large matrix
+products), the GPUs' nominal peak rates, and the op classes of a profile table."""
 import multiprocessing
 import os
 import resource
 import statistics
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -32,11 +33,15 @@ GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), (
 
 
 def build(config: dict, device: str, dtype: torch.dtype, train: bool,
-          video: Optional[torch.Tensor] = None):
+          video: Optional[torch.Tensor] = None, batch: int = 1):
+    """The encoder at `dtype` and its input `[batch, 3, T, H, W]`: random, or `video`
+    `[1, 3, T, H, W]` repeated `batch` times."""
     encoder = build_video_encoder(config).to(device=device, dtype=dtype).train(train)
     if video is None:
-        video = torch.randn(video_shape(config))
-    return encoder, video.to(device=device, dtype=dtype)
+        video = torch.randn(video_shape(config, batch))
+    else:
+        video = video.expand(batch, -1, -1, -1, -1)
+    return encoder, video.to(device=device, dtype=dtype).contiguous()
 
 
 def step(encoder, video: torch.Tensor, train: bool) -> None:
@@ -51,20 +56,17 @@ def step(encoder, video: torch.Tensor, train: bool) -> None:
         torch.cuda.synchronize()
 
 
-def timed(encoder, video: torch.Tensor, train: bool) -> float:
-    start = time.perf_counter()
-    step(encoder, video, train)
-    return time.perf_counter() - start
-
-
-def time_alternately(setups: List[tuple], runs: int, train: bool) -> List[float]:
-    """Median seconds of each setup, running them in turn so that drift hits all alike."""
-    for encoder, video in setups:
-        step(encoder, video, train)
-    samples = [[] for _ in setups]
+def time_alternately(steps: List[Callable[[], None]], runs: int) -> List[float]:
+    """Median seconds of each step after one warm-up, running them in turn so that drift
+    and the load of other processes hit all alike."""
+    for run in steps:
+        run()
+    samples = [[] for _ in steps]
     for _ in range(runs):
-        for samples_of, (encoder, video) in zip(samples, setups):
-            samples_of.append(timed(encoder, video, train))
+        for samples_of, run in zip(samples, steps):
+            start = time.perf_counter()
+            run()
+            samples_of.append(time.perf_counter() - start)
     return [statistics.median(s) for s in samples]
 
 
@@ -84,19 +86,19 @@ def _current_rss_mb() -> float:
 
 
 def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int,
-                       video: Optional[torch.Tensor], queue) -> None:
+                       video: Optional[torch.Tensor], batch: int, queue) -> None:
     torch.set_num_threads(threads)
-    encoder, video = build(config, "cpu", dtype, train, video)
+    encoder, video = build(config, "cpu", dtype, train, video, batch)
     baseline = _current_rss_mb()
     step(encoder, video, train)
     queue.put(_rss_peak_mb() - baseline)
 
 
 def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool,
-                   video: Optional[torch.Tensor] = None) -> float:
+                   video: Optional[torch.Tensor] = None, batch: int = 1) -> float:
     """Memory one step needs beyond the model and input (MB)."""
     if device.startswith("cuda"):
-        encoder, video = build(config, device, dtype, train, video)
+        encoder, video = build(config, device, dtype, train, video, batch)
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -108,7 +110,7 @@ def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool,
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_peak_memory_child,
-                            args=(config, dtype, train, torch.get_num_threads(), video, queue))
+                            args=(config, dtype, train, torch.get_num_threads(), video, batch, queue))
     # Large blocks straight from mmap go back to the system when freed, so the child's
     # peak resident set follows the live tensors instead of malloc's cached arenas.
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
@@ -158,3 +160,33 @@ def op_class(name: str) -> str:
         if any(fragment in name for fragment in fragments):
             return op_class_name
     return "other"
+
+
+def encoder_gemms(config: dict, device: str, dtype: torch.dtype, tokens: Tuple[int, ...],
+                  train: bool = False) -> Tuple[Callable[[], None], float]:
+    """The encoder's linear layers alone, as it runs them: (a step running `F.linear` with
+    bias at each of its weight shapes (qkv, projection, MLP in and out) for every token
+    count of `tokens`, its FLOPs). Timed in turn with the encoder, its rate is the GEMM
+    rate the encoder could reach under the same load; training adds the two products of
+    each backward."""
+    width, hidden = config["vision_width"], int(config["vision_width"] * 4)
+    shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]  # (in, out)
+    products = []
+    for m in tokens:
+        for k, n in shapes:
+            x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=train)
+            weight = torch.randn(n, k, device=device, dtype=dtype, requires_grad=train)
+            bias = torch.randn(n, device=device, dtype=dtype, requires_grad=train)
+            products.append((x, weight, bias))
+    flops = sum(2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w, _ in products) * (3 if train else 1)
+
+    def run() -> None:
+        for x, weight, bias in products:
+            if train:
+                torch.nn.functional.linear(x, weight, bias).sum().backward()
+            else:
+                with torch.inference_mode():
+                    torch.nn.functional.linear(x, weight, bias)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return run, float(flops)

@@ -12,6 +12,7 @@ import torch
 from ruamel.yaml import YAML
 
 import testa
+from engine import precision
 from datasets import build_datasets, load_video, read_frames
 from datasets.base import stack_clips
 from engine.saving import model_checkpoint, save_checkpoint
@@ -90,6 +91,25 @@ def test_paragraphs_get_the_datasets_cleaning(model):
     assert texts.texts == ["on a navy background, a red circle moves left"]
 
 
+def test_load_autocasts_in_bf16_where_native_unless_told_otherwise(demo_root, monkeypatch):
+    checkpoint = demo_root / "output" / "demo" / "checkpoint_best.pth"
+    with pytest.raises(ValueError, match="amp must be one of bf16, fp16, none, got 'fp8'"):
+        testa.load(checkpoint, amp="fp8")
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda: "this CPU has no AMX-BF16")
+    assert testa.load(checkpoint).precision.dtype is None
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda: None)
+    native, full = testa.load(checkpoint), testa.load(checkpoint, amp="none")
+    assert native.precision.dtype is torch.bfloat16 and full.precision.dtype is None
+    paragraphs = ["a red circle moves left.", "a blue square moves up."]
+    in_bf16, in_fp32 = native.embed_paragraphs(paragraphs), full.embed_paragraphs(paragraphs)
+    with torch.no_grad():
+        expected = full.model.encode_text(in_fp32.texts)[0]  # float32, no autocast
+    assert in_bf16.features.dtype == in_fp32.features.dtype == torch.float32
+    assert torch.equal(in_fp32.features, expected)
+    difference = (in_bf16.features - in_fp32.features).abs().max()
+    assert 0 < difference < 0.05  # bfloat16 rounding: ran in bf16, and close
+
+
 @pytest.mark.slow
 def test_videoqa_answers_match_the_models_ranking_on_the_eval_clips(demo_root, tmp_path):
     """A VideoQA checkpoint: the API's answers = rank_answers on the test split's clips."""
@@ -106,11 +126,12 @@ def test_videoqa_answers_match_the_models_ranking_on_the_eval_clips(demo_root, t
     items = [test_set[index] for index in range(3)]
     clips = stack_clips([clip for clip, _, _ in items])
     questions = [question for _, question, _ in items]
-    expected = [test_set.answer_list[i]
-                for i in model.rank_answers(clips, questions, test_set.answer_list, 4).best.tolist()]
-
     qa = testa.load(tmp_path / "vqa.pth")
     assert isinstance(qa, testa.VideoQA)
+    with torch.no_grad(), qa.precision.autocast():  # the evaluation's autocast for amp bf16
+        ranked = model.rank_answers(clips, questions, test_set.answer_list, 4)
+    expected = [test_set.answer_list[i] for i in ranked.best.tolist()]
+
     paths = [test_set.video[test_set.questions[index].video_index] for index in range(3)]
     assert qa.answer(paths, questions, answer_list=test_set.answer_list) == expected
     generated = qa.answer(paths[:1], questions)  # one video for every question

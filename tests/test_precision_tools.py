@@ -8,6 +8,7 @@ import torch
 from engine import precision
 from engine.config import load_config
 from helpers import write_tiny_encoder_config
+from models import timing
 from models.aggregation import adaptive_matching, bipartite_matching, importance_matching
 from models.cost import count, encoder_config
 from models.timing import op_class, peak_tflops
@@ -127,6 +128,31 @@ def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
         profile = report["profile"][dtype]
         assert set(profile) == {"GEMM", "attention", "merging", "norms/elementwise", "copies", "other"}
         assert profile["GEMM"] > 0 and profile["merging"] > 0
+
+
+def test_batch_reports_videos_per_second_and_per_video_cost(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    write_tiny_encoder_config(config, image_size=32, testa_r=[1, 1, 1, 1])
+    benchmark.main(["--config", str(config), "--batch", "3", "--runs", "1", "--device", "cpu",
+                    "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    per_video = count(encoder_config(load_config(str(config)), None, True), decimals=None)["gmacs"]
+    assert report["batch"] == 3 and report["gmacs"] == round(per_video, 1)
+    seconds = report["seconds"]  # to 4 decimals: the intervals its rounding allows
+    assert 3 / (seconds + 5e-5) - 5e-4 <= report["videos_per_second"] <= 3 / (seconds - 5e-5) + 5e-4
+    assert 3 * 2 * per_video / (seconds + 5e-5) - 5e-4 <= report["achieved_gflops"]
+    assert report["achieved_gflops"] <= 3 * 2 * per_video / (seconds - 5e-5) + 5e-4
+    with pytest.raises(SystemExit, match="--batch must be 1 or more, got 0"):
+        benchmark.main(["--config", str(config), "--batch", "0"])
+
+
+def test_gemm_reference_counts_the_encoders_linear_layers():
+    run, flops = timing.encoder_gemms({"vision_width": 8}, "cpu", torch.float32, tokens=(10, 2))
+    # qkv 8->24, projection 8->8, MLP 8->32 and 32->8, at 10 and at 2 tokens
+    assert flops == 2 * (10 + 2) * (8 * 24 + 8 * 8 + 8 * 32 + 32 * 8)
+    run()
+    assert timing.encoder_gemms({"vision_width": 8}, "cpu", torch.float32, tokens=(10,),
+                                train=True)[1] == 3 * 2 * 10 * 768
 
 
 # tools/gpu_check.py -----------------------------------------------------------------------

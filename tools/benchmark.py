@@ -1,30 +1,41 @@
-"""Cost of the TESTA video encoder for one video: GMACs, tokens, time, peak memory.
+"""Cost of the TESTA video encoder: GMACs, tokens, time, throughput, peak memory.
 
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --runs 0 --json
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --compare-no-agg --runs 3
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --train --compare-no-agg
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --compare-dtype --runs 3 --json
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --dtype bf16 --profile
+    python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --dtype bf16 --batch 8 --runs 3
     python tools/benchmark.py --config configs/retrieval_queryd_f32_adaptive.yaml --video clip.mp4 --runs 0 --json
 
 GMACs are multiply-accumulates of the forward / 1e9, counted with torch's FLOP counter
 on the meta device (no computation runs). With `--video` the encoder (random weights,
 `--seed`) runs on that video, decoded at the config's frames and size, and `tokens_out` /
 `gmacs` count the tokens that hold content (adaptive aggregation keeps more tokens for busy
-videos; see `models.cost.traced_gmacs`); an adaptive config needs `--video`. `seconds` is the median wall time of `--runs`
-forwards (forward + backward with `--train`) after one warm-up; weights and input are
-cast to `--dtype`. `peak_mem_mb` is the memory the forward (or training step) needs
+videos; see `models.cost.traced_gmacs`); an adaptive config needs `--video`. GMACs and
+tokens are per video. `seconds` is the median wall time of `--runs` forwards (forward +
+backward with `--train`) of `--batch` videos (default 1; `--video` repeated) after one
+warm-up, and `videos_per_second` is the batch over it; weights and input are cast to
+`--dtype`. `peak_mem_mb` is the memory the forward (or training step) needs
 beyond the loaded model and input: on CUDA the allocator's peak, on CPU the growth of
 the peak resident set of a fresh process whose large allocations go back to the system
 as soon as they are freed.
 
-The roofline: `achieved_gflops` is 2 x MACs / seconds, and `peak_fraction` is that over
-`gemm_gflops`, the best rate of a few large matrix products at the same dtype measured
-in the same process (the encoder's qkv, MLP and a square shape). `--compare-dtype`
-times float32 and bfloat16 alternately and gives each of these keys one value per dtype.
+The roofline: `achieved_gflops` is 2 x MACs x batch / seconds, and `peak_fraction` is
+that over `gemm_gflops`, the rate of the encoder's own linear layers alone: `F.linear`
+with bias at its four weight shapes (qkv, projection, MLP in and out) over the token
+counts of its first and last blocks, timed in turn with the encoder runs, so that both
+see the same load of other processes (`models.timing.encoder_gemms`). `gemm_gflops_best`
+is the best rate of a few large bias-free products at the same dtype, measured after
+the timing (`models.timing.gemm_gflops`): an upper bound that a loaded machine
+understates or overstates. `--compare-dtype` times float32 and bfloat16 alternately
+and gives each of these keys one value per dtype. `--compile` wraps the encoder in
+`torch.compile` (static shapes: fixed-r aggregation) and reports the first call's
+`compile_seconds` apart from the timed runs.
 `--profile` adds one profiled forward per dtype, its time summed by op class.
 """
 import argparse
+import functools
 import json
 import sys
 import time
@@ -40,8 +51,8 @@ from datasets.video import read_test_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.precision import cpu_bf16_problem  # noqa: E402
 from models.cost import count, count_on_video, encoder_config  # noqa: E402
-from models.timing import (OP_CLASSES, build, gemm_gflops, op_class, peak_memory_mb, step,  # noqa: E402
-                           time_alternately)
+from models.timing import (OP_CLASSES, build, encoder_gemms, gemm_gflops, op_class,  # noqa: E402
+                           peak_memory_mb, step, time_alternately)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def profile_by_class(encoder, video: torch.Tensor, train: bool) -> Dict[str, float]:
@@ -60,9 +71,11 @@ def profile_by_class(encoder, video: torch.Tensor, train: bool) -> Dict[str, flo
 
 def measure(configs: List[dict], runs: int, device: str, dtypes: List[torch.dtype], train: bool,
             compile_encoder: bool = False, profile_step: bool = False,
-            video: Optional[torch.Tensor] = None, seed: int = 0) -> List[Dict[str, float]]:
-    """One result per (config, dtype) pair, configs outer; all timed alternately; on
-    `video` when given (else random input)."""
+            video: Optional[torch.Tensor] = None, seed: int = 0,
+            batch: int = 1) -> List[Dict[str, float]]:
+    """One result per (config, dtype) pair, configs outer; all timed alternately, each in
+    turn with its dtype's GEMM reference (`models.timing.encoder_gemms`); on `video` when
+    given (else random input), `batch` videos a forward."""
     pairs = [(config, dtype) for config in configs for dtype in dtypes]
     exact = [count(config, decimals=None) if video is None
              else count_on_video(config, video, seed, decimals=None) for config, _ in pairs]
@@ -71,27 +84,36 @@ def measure(configs: List[dict], runs: int, device: str, dtypes: List[torch.dtyp
         for result in results:
             result.update(seconds=None, peak_mem_mb=None)
         return results
-    setups = [build(config, device, dtype, train, video) for config, dtype in pairs]
+    setups = [build(config, device, dtype, train, video, batch) for config, dtype in pairs]
     if compile_encoder:
-        for index, (encoder, video) in enumerate(setups):
+        for index, (encoder, inputs) in enumerate(setups):
             encoder = torch.compile(encoder)
             start = time.perf_counter()
-            step(encoder, video, train)  # compiles
+            step(encoder, inputs, train)  # compiles
             results[index]["compile_seconds"] = round(time.perf_counter() - start, 1)
-            setups[index] = (encoder, video)
-    seconds = time_alternately(setups, runs, train)
+            setups[index] = (encoder, inputs)
+    steps = [functools.partial(step, encoder, inputs, train) for encoder, inputs in setups]
+    # the GEMM reference of each dtype: the linear layers at the first and last blocks' tokens
+    gemms = {dtype: encoder_gemms(configs[0], device, dtype, train=train, tokens=(
+        batch * exact[0]["tokens_in"], batch * exact[0]["tokens_out"])) for dtype in dtypes}
+    seconds = time_alternately(steps + [run for run, _ in gemms.values()], runs)
+    gemm_rates = {dtype: flops / secs / 1e9 for (dtype, (_, flops)), secs
+                  in zip(gemms.items(), seconds[len(steps):])}
     if profile_step:
-        for result, (encoder, video) in zip(results, setups):
-            result["profile"] = profile_by_class(encoder, video, train)
-    del setups
-    peaks = {dtype: gemm_gflops(configs[0], device, dtype) for dtype in dtypes}
+        for result, (encoder, inputs) in zip(results, setups):
+            result["profile"] = profile_by_class(encoder, inputs, train)
+    del setups, steps, gemms
+    best = {dtype: gemm_gflops(configs[0], device, dtype) for dtype in dtypes}
     for index, (result, (config, dtype), secs) in enumerate(zip(results, pairs, seconds)):
+        result["batch"] = batch
         result["seconds"] = round(secs, 4)
-        result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train, video)
-        flops = 2e9 * exact[index]["gmacs"] * (3 if train else 1)
+        result["videos_per_second"] = round(batch / secs, 3)
+        result["peak_mem_mb"] = peak_memory_mb(config, device, dtype, train, video, batch)
+        flops = 2e9 * exact[index]["gmacs"] * batch * (3 if train else 1)
         result["achieved_gflops"] = round(flops / secs / 1e9, 3)
-        result["gemm_gflops"] = round(peaks[dtype], 3)
-        result["peak_fraction"] = round(flops / secs / 1e9 / peaks[dtype], 3)
+        result["gemm_gflops"] = round(gemm_rates[dtype], 3)
+        result["peak_fraction"] = round(flops / secs / 1e9 / gemm_rates[dtype], 3)
+        result["gemm_gflops_best"] = round(best[dtype], 3)
     return results
 
 
@@ -130,7 +152,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--video", help="count (and time) on this video instead of random input")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (--video)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (0: count only)")
-    parser.add_argument("--train", action="store_true", help="time forward + backward at batch 1")
+    parser.add_argument("--train", action="store_true", help="time forward + backward")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="videos per forward (default 1); videos_per_second reports throughput")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                         help="weights and input dtype (default fp32)")
@@ -144,6 +168,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.runs < 0:
         raise SystemExit(f"--runs must be 0 or more, got {args.runs}")
+    if args.batch < 1:
+        raise SystemExit(f"--batch must be 1 or more, got {args.batch}")
     if args.video and not Path(args.video).is_file():
         raise SystemExit(f"--video {args.video}: no such file")
 
@@ -161,7 +187,7 @@ def main(argv=None) -> dict:
                          "the video; pass --video PATH")
     results = measure(configs, args.runs, args.device, [DTYPES[name] for name in dtype_names],
                       args.train, compile_encoder=args.compile, profile_step=args.profile,
-                      video=video, seed=args.seed)
+                      video=video, seed=args.seed, batch=args.batch)
 
     report = dict(config=args.config, video=args.video, frames=config["num_frames"],
                   aggregation=bool(config["token_merging"]), mode="train" if args.train else "forward",
@@ -175,8 +201,8 @@ def main(argv=None) -> dict:
             report["speedup"] = round(results[1]["seconds"] / results[0]["seconds"], 3)
     if args.compare_dtype:
         names = dtype_names
-        for key in ("seconds", "peak_mem_mb", "achieved_gflops", "gemm_gflops",
-                    "peak_fraction", "compile_seconds", "profile"):
+        for key in ("seconds", "videos_per_second", "peak_mem_mb", "achieved_gflops",
+                    "gemm_gflops", "gemm_gflops_best", "peak_fraction", "compile_seconds", "profile"):
             if key in results[0]:
                 report[key] = dict(zip(dtype_names, (result[key] for result in results)))
         if results[0]["seconds"]:
@@ -186,8 +212,10 @@ def main(argv=None) -> dict:
         line = (f"{name:>15}: {result['gmacs']:8.1f} GMACs  tokens {result['tokens_in']:>6} -> "
                 f"{result['tokens_out']:<6} seconds {result['seconds']}  peak_mem_mb {result['peak_mem_mb']}")
         if result["seconds"]:
-            line += (f"  {result['achieved_gflops']} GFLOP/s = {result['peak_fraction']:.2f} of "
-                     f"the {result['gemm_gflops']} GFLOP/s GEMM rate")
+            line += (f"  {result['videos_per_second']} videos/s at batch {args.batch}"
+                     f"  {result['achieved_gflops']} GFLOP/s = {result['peak_fraction']:.2f} of "
+                     f"the {result['gemm_gflops']} GFLOP/s of its linear layers alone "
+                     f"(best GEMM {result['gemm_gflops_best']})")
         if "compile_seconds" in result:
             line += f"  (compiled in {result['compile_seconds']} s)"
         print(line)
