@@ -14,7 +14,13 @@ the same number of steps, every sample is read at most once per epoch, and the l
 as the order changes). A range may begin inside a shard: its worker reads that shard from
 the start and skips the samples before its range without decoding them.
 
-Inside its range a worker shuffles through a buffer of `shuffle_buffer` raw samples. A bad
+Inside its range a worker shuffles through a buffer of `shuffle_buffer` raw samples
+(webdataset's shuffle, whose order is worked out on the positions of the range, so that the
+samples can be read in order and used in that order). An epoch resumed after `b` batches of
+a rank (`set_epoch(epoch, start)`) gives each worker the rest of its range in the same
+order, with the same random draws: it reads from the first position not yet used (a shard
+wholly used is not opened; of the shard it starts in, the samples before are read again,
+not decoded), so no sample is seen twice or left out. A bad
 sample (no media or JSON, a JSON without captions, media that do not decode, an empty
 caption, or the samples missing when a shard ends early or cannot be read) is counted and
 reported like a bad file (`DataIssues`) and replaced by the worker's previous good sample
@@ -218,9 +224,13 @@ class ShardedPretrainDataset(IterableDataset):
         worker_id = 0 if worker is None else worker.id
         if (1 if worker is None else worker.num_workers) != self.workers_per_rank:
             raise ValueError(f"the dataset was planned for {self.workers_per_rank} workers per rank")
-        return self.slot_items(self.rank * self.workers_per_rank + worker_id,
-                               self.batch_size * worker_batches(self.start // self.batch_size,
-                                                                worker_id, self.workers_per_rank))
+        # the DataLoader takes batch 0 from worker 0, then each worker in turn: in an epoch
+        # resumed after b batches, worker 0 reads on where worker b % workers left off
+        done_batches = self.start // self.batch_size
+        role = (worker_id + done_batches) % self.workers_per_rank
+        return self.slot_items(self.rank * self.workers_per_rank + role,
+                               self.batch_size * worker_batches(done_batches, role,
+                                                                self.workers_per_rank))
 
     # one slot ----------------------------------------------------------------------
     def raw_samples(self, plan: Sequence[tuple[int, int, int]], first: int = 0
