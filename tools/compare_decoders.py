@@ -20,6 +20,21 @@ def sample_clips() -> list[str]:
     return sorted(glob.glob(os.path.join(root, "datasets", "data", "*.mp4")))
 
 
+def frame_differences(path: str, frames: int, size: int | None,
+                      decoders: tuple[str, str] = ("decord", "pyav")) -> tuple[int, float]:
+    """The largest and the mean gray-level difference between the clips two decoders read
+    from `path`, over every frame-sampling strategy (`frames` frames at `size`)."""
+    largest, total, count = 0, 0.0, 0
+    for strategy in SAMPLING_STRATEGIES:
+        first, second = (read_frames(path, frames, strategy, size, random.Random(7),
+                                     start_time=0.5, decoder=decoder).int()
+                         for decoder in decoders)
+        difference = (first - second).abs()
+        largest = max(largest, int(difference.max()))
+        total, count = total + float(difference.sum()), count + difference.numel()
+    return largest, total / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=16)
@@ -28,16 +43,8 @@ def main() -> None:
     print("clip size max_diff mean_diff")
     for path in sample_clips():
         for size in args.sizes:
-            largest, total, count = 0, 0.0, 0
-            for strategy in SAMPLING_STRATEGIES:
-                decord_clip, pyav_clip = (
-                    read_frames(path, args.frames, strategy, size or None, random.Random(7),
-                                start_time=0.5, decoder=decoder).int()
-                    for decoder in ("decord", "pyav"))
-                difference = (decord_clip - pyav_clip).abs()
-                largest = max(largest, int(difference.max()))
-                total, count = total + float(difference.sum()), count + difference.numel()
-            print(f"{os.path.basename(path)} {size or 'native'} {largest} {total / count:.3f}")
+            largest, mean = frame_differences(path, args.frames, size or None)
+            print(f"{os.path.basename(path)} {size or 'native'} {largest} {mean:.3f}")
 
 
 if __name__ == "__main__":
