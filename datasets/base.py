@@ -2,6 +2,7 @@
 import random
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch.utils.data import Dataset
@@ -40,9 +41,12 @@ def clip_cache_problem(config):
     return None
 
 
-def item_rng() -> random.Random:
-    """A per-item generator seeded from torch's RNG, which DataLoader seeds in every worker."""
-    return random.Random(int(torch.randint(2**62, ())))
+def item_rng(seed: int, index: int) -> random.Random:
+    """The generator of one item's random draws (frame sampling, augmentation): a function
+    of `seed` (one per epoch) and the item's `index` only, not of the loader worker that
+    reads it or of what that worker read before, so an epoch resumed part-way draws as an
+    uninterrupted one does, with any number of workers."""
+    return random.Random(int(np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)[0]))
 
 
 def stack_clips(clips: list[torch.Tensor]) -> torch.Tensor:
@@ -85,7 +89,13 @@ class ClipDataset(Dataset):
         self.size = size
         self.transform = transform
         self.decoded_clips: dict[int, torch.Tensor] | None = None
+        self.item_seed = 0
         issues.track_videos(len(video))
+
+    def seed_items(self, seed: int) -> None:
+        """Seed the random draws of every item from now on (see `item_rng`); the training
+        loop gives each epoch its own."""
+        self.item_seed = seed
 
     def keep_decoded_clips(self) -> None:
         """Decode each video once and keep its uint8 frames in memory (`cache_clips`, for small
@@ -132,7 +142,7 @@ class ClipDataset(Dataset):
             return None
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
-        rng = item_rng()
+        rng = item_rng(self.item_seed, index)
         if not self.substitute_next_record:
             clip = self._try_load(index, rng)
             return self.make_item(index, self.blank_clip() if clip is None else clip)

@@ -14,7 +14,13 @@ the same number of steps, every sample is read at most once per epoch, and the l
 as the order changes). A range may begin inside a shard: its worker reads that shard from
 the start and skips the samples before its range without decoding them.
 
-Inside its range a worker shuffles through a buffer of `shuffle_buffer` raw samples. A bad
+Inside its range a worker shuffles through a buffer of `shuffle_buffer` raw samples
+(webdataset's shuffle, whose order is worked out on the positions of the range, so that the
+samples can be read in order and used in that order). An epoch resumed after `b` batches of
+a rank (`set_epoch(epoch, start)`) gives each worker the rest of its range in the same
+order, with the same random draws: it reads from the first position not yet used (a shard
+wholly used is not opened; of the shard it starts in, the samples before are read again,
+not decoded), so no sample is seen twice or left out. A bad
 sample (no media or JSON, a JSON without captions, media that do not decode, an empty
 caption, or the samples missing when a shard ends early or cannot be read) is counted and
 reported like a bad file (`DataIssues`) and replaced by the worker's previous good sample
@@ -150,6 +156,21 @@ def slot_seed(seed: int, epoch: int, slot: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, slot]).generate_state(1)[0])
 
 
+def worker_batches(batches: int, worker: int, num_workers: int) -> int:
+    """Of the first `batches` batches of a rank, those its loader worker `worker` made: a
+    DataLoader takes batches from its workers in turn."""
+    return max(0, (batches - worker + num_workers - 1) // num_workers)
+
+
+def shuffled_positions(length: int, buffer: int, seed: int) -> list[int]:
+    """The order in which webdataset's shuffle buffer (`buffer` samples, filled before the
+    first pick, its rng seeded with `seed`) yields the samples of a range of `length`: its
+    picks depend on the rng and the buffer's fill only, so shuffling the positions gives
+    the order the samples themselves would take."""
+    shuffle = wds.shuffle(buffer, initial=buffer, rng=random.Random(seed))
+    return list(shuffle(iter(range(length))))
+
+
 class ShardedPretrainDataset(IterableDataset):
     """Items `(video [T, 3, H, W], caption)` from tar shards, like PretrainDataset's;
     `len()` is the items of this rank per epoch (its workers' ranges together)."""
@@ -172,7 +193,7 @@ class ShardedPretrainDataset(IterableDataset):
         self.batch_size, self.workers_per_rank = batch_size, max(num_workers, 1)
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         issues.track_videos(self.num_samples)
 
     @property
@@ -183,8 +204,13 @@ class ShardedPretrainDataset(IterableDataset):
     def num_slots(self) -> int:
         return self.world_size * self.workers_per_rank
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Read epoch `epoch` from then on, after the first `start` items of this rank (a
+        whole number of batches, where a run that stopped part-way through it resumes)."""
+        if start % self.batch_size or not 0 <= start <= len(self):
+            raise ValueError(f"start {start} is not a whole number of batches of {self.batch_size} "
+                             f"within the {len(self)} items of the epoch")
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return samples_per_slot(self.num_samples, self.num_slots, self.batch_size) * self.workers_per_rank
@@ -198,12 +224,25 @@ class ShardedPretrainDataset(IterableDataset):
         worker_id = 0 if worker is None else worker.id
         if (1 if worker is None else worker.num_workers) != self.workers_per_rank:
             raise ValueError(f"the dataset was planned for {self.workers_per_rank} workers per rank")
-        return self.slot_items(self.rank * self.workers_per_rank + worker_id)
+        # the DataLoader takes batch 0 from worker 0, then each worker in turn: in an epoch
+        # resumed after b batches, worker 0 reads on where worker b % workers left off
+        done_batches = self.start // self.batch_size
+        role = (worker_id + done_batches) % self.workers_per_rank
+        return self.slot_items(self.rank * self.workers_per_rank + role,
+                               self.batch_size * worker_batches(done_batches, role,
+                                                                self.workers_per_rank))
 
     # one slot ----------------------------------------------------------------------
-    def raw_samples(self, plan: Sequence[tuple[int, int, int]]) -> Iterator[tuple[int, dict | None]]:
-        """(global index, sample) of the slot's range; None for samples a shard lacks."""
+    def raw_samples(self, plan: Sequence[tuple[int, int, int]], first: int = 0
+                    ) -> Iterator[tuple[int, int, dict]]:
+        """(position in the slot's range, global index, sample) of the range from position
+        `first` on (shards wholly before it are not read); a `__missing__` sample for each
+        one a shard lacks."""
+        offset = 0
         for shard, skip, take in plan:
+            begin, offset = max(first - offset, 0), offset + take  # positions of this piece
+            if begin >= take:
+                continue
             problems: list[str] = []
 
             def note(error: Exception) -> bool:  # webdataset's handler: go on after a bad read
@@ -211,12 +250,13 @@ class ShardedPretrainDataset(IterableDataset):
                 return True
 
             stream = wds.tarfile_to_samples(handler=note)([{"url": self.urls[shard]}])
-            read = 0
-            for read, sample in enumerate(islice(stream, skip, skip + take), start=1):
-                yield int(self.first_index[shard]) + skip + read - 1, sample
-            for missing in range(skip + read, skip + take):
+            first_index = int(self.first_index[shard]) + skip
+            read = begin
+            for read, sample in enumerate(islice(stream, skip + begin, skip + take), start=begin + 1):
+                yield offset - take + read - 1, first_index + read - 1, sample
+            for missing in range(read, take):
                 reason = problems[0] if problems else "the shard ended"
-                yield int(self.first_index[shard]) + missing, {"__missing__": reason}
+                yield offset - take + missing, first_index + missing, {"__missing__": reason}
 
     def decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str]:
         """(clip, caption) of one raw sample; raises BadSample or VideoDecodeError."""
@@ -246,16 +286,30 @@ class ShardedPretrainDataset(IterableDataset):
             return self.image_transform(read_image(data), rng), caption
         raise BadSample(f"{name}: neither a video nor an image suffix")
 
-    def slot_items(self, slot: int) -> Iterator[tuple[torch.Tensor, str]]:
-        """The items of one slot's range this epoch, shuffled, bad samples replaced."""
+    def slot_items(self, slot: int, start: int = 0) -> Iterator[tuple[torch.Tensor, str]]:
+        """The items of one slot's range this epoch after its first `start`, shuffled, bad
+        samples replaced. The shuffled order is worked out on positions first (see
+        `shuffled_positions`); the samples are read in the range's order from the first
+        position not yet yielded and held until their turn, so an epoch resumed part-way
+        yields the items of an uninterrupted one, and re-reads (without decoding) at most
+        the shuffle buffer and the shard it begins in."""
         plan = self.epoch_plan()[slot]
-        shuffled = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                               rng=random.Random(slot_seed(self.seed, self.epoch, slot)))
+        order = shuffled_positions(sum(take for _, _, take in plan), self.shuffle_buffer,
+                                   slot_seed(self.seed, self.epoch, slot))
+        todo = order[start:]
+        first = min(todo, default=len(order))
+        done = {position for position in order[:start] if position >= first}
+        raw = (entry for entry in self.raw_samples(plan, first) if entry[0] not in done)
+        held: dict[int, tuple[int, dict]] = {}  # position -> (index, sample), read, not yet used
+        item_seed = slot_seed(self.seed, self.epoch, slot)
         last_good, pending = None, 0
-        for index, sample in shuffled(self.raw_samples(plan)):
-            rng = item_rng()
+        for position in todo:
+            while position not in held:
+                read_position, index, sample = next(raw)
+                held[read_position] = index, sample
+            index, sample = held.pop(position)
             try:
-                item = self.decode(sample, rng)
+                item = self.decode(sample, item_rng(item_seed, position))
             except (BadSample, VideoDecodeError) as error:
                 self.issues.record_decode_failure(index, error, FALLBACK)
                 if last_good is None:

@@ -2,6 +2,7 @@
 folder, log.jsonl (every record with its UTC `time`), optional TensorBoard scalars, JSON
 result files and the end-of-run summary (summary.json)."""
 import json
+import os
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -132,6 +133,21 @@ class RunRecords:
         self.written.append(record)
         return record
 
+    def drop_steps_from(self, epoch: int, step: int) -> None:
+        """Remove from log.jsonl the step records at or after `step` of `epoch` (rank 0): a
+        resumed run continues there and writes them again, so every global_step keeps one
+        record. The file is replaced atomically."""
+        path = self.output_dir / LOG_FILE
+        if get_rank() != 0 or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if not _is_step_from(line, epoch, step)]
+        if kept and not kept[-1].endswith("\n"):  # a line cut short by a killed run
+            kept[-1] += "\n"
+        temporary = path.with_name(f".{LOG_FILE}.tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
     def finish(self, test: Optional[Mapping[str, Any]] = None) -> None:
         """Write output_dir/summary.json and its `"kind": "summary"` record, print it and
         close TensorBoard (rank 0). `test`: the content of the run's test result file."""
@@ -168,6 +184,16 @@ class RunRecords:
             summary["test"] = dict(test)
         summary["files"] = output_files(self.output_dir)
         return summary
+
+
+def _is_step_from(line: str, epoch: int, step: int) -> bool:
+    """Whether a log.jsonl line is a step record at or after (`epoch`, `step`)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(record, dict) and record.get("kind") == "step"
+            and (record["epoch"], record["step"]) >= (epoch, step))
 
 
 def _is_number(value: Any) -> bool:

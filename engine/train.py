@@ -3,24 +3,30 @@
 `fit` runs the epochs of a `Task`: per epoch it seeds the data order, trains with the
 task's losses under the task's learning-rate schedule, optionally evaluates on val and
 keeps checkpoint_best.pth, optionally writes checkpoint_{epoch}.pth, and always writes
-checkpoint_last.pth for `--resume`, before validation. A loss that is not finite stops
-the run at the next log step, naming the first bad step. `finetune_or_evaluate` drives the fine-tuning
-scripts around it.
+checkpoint_last.pth for `--resume`, before validation. With `checkpoint_every_steps` N,
+checkpoint_last.pth is also written every N optimizer steps inside the epochs, with where
+the epoch stands (`EpochProgress`: the next batch, every rank's loss sums and RNG states),
+so that `--resume` continues at that step as if the run had not stopped. A loss that is
+not finite stops the run at the next log step, naming the first bad step.
+`finetune_or_evaluate` drives the fine-tuning scripts around it.
 """
 import argparse
 import math
 import os
+import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datasets import create_loader, summarize
+from datasets.base import ClipDataset
+from datasets.loader import EpochSampler
 from engine.distributed import barrier, gradient_sync, wrap_ddp
 from engine.logs import format_metrics, log, progress, write_json
 from engine.optim import build_optimizer, learning_rate, set_lr
@@ -37,6 +43,9 @@ TRAIN_SETTINGS = Settings(title="Training loop", module=__name__, settings={
     "accum_steps": Setting(int, 1, "batches per optimizer step (gradient accumulation)", min=1),
     "print_freq": Setting(int, 50, "steps between log lines", min=1),
     "num_workers": Setting(int, 4, "data loader worker processes per rank", min=0),
+    "checkpoint_every_steps": Setting(int, 0, "optimizer steps between the checkpoint_last.pth "
+                                      "writes inside an epoch, from which --resume continues at "
+                                      "that step (0: at the end of each epoch only)", min=0),
 })
 FINETUNE_BATCH_SETTINGS = Settings(title="Fine-tuning batches", module=__name__, settings={
     "batch_size_train": Setting(int, meaning="training clips per process and step", min=1),
@@ -51,15 +60,19 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+def start_epoch(loader: DataLoader, seed: int, epoch: int, start_step: int = 0) -> None:
     """Make the data order and every random draw of `epoch` depend only on (seed, epoch,
-    rank), so that a resumed run repeats an uninterrupted one."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
+    rank), so that a resumed run repeats an uninterrupted one; the loader begins at batch
+    `start_step` of the epoch (a run resumed part-way through it)."""
+    start = start_step * loader.batch_size
     if isinstance(loader.dataset, IterableDataset):  # tar shards: the epoch's shard order
-        loader.dataset.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch, start)
+    else:
+        loader.sampler.set_epoch(epoch, start)
+    if isinstance(loader.dataset, ClipDataset):  # each item's draws: of its index and the epoch
+        loader.dataset.seed_items(epoch_seed(seed, epoch, 0))
     rank_seed = epoch_seed(seed, epoch, get_rank())
-    loader.generator.manual_seed(rank_seed)  # RandomSampler order and worker seeds
+    loader.generator.manual_seed(rank_seed)  # the workers' seeds
     seed_everything(rank_seed)
 
 
@@ -82,25 +95,73 @@ def check_trainable(loader: DataLoader, name: str) -> None:
 
 
 # one epoch ---------------------------------------------------------------------------
+@dataclass
+class EpochProgress:
+    """How far this rank got in an epoch: the next batch `step`, the losses summed over the
+    steps before it (float64), the steps run and clips consumed; with the RNG states at
+    that point (`rng_states`) when it was read from a checkpoint."""
+    step: int = 0
+    loss_sums: Dict[str, float] = field(default_factory=dict)
+    steps_run: int = 0
+    samples_seen: int = 0
+    rng: Optional[Dict[str, Any]] = None
+
+
+def rng_states(device: torch.device) -> Dict[str, Any]:
+    """torch's (and the device's), numpy's and Python's global RNG states, as tensors and
+    plain values (so a checkpoint holding them loads with weights_only)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": random.getstate()}
+
+
+def set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, epoch: int, losses_of: LossFn,
-                    lr_at_step: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
+                    lr_at_step: Optional[Callable[[int], float]] = None, *,
+                    num_steps: Optional[int] = None, start: Optional[EpochProgress] = None,
+                    save_progress: Optional[Callable[[EpochProgress], None]] = None
+                    ) -> Dict[str, float]:
     """One pass over `loader`: `losses_of(batch, epoch, step)` gives named losses, whose
     sum is back-propagated; the weights step every `accum_steps` batches. Returns the
     losses averaged over steps and ranks, the last learning rate, and the steps run and
     clips consumed by each rank (`steps_per_rank`, `samples_per_rank`; a batch's first
-    entry is its clips)."""
+    entry is its clips).
+
+    A resumed epoch passes its `num_steps` (the loader holds the remaining batches only)
+    and where it stood (`start`). With `checkpoint_every_steps` N, `save_progress` gets
+    the epoch's progress after every N-th optimizer step of the run (not after the last
+    step of the epoch, which the caller saves)."""
     model.train()
     accum_steps, print_freq = run.config["accum_steps"], run.config["print_freq"]
-    num_steps = len(loader)
+    every = run.config.get("checkpoint_every_steps", 0)
+    num_steps = len(loader) if num_steps is None else num_steps
+    updates_per_epoch = math.ceil(num_steps / accum_steps)
+    start = EpochProgress() if start is None else start
     sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64,
                                                                       device=run.device))
+    for name, total in start.loss_sums.items():
+        sums[name] += total
     watch = NonFiniteWatch(run.device)
     optimizer.zero_grad(set_to_none=True)
-    logged_step, logged_at = -1, time.perf_counter()
-    steps_run = samples_seen = 0
-    for step, batch in enumerate(progress(loader, f"epoch {epoch}", total=num_steps)):
-        steps_run, samples_seen = step + 1, samples_seen + len(batch[0])
+    logged_step, logged_at = start.step - 1, time.perf_counter()
+    steps_run, samples_seen = start.steps_run, start.samples_seen
+    batches = progress(loader, f"epoch {epoch}", total=num_steps - start.step)
+    for step, batch in enumerate(batches, start=start.step):
+        steps_run, samples_seen = steps_run + 1, samples_seen + len(batch[0])
         if lr_at_step is not None:
             set_lr(optimizer, lr_at_step(step))
         updates = (step + 1) % accum_steps == 0 or step + 1 == num_steps
@@ -128,6 +189,12 @@ def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
                                "global_step": epoch * num_steps + step, "lr": lr, **values,
                                "seconds": round(seconds, 3),
                                "samples_per_s": round(samples * run.world_size / seconds, 2)})
+        optimizer_steps = epoch * updates_per_epoch + math.ceil((step + 1) / accum_steps)
+        if (updates and every and optimizer_steps % every == 0 and step + 1 < num_steps
+                and save_progress is not None):
+            watch.check(epoch)  # no checkpoint of weights a non-finite loss has touched
+            save_progress(EpochProgress(step + 1, {name: total.item() for name, total in sums.items()},
+                                        steps_run, samples_seen))
     return {**mean_over_ranks(sums, num_steps, run.device), "lr": optimizer.param_groups[0]["lr"],
             "steps_per_rank": gather_objects(steps_run),
             "samples_per_rank": gather_objects(samples_seen)}
@@ -158,8 +225,8 @@ class NonFiniteWatch:
         if bad:
             step, name = min(bad)
             raise NonFiniteError(f"training stopped: {name} is not finite at epoch {epoch} "
-                                 f"step {step}; the weights of the last finished epoch are in "
-                                 f"{LAST_CHECKPOINT}")
+                                 f"step {step}; the weights saved last (at the end of an epoch, or "
+                                 f"by checkpoint_every_steps) are in {LAST_CHECKPOINT}")
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -179,10 +246,12 @@ def mean_over_ranks(sums: Mapping[str, torch.Tensor], count: int,
 # checkpoints -------------------------------------------------------------------------
 @dataclass
 class TrainState:
-    """Where training stands: the next epoch and the best validation result so far."""
+    """Where training stands: the next epoch (with how far it got, when the run stopped
+    part-way through it) and the best validation result so far."""
     epoch: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    progress: Optional[EpochProgress] = None
 
     def improved_by(self, metric: float, epoch: int) -> bool:
         """Record `metric` of `epoch`; True when it is the best so far."""
@@ -201,20 +270,38 @@ def save_weights(run: Run, model: nn.Module, task: Task, name: str, epoch: int) 
 
 
 def save_last(run: Run, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
-              state: TrainState) -> None:
+              state: TrainState, progress: Optional[EpochProgress] = None,
+              loader: Optional[DataLoader] = None) -> None:
     """output_dir/checkpoint_last.pth: everything `--resume` needs after epoch
-    `state.epoch - 1` (model with its queues, optimizer, loss scaler, best result)."""
+    `state.epoch - 1` (model with its queues, optimizer, loss scaler, best result), and
+    with `progress` (every rank's, at the same step of epoch `state.epoch`) where that
+    epoch stands: `position` holds the epoch, the next step, the processes, batch size
+    and loader workers it was cut for, and per rank the loss sums, counts and RNG states."""
+    position = None
+    if progress is not None:
+        ranks = gather_objects({"loss_sums": progress.loss_sums, "steps_run": progress.steps_run,
+                                "samples_seen": progress.samples_seen,
+                                "rng": rng_states(run.device)})
+        position = {"epoch": state.epoch, "step": progress.step, "world_size": run.world_size,
+                    "batch_size": loader.batch_size, "num_workers": loader.num_workers,
+                    "ranks": ranks}
     if run.is_main:
         checkpoint = model_checkpoint(model, run.config, state.epoch - 1, task=task.name,
                                       optimizer=optimizer,
                                       scaler=run.precision.scaler.state_dict(),
-                                      best_metric=state.best_metric, best_epoch=state.best_epoch)
+                                      best_metric=state.best_metric, best_epoch=state.best_epoch,
+                                      position=position)
         save_checkpoint(str(run.output_dir / LAST_CHECKPOINT), checkpoint)
     barrier()
 
 
-def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore model, optimizer and loss scaler from output_dir/checkpoint_last.pth."""
+def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
+           train_loader: DataLoader) -> TrainState:
+    """Restore model, optimizer and loss scaler from output_dir/checkpoint_last.pth, and
+    where the epoch it was written in stands (`TrainState.progress`, this rank's). A
+    part-way checkpoint must fit the run: as many processes, the same batch size, and
+    for tar shards (cut into ranges per loader worker) as many workers. log.jsonl loses
+    the step records from there on, which the resumed run writes again."""
     path = run.output_dir / LAST_CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from "
@@ -231,8 +318,26 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trai
     optimizer.load_state_dict(checkpoint["optimizer"])
     run.precision.scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState(checkpoint["epoch"] + 1, checkpoint["best_metric"], checkpoint["best_epoch"])
-    log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {checkpoint['epoch']} "
-        f"done, best {state.best_metric:.4g} at epoch {state.best_epoch}")
+    position = checkpoint.get("position")  # None: written at the end of an epoch
+    if position is None:
+        log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {checkpoint['epoch']} "
+            f"done, best {state.best_metric:.4g} at epoch {state.best_epoch}")
+        run.records.drop_steps_from(state.epoch, 0)
+        return state
+    cut_for = {"process(es)": (position["world_size"], run.world_size),
+               "clips per batch": (position["batch_size"], train_loader.batch_size)}
+    if isinstance(train_loader.dataset, IterableDataset):
+        cut_for["loader workers"] = (position["num_workers"], train_loader.num_workers)
+    for what, (then, now) in cut_for.items():
+        if then != now:
+            raise CheckpointError(f"{path}: was written part-way through epoch {position['epoch']} "
+                                  f"with {then} {what}; resume it with as many, not {now}")
+    own = position["ranks"][run.rank]
+    state.progress = EpochProgress(position["step"], own["loss_sums"], own["steps_run"],
+                                   own["samples_seen"], own["rng"])
+    log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {position['epoch']} at "
+        f"step {position['step']}, best {state.best_metric:.4g} at epoch {state.best_epoch}")
+    run.records.drop_steps_from(position["epoch"], position["step"])
     return state
 
 
@@ -271,18 +376,28 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     """Train for `max_epoch` epochs (see the module docstring)."""
     config = run.config
     optimizer = build_optimizer(model, config, decay_norms_and_biases=task.decay_norms_and_biases)
-    state = resume(run, model, optimizer) if resume_training else TrainState()
-    train_model = wrap_ddp(model, run.device)
     train_loader = loaders["train"]
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader)  # before a resumed epoch starts part-way
+    state = resume(run, model, optimizer, train_loader) if resume_training else TrainState()
+    train_model = wrap_ddp(model, run.device)
     schedule = task.schedule(config)
     losses_of = task.make_losses(train_model, run, train_loader)
+
+    def save_progress(progress: EpochProgress) -> None:
+        save_last(run, model, task, optimizer, state, progress, train_loader)
+        run.records.write({"kind": "checkpoint", "epoch": state.epoch, "step": progress.step,
+                           "global_step": state.epoch * steps_per_epoch + progress.step})
+
     for epoch in range(state.epoch, config["max_epoch"]):
         epoch_started = time.perf_counter()
-        start_epoch(train_loader, config["seed"], epoch)
+        progress, state.progress = state.progress, None
+        start_epoch(train_loader, config["seed"], epoch, 0 if progress is None else progress.step)
+        if progress is not None:  # where the stopped run stood, after the epoch's seeding
+            set_rng_states(progress.rng, run.device)
         train_stats = train_one_epoch(
             run, train_model, train_loader, optimizer, epoch, losses_of,
-            lr_at_step=lambda step: learning_rate(schedule, epoch, epoch * steps_per_epoch + step))
+            lr_at_step=lambda step: learning_rate(schedule, epoch, epoch * steps_per_epoch + step),
+            num_steps=steps_per_epoch, start=progress, save_progress=save_progress)
         record = {f"train_{k}": v for k, v in train_stats.items()}
         record["train_seconds"] = round(time.perf_counter() - epoch_started, 3)
         # the trained epoch is on disk before validation, which may fail

@@ -209,9 +209,11 @@ def write_submission(output_dir: Path, scores_t2v: torch.Tensor) -> None:
 # training ----------------------------------------------------------------------------
 def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> LossFn:
     """VTC + VTM of a batch; the distillation weight ramps up over the first epoch."""
+    steps_per_epoch = len(train_loader)  # a resumed epoch's loader holds only its remaining steps
+
     def losses_of(batch, epoch: int, step: int) -> Dict[str, torch.Tensor]:
         video, caption, video_index = batch
-        alpha = ramped_alpha(run.config["alpha"], epoch, step, len(train_loader))
+        alpha = ramped_alpha(run.config["alpha"], epoch, step, steps_per_epoch)
         loss_vtc, loss_vtm = train_model(video.to(run.device, non_blocking=True), caption, alpha,
                                          video_index.to(run.device))
         return {"loss_vtc": loss_vtc, "loss_vtm": loss_vtm}

@@ -212,7 +212,8 @@ def test_a_loss_that_is_not_finite_stops_the_run_naming_epoch_step_and_loss(tmp_
     config = config_for(tmp_path, data, init_lr=1e30, weight_decay=0.0)
     message = fails_with(config, tmp_path / "out", allowed={"log.jsonl"})
     assert message == ("error: training stopped: loss_vtc is not finite at epoch 0 step 1; "
-                       "the weights of the last finished epoch are in checkpoint_last.pth")
+                       "the weights saved last (at the end of an epoch, or by "
+                       "checkpoint_every_steps) are in checkpoint_last.pth")
 
 
 def test_non_finite_watch_names_the_first_bad_step_though_it_looks_later():

