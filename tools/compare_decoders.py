@@ -21,7 +21,7 @@ def main() -> None:
     for path in sample_clips():
         for size in args.sizes:
             largest, mean = frame_differences(path, args.frames, size or None)
-            print(f"{os.path.basename(path)} {size or 'native'} {largest} {mean:.3f}")
+            print(f"{Path(path).name} {size or 'native'} {largest} {mean:.3f}")
 
 
 if __name__ == "__main__":
