@@ -272,6 +272,7 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     config = run.config
     optimizer = build_optimizer(model, config, decay_norms_and_biases=task.decay_norms_and_biases)
     state = resume(run, model, optimizer) if resume_training else TrainState()
+    run.take_output_dir()  # every check passed (data, weights, the resumed checkpoint)
     train_model = wrap_ddp(model, run.device)
     train_loader = loaders["train"]
     steps_per_epoch = len(train_loader)
@@ -337,6 +338,7 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, task: Task) -> Dict
         if weights is None:
             raise ConfigError(f"{args.config}: --evaluate needs --checkpoint or pretrained")
         load_weights(model, weights, trust=config["trust_checkpoint"])
+        run.take_output_dir()
         result = run_test(run, model.to(run.device), task, loaders["test"], weights,
                           "eval_results.json")
         run.records.finish(test=result)

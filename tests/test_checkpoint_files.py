@@ -18,7 +18,7 @@ import train_retrieval
 from engine.saving import model_checkpoint, remove_stale_temporaries, save_checkpoint
 from models import build_pretrain_model, build_retrieval_model, load_checkpoint
 from helpers import REPO_ROOT, read_metrics, run_script, tiny_config
-from models import CheckpointError
+from models import CheckpointError, hub
 
 BAD_LINE_EXIT = SystemExit  # the scripts end bad input with SystemExit("error: ...")
 
@@ -83,7 +83,7 @@ def test_crafted_checkpoint_runs_no_code(retrieval_config, weights, tmp_path):
         "unpickling them can run code from the file; pass --trust_checkpoint (config key "
         "trust_checkpoint: true) only if you trust where the file comes from")
     assert not marker.exists()
-    assert files_in(output_dir) == ["config.yaml"]
+    assert not output_dir.exists()  # refused before the folder is taken
 
 
 def test_trust_is_an_explicit_opt_in(weights, tmp_path):
@@ -121,7 +121,7 @@ def test_checkpoint_for_another_model_stops_the_run(retrieval_config, weights, t
         f"error: {renamed}: fills too little of the model: 0 of {encoder_tensors} video-encoder "
         "tensors matched (the file's keys look like 'backbone.temp', the model's like "
         "'visual_encoder.cls_token')")
-    assert files_in(output_dir) == ["config.yaml"]
+    assert not output_dir.exists()  # refused before the folder is taken
 
 
 def test_non_finite_weights_stop_the_run(retrieval_config, weights, tmp_path):
@@ -132,7 +132,7 @@ def test_non_finite_weights_stop_the_run(retrieval_config, weights, tmp_path):
     message = script_error(retrieval_config, output_dir, "--checkpoint", broken)
     assert message == (f"error: {broken}: text_proj.weight holds 2 non-finite values (NaN or "
                        f"inf) of {state['text_proj.weight'].numel()}; the model would be broken")
-    assert files_in(output_dir) == ["config.yaml"]
+    assert not output_dir.exists()  # refused before the folder is taken
 
 
 def test_truncated_last_checkpoint_on_resume_is_one_line(retrieval_config, tmp_path):
@@ -329,9 +329,9 @@ def test_url_checkpoint_is_downloaded_once_and_reused(retrieval_config, weights,
     server.close()  # offline from here on
     evaluate(retrieval_config, tmp_path / "second", "--checkpoint", url)
     assert server.requests == ["/tiny.pth"]
-    host = url.split("/")[2].replace(":", "_")
-    assert cached_files(tmp_path) == [f"{host}/tiny.pth"]
-    assert (tmp_path / "cache" / host / "tiny.pth").read_bytes() == weights.read_bytes()
+    entry = hub.entry_dir(url).name
+    assert cached_files(tmp_path) == [f"{entry}/entry.json", f"{entry}/tiny.pth"]
+    assert (tmp_path / "cache" / entry / "tiny.pth").read_bytes() == weights.read_bytes()
     evaluate(retrieval_config, tmp_path / "local", "--checkpoint", weights)
     assert (read_metrics(tmp_path / "second" / "eval_results.json")
             == read_metrics(tmp_path / "local" / "eval_results.json"))

@@ -53,16 +53,16 @@ def config_for(tmp_path: Path, data, **overrides) -> str:
 
 
 def fails_with(config: str, output_dir: Path, *extra, allowed=frozenset()) -> str:
-    """The script's one-line error; nothing but `allowed` (and config.yaml) is left in
-    output_dir."""
+    """The script's one-line error; nothing but `allowed` is left in output_dir (a run
+    that fails its checks writes nothing, not even config.yaml)."""
     before = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
     with pytest.raises(SystemExit) as exit_info:
         train_retrieval.main(["--config", config, "--output_dir", str(output_dir), *extra])
     message = str(exit_info.value.code)
     assert "\n" not in message and message.startswith("error: ")
     written = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
-    assert written - before <= {"config.yaml", *allowed}, written - before
-    assert not [name for name in written if name.startswith(".")], written  # no temporaries
+    assert written - before <= set(allowed), written - before
+    assert not [name for name in written - before if name.startswith(".")], written  # no temporaries
     return message
 
 
@@ -157,6 +157,72 @@ def test_a_used_output_folder_is_refused_unless_resume_or_overwrite(tmp_path, da
     assert torch.load(output_dir / "checkpoint_last.pth", weights_only=True)["epoch"] == 0
 
 
+def previous_run(output_dir: Path) -> dict:
+    """A finished run's files (bytes) in `output_dir`."""
+    output_dir.mkdir()
+    files = {"config.yaml": b"# the earlier run's config\n", "checkpoint_last.pth": b"weights",
+             "checkpoint_best.pth": b"best", "log.jsonl": b'{"kind": "step"}\n',
+             "summary.json": b"{}", "notes.txt": b"mine"}
+    for name, content in files.items():
+        (output_dir / name).write_bytes(content)
+    return files
+
+
+def folder_content(output_dir: Path) -> dict:
+    return {path.name: path.read_bytes() for path in output_dir.iterdir()}
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_a_refused_overwrite_or_resume_changes_nothing(tmp_path, data, flag):
+    """A wrong video_root with --overwrite (or --resume) stops the run before the folder
+    is taken: the earlier run stays as it was, config.yaml included."""
+    output_dir = tmp_path / "out"
+    files = previous_run(output_dir)
+    ann, _ = data
+    config = config_for(tmp_path, (ann, tmp_path / "no_such_videos"))
+    message = fails_with(config, output_dir, flag)
+    assert message.endswith("the train split has no usable record (4 missing video)")
+    assert folder_content(output_dir) == files
+
+
+def test_a_resume_from_a_damaged_checkpoint_keeps_the_config(tmp_path, data):
+    output_dir = tmp_path / "out"
+    files = previous_run(output_dir)
+    message = fails_with(config_for(tmp_path, data), output_dir, "--resume")
+    assert message.startswith(f"error: {output_dir / 'checkpoint_last.pth'}: not a PyTorch checkpoint")
+    assert folder_content(output_dir) == files
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path, data):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lock = output_dir / ".testa.lock"
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        message = fails_with(config_for(tmp_path, data), output_dir, "--overwrite",
+                             allowed=set())
+        assert message == (f"error: --output_dir: {output_dir}: in use by another run (pid "
+                           f"{other.pid} on {socket.gethostname()}, {lock}); if no run is using "
+                           f"the folder, delete that file")
+        assert os.listdir(output_dir) == [".testa.lock"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_stale_lock_is_replaced_and_the_lock_removed_at_the_end(tmp_path, data):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    (output_dir / ".testa.lock").write_text(json.dumps({"pid": int(ended.stdout),
+                                                        "host": socket.gethostname()}))
+    train_retrieval.main(["--config", config_for(tmp_path, data), "--output_dir", str(output_dir)])
+    assert (output_dir / "checkpoint_best.pth").is_file()
+    assert not (output_dir / ".testa.lock").exists()
+
+
 # during training ------------------------------------------------------------------------
 def test_sigterm_during_training_ends_with_one_line_and_no_temporaries(tmp_path, data):
     output_dir = tmp_path / "out"
@@ -170,8 +236,8 @@ def test_sigterm_during_training_ends_with_one_line_and_no_temporaries(tmp_path,
 
     killer = threading.Thread(target=terminate_after_first_step, daemon=True)
     killer.start()
-    message = fails_with(config, output_dir, allowed={"log.jsonl", "checkpoint_last.pth",
-                                                      "checkpoint_best.pth"})
+    message = fails_with(config, output_dir, allowed={"config.yaml", "log.jsonl",
+                                                      "checkpoint_last.pth", "checkpoint_best.pth"})
     killer.join(timeout=10)
     assert message == ("error: stopped by SIGTERM; finished epochs are in the output folder's "
                        "checkpoint_last.pth (--resume continues)")
@@ -210,7 +276,7 @@ def test_a_signal_to_the_process_group_with_loader_workers_ends_in_one_line(tmp_
 def test_a_loss_that_is_not_finite_stops_the_run_naming_epoch_step_and_loss(tmp_path, data):
     # a learning rate this large sends the weights to infinity in the first update
     config = config_for(tmp_path, data, init_lr=1e30, weight_decay=0.0)
-    message = fails_with(config, tmp_path / "out", allowed={"log.jsonl"})
+    message = fails_with(config, tmp_path / "out", allowed={"config.yaml", "log.jsonl"})
     assert message == ("error: training stopped: loss_vtc is not finite at epoch 0 step 1; "
                        "the weights of the last finished epoch are in checkpoint_last.pth")
 
