@@ -34,14 +34,20 @@ sys.path.insert(0, str(REPO_ROOT))  # the repository, run as a script
 import pretrain  # noqa: E402
 import train_retrieval  # noqa: E402
 import train_videoqa  # noqa: E402
+from engine.output_dir import OutputDir  # noqa: E402
+from engine.run import RUN_OUTPUTS  # noqa: E402
 from models import build_video_encoder  # noqa: E402
 from models.cost import count, encoder_config  # noqa: E402
 from models.encoder_weights import load_visual_encoder  # noqa: E402
 from models.visualization import visualize_video  # noqa: E402
+from tasks import TASKS as TASK_REGISTRY  # noqa: E402
 from tools import make_pretrain_list, make_synthetic  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 Task = Literal["retrieval", "videoqa", "pretrain"]
 TASKS: Tuple[str, ...] = ("retrieval", "videoqa", "pretrain")
+TASK_OF_DEMO = {"retrieval": "retrieval", "videoqa": "videoqa", "pretrain": "pretraining"}
+RESULTS_FILE = "results.json"
 CONFIGS = {task: REPO_ROOT / "configs" / f"demo_{task}.yaml" for task in TASKS}
 RECALL_KEYS = [f"{direction}_r{k}" for direction in ("t2v", "v2t") for k in (1, 5, 10)]
 PRETRAIN_LOSSES = ("loss_vtc", "loss_vtm", "loss_cap")
@@ -84,7 +90,15 @@ def ensure_dataset(synthetic: SyntheticSet, folder: Path) -> None:
     wanted = make_synthetic.generation_settings(make_synthetic.parse_args(arguments))
     stamp = folder / make_synthetic.SETTINGS_FILE
     if stamp.is_file():
-        found = json.loads(stamp.read_text())
+        try:
+            found = json.loads(stamp.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise SystemExit(f"error: {stamp}: not readable JSON ({err}); remove {folder} or "
+                             f"pass --data with another folder") from None
+        if not isinstance(found, dict):
+            raise SystemExit(f"error: {stamp}: expected a JSON object of settings, got "
+                             f"{type(found).__name__}; remove {folder} or pass --data with another "
+                             f"folder")
         if found == wanted:
             print(f"dataset: {folder} (already there, made with the demo's settings)")
             return
@@ -258,13 +272,20 @@ def main(argv=None) -> dict:
     synthetic = QUICK_SET if args.quick else FULL_SETS[args.task]
     demo = Demo(args.task, args.data or args.root / "data" / synthetic.name,
                 args.out or args.root / "output" / default_output(args.task, args.quick), args.quick)
+    output = OutputDir(demo.output, RUN_OUTPUTS + TASK_REGISTRY[TASK_OF_DEMO[args.task]].outputs
+                       + (RESULTS_FILE,), flag="--out",
+                       hint="pass --out with another folder, or remove it")
+    try:
+        output.check()  # before the dataset is generated; the training script takes it
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     start = time.time()
     torch.manual_seed(0)
     ensure_dataset(synthetic, demo.data)
     results = RUNNERS[args.task](demo)
     results["minutes"] = round((time.time() - start) / 60, 2)
-    (demo.output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"results: {demo.output / 'results.json'} ({results['minutes']} minutes)")
+    (demo.output / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"results: {demo.output / RESULTS_FILE} ({results['minutes']} minutes)")
     return results
 
 

@@ -21,12 +21,18 @@ Layout written under --out:
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing import Pool
 
 import av
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository, run as a script
+from engine.output_dir import OutputDir, taken  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 SHAPE_COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 90, 230), "yellow": (240, 220, 30),
@@ -226,6 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--val-fraction", type=float, default=0.2, help="held-out videos (val.json)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the videos/, annotations/ and settings.json already in --out")
     args = parser.parse_args(argv)
     if args.videos < 1 or not 1 <= args.frames_per_event[0] <= args.frames_per_event[1]:
         parser.error("need --videos >= 1 and 1 <= MIN <= MAX for --frames-per-event")
@@ -234,6 +242,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    output = OutputDir(args.out, ("videos", "annotations", SETTINGS_FILE), overwrite=args.overwrite,
+                       flag="--out", hint="pass --overwrite to replace it, or another --out")
+    try:
+        with taken(output):
+            write_set(args)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def write_set(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     video_dir = os.path.join(args.out, "videos")
     ann_dir = os.path.join(args.out, "annotations")
