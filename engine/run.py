@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from datasets import DataError
+from datasets.decoders import decoder_env_problem
 from engine.config import resolve_config, save_config
 from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, init_distributed,
                                 is_collective_timeout, select_device)
@@ -105,6 +106,8 @@ def start_run(args: argparse.Namespace, task: Task,
     output = OutputDir(Path(args.output_dir), RUN_OUTPUTS + task.outputs, resume=args.resume,
                        overwrite=args.overwrite)
     output.check()
+    if decoder_env_problem():
+        raise ConfigError(decoder_env_problem())
     if config["tensorboard"]:
         summary_writer_class()  # installed? (every rank, before any work)
     init_distributed(device, config["dist_timeout_minutes"])

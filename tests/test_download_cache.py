@@ -3,9 +3,7 @@ apart by the whole URL, only whole checkpoints enter the cache, a cached file is
 as it was downloaded, clean-up stays inside the cache, bad URLs end in one line."""
 import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,48 +12,9 @@ from safetensors.torch import save_file
 
 import train_retrieval
 from engine.saving import model_checkpoint, save_checkpoint
-from helpers import read_metrics, run_script, tiny_config
+from helpers import BodyServer, read_metrics, run_script, tiny_config
 from models import CheckpointError, build_retrieval_model, hub
 from models.checkpoint_reading import read_checkpoint
-
-
-class Server:
-    """`bodies[raw request path]` on http://127.0.0.1:PORT, each with a `mode`: `ok`
-    (with its length), `nolength` (no Content-Length, connection closed after the body),
-    `cut` (no Content-Length, half the body), `html` (the body as text/html)."""
-
-    def __init__(self):
-        self.bodies, self.modes, self.requests = {}, {}, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def do_GET(self):
-                server.requests.append(self.path)
-                body = server.bodies.get(self.path)
-                if body is None:
-                    self.send_error(404, "File not found")
-                    return
-                mode = server.modes.get(self.path, "ok")
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html" if mode == "html"
-                                 else "application/octet-stream")
-                if mode in ("ok", "html"):
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2] if mode == "cut" else body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def tiny_model_config() -> dict:
@@ -79,7 +38,7 @@ def two_weights(tmp_path_factory) -> list:
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     monkeypatch.setenv("TESTA_CACHE", str(tmp_path / "cache"))
-    served = Server()
+    served = BodyServer()
     yield served
     served.close()
 
