@@ -10,7 +10,7 @@ unset (or `auto`) uses decord when it can be imported, else PyAV.
 """
 import importlib.util
 import os
-from typing import Literal, Protocol, Sequence, get_args
+from typing import Literal, Optional, Protocol, Sequence, get_args
 
 import numpy as np
 import torch
@@ -47,6 +47,16 @@ def selected_decoder() -> Decoder:
         raise ValueError(f"{DECODER_ENV}=decord: decord is not installed on this platform; "
                          "use pyav (or leave it unset)")
     return choice
+
+
+def decoder_env_problem() -> Optional[str]:
+    """Why `TESTA_VIDEO_DECODER` cannot be used, in one line, or None: for the scripts to
+    check before any work instead of failing in a loader worker."""
+    try:
+        selected_decoder()
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 class VideoReader(Protocol):

@@ -258,7 +258,12 @@ def check_stamp(folder: Path, settings: GenerationSettings) -> bool:
     stamp = folder / SETTINGS_FILE
     wanted = settings.stamp()
     if stamp.is_file():
-        found = json.loads(stamp.read_text())
+        try:
+            found = json.loads(stamp.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise DataError(f"{stamp}: not readable JSON ({err})") from None
+        if not isinstance(found, dict):
+            raise DataError(f"{stamp}: expected a JSON object of settings, got {type(found).__name__}")
         if found == wanted:
             return True
         differences = ", ".join(f"{key} {found.get(key)!r} instead of {value!r}"

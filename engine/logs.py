@@ -205,8 +205,10 @@ def _epoch_fields(record: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def output_files(output_dir: Path) -> Dict[str, Any]:
-    """What the output folder holds, by role, as names inside it (`output_dir` absolute)."""
-    names = sorted(path.name for path in output_dir.iterdir() if path.is_file())
+    """What the output folder holds, by role, as names inside it (`output_dir` absolute);
+    hidden files (the run's lock) are not listed."""
+    names = sorted(path.name for path in output_dir.iterdir()
+                   if path.is_file() and not path.name.startswith("."))
     named = {"config": CONFIG_FILE, "log": LOG_FILE, "summary": SUMMARY_FILE}
     files: Dict[str, Any] = {
         "output_dir": str(output_dir.resolve()),

@@ -4,8 +4,6 @@ import argparse
 import logging
 import os
 import random
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +13,18 @@ import numpy as np
 import torch
 
 from datasets import DataError
+from datasets.decoders import decoder_env_problem
 from engine.config import resolve_config, save_config
 from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, init_distributed,
                                 is_collective_timeout, select_device)
-from engine.logs import RunRecords, log, set_progress_bar
+from engine.logs import RunRecords, log, set_progress_bar, summary_writer_class
+from engine.output_dir import OutputDir, release_held
 from engine.precision import Precision, build_precision
 from engine.saving import remove_stale_temporaries
 from engine.task import Task
 from engine.signals import Interrupted, script_signals
 from models.checkpoint_reading import CheckpointError
-from models.collectives import get_rank, get_world_size
+from models.collectives import gather_objects, get_rank, get_world_size
 from utils import NONE, ConfigError, Setting, Settings
 
 RUN_SETTINGS = Settings(title="Run", module=__name__, settings={
@@ -50,10 +50,34 @@ class Run:
     device: torch.device
     precision: Precision
     records: Optional[RunRecords] = None
+    output: Optional[OutputDir] = None  # the folder to take; None: a Run made by hand
 
     def __post_init__(self):
         if self.records is None:
             self.records = RunRecords(self.output_dir)
+
+    def take_output_dir(self) -> None:
+        """Once every check of the run has passed: take the output folder (rank 0: lock
+        it, delete an earlier run's results with --overwrite), start the records
+        (TensorBoard), save the config used and remove temporaries an interrupted save
+        left. Every rank stops with rank 0's error if taking fails."""
+        if self.output is None or self.output.taken:
+            return
+        problem = None
+        if self.is_main:
+            try:
+                self.output.take()
+            except ConfigError as err:
+                problem = str(err)
+        problems = [found for found in gather_objects(problem) if found is not None]
+        if problems:
+            raise ConfigError(problems[0])
+        self.output.taken = True
+        self.records = RunRecords(self.output_dir, tensorboard=self.config["tensorboard"])
+        if self.is_main:
+            save_config(self.config, self.output_dir / "config.yaml")
+            for name in remove_stale_temporaries(str(self.output_dir)):
+                log(f"removed {self.output_dir / name}, left by an interrupted save")
 
     @property
     def rank(self) -> int:
@@ -71,65 +95,33 @@ class Run:
 def start_run(args: argparse.Namespace, task: Task,
               overrides: Optional[Mapping[str, Any]] = None) -> Run:
     """Resolve the config against the task's schema, check the output folder (a previous
-    run's files: RUN_OUTPUTS and the task's), join the process group, check what depends
-    on the number of processes, seed, and save the config used in the output folder (and
-    remove temporaries an interrupted save left in it). Every check comes before any work
-    (one-line errors, see script_errors)."""
+    run's files: RUN_OUTPUTS and the task's; another run in it), join the process group,
+    check what depends on the number of processes, and seed. Nothing is written to the
+    output folder here: the caller takes it (`Run.take_output_dir`) once the data and
+    weights have passed their checks too (one-line errors, see script_errors)."""
     if args.trust_checkpoint:
         overrides = {**(overrides or {}), "trust_checkpoint": True}
     config = resolve_config(args.config, args.opts, task.schema, overrides)
     device = select_device(args.device)
-    output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir, RUN_OUTPUTS + task.outputs, resume=args.resume,
+    output = OutputDir(Path(args.output_dir), RUN_OUTPUTS + task.outputs, resume=args.resume,
                        overwrite=args.overwrite)
+    output.check()
+    if decoder_env_problem():
+        raise ConfigError(decoder_env_problem())
+    if config["tensorboard"]:
+        summary_writer_class()  # installed? (every rank, before any work)
     init_distributed(device, config["dist_timeout_minutes"])
     if not getattr(args, "evaluate", False):
         check_queue_fits_batch(config, args)
     set_progress_bar(config["progress_bar"])
-    run = Run(config, output_dir, device, build_precision(config["amp"], device),
-              RunRecords(output_dir, tensorboard=config["tensorboard"]))
+    run = Run(config, output.path, device, build_precision(config["amp"], device), output=output)
     # the models' one-line reports (e.g. text_init) on rank 0; warnings on every rank
     logging.basicConfig(format="%(message)s")
     logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)
-    if run.is_main:
-        save_config(config, output_dir / "config.yaml")
-        for name in remove_stale_temporaries(str(output_dir)):
-            log(f"removed {output_dir / name}, left by an interrupted save")
     seed_everything(config["seed"])  # the same initial weights on every rank
     log(f"{run.world_size} process(es) on {device.type}, precision {run.precision}, "
-        f"output {output_dir}")
+        f"output {output.path}")
     return run
-
-
-def prepare_output_dir(output_dir: Path, outputs: Sequence[str], *, resume: bool,
-                       overwrite: bool) -> None:
-    """Create `output_dir` and make sure it is writable. A folder that holds a previous
-    run (files matching `outputs`) is refused unless `resume` continues it or `overwrite`
-    starts afresh, which removes those files (rank 0)."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"--output_dir: {output_dir}: a file is in the way, not a folder") from None
-    except OSError as err:
-        raise ConfigError(f"--output_dir: {output_dir}: cannot create the folder "
-                          f"({err.strerror})") from None
-    try:
-        probe, probe_path = tempfile.mkstemp(dir=output_dir, prefix=".write_test_")
-        os.close(probe)
-        os.remove(probe_path)
-    except OSError as err:
-        raise ConfigError(f"--output_dir: {output_dir}: cannot write there ({err.strerror})") from None
-    previous = sorted(path.name for pattern in outputs for path in output_dir.glob(pattern))
-    if not previous or resume:
-        return
-    if not overwrite:
-        raise ConfigError(f"--output_dir: {output_dir}: holds a previous run "
-                          f"({', '.join(previous[:3])}{', ...' if len(previous) > 3 else ''}); "
-                          f"pass --resume to continue it or --overwrite to replace it")
-    if get_rank_from_env() == 0:
-        for name in previous:
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def get_rank_from_env() -> int:
@@ -185,4 +177,5 @@ def script_errors():
                          f"in a collective within dist_timeout_minutes, or left "
                          f"({str(err).splitlines()[0][:160]})") from None
     finally:
+        release_held()
         finish_distributed()

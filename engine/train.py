@@ -379,6 +379,7 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     train_loader = loaders["train"]
     steps_per_epoch = len(train_loader)  # before a resumed epoch starts part-way
     state = resume(run, model, optimizer, train_loader) if resume_training else TrainState()
+    run.take_output_dir()  # every check passed (data, weights, the resumed checkpoint)
     train_model = wrap_ddp(model, run.device)
     schedule = task.schedule(config)
     losses_of = task.make_losses(train_model, run, train_loader)
@@ -452,6 +453,7 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, task: Task) -> Dict
         if weights is None:
             raise ConfigError(f"{args.config}: --evaluate needs --checkpoint or pretrained")
         load_weights(model, weights, trust=config["trust_checkpoint"])
+        run.take_output_dir()
         result = run_test(run, model.to(run.device), task, loaders["test"], weights,
                           "eval_results.json")
         run.records.finish(test=result)

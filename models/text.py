@@ -189,14 +189,37 @@ def build_text_config(config: Mapping[str, Any], tokenizer: BertTokenizer) -> Bl
     )
 
 
+@TEXT_SETTINGS.check
+def med_config_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
+    """Why the med_config file cannot build the text towers (missing, not a JSON object,
+    a value of the wrong type or range), as ("med_config", problem), or None."""
+    try:
+        med = _read_med_config(config["med_config"])
+    except (FileNotFoundError, ValueError) as err:
+        return "med_config", str(err)
+    problems = [value_problem(name, value, TEXT_CONFIG_SETTINGS[name])
+                for name, value in med.items() if name in TEXT_CONFIG_SETTINGS]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        return "med_config", f"med_config {config['med_config']}: {problems[0]}"
+    return None
+
+
 def _read_med_config(path: str) -> dict:
-    """The med_config JSON; a relative path is tried from the working directory, then
-    from the repository root."""
+    """The med_config JSON object; a relative path is tried from the working directory,
+    then from the repository root. FileNotFoundError or ValueError in one line naming the
+    file."""
     candidates = [Path(path)] if Path(path).is_absolute() else [Path(path), REPO_ROOT / path]
     for candidate in candidates:
         if candidate.is_file():
-            with open(candidate) as f:
-                return json.load(f)
+            try:
+                med = json.loads(candidate.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raise ValueError(f"med_config {candidate}: not readable JSON ({err})") from None
+            if not isinstance(med, dict):
+                raise ValueError(f"med_config {candidate}: expected a JSON object, got "
+                                 f"{type(med).__name__}")
+            return med
     raise FileNotFoundError(f"med_config {path!r} not found (looked at "
                             f"{', '.join(str(c) for c in candidates)})")
 

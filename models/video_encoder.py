@@ -229,6 +229,8 @@ def video_encoder_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]
         aggregation_plan(config["token_merging"], config["testa_r"], config["merging_type"],
                           config["attention_type"], config["depth"], config["num_frames"],
                           (config["image_size"] // config["patch_size"]) ** 2)
+        if config["token_merging"]:
+            parse_threshold(config["testa_threshold"])  # a [frame, patch] pair, each in [-1, 1]
     except ValueError as err:
         problem = str(err)
         return problem.split(" ", 1)[0], problem

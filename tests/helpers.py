@@ -3,7 +3,10 @@
 runs outside pytest."""
 import io
 import json
+import socket
+import threading
 from contextlib import redirect_stderr, redirect_stdout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -14,6 +17,16 @@ from ruamel.yaml import YAML
 from models import build_video_encoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's store),
+    so that two test runs side by side never meet on one port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 CAPTIONS = ["a man is cooking pasta in a kitchen", "a dog runs across the park",
             "two people dance on a stage", "a cat sleeps on the sofa"]
 
@@ -117,3 +130,43 @@ def tiny_encoder(seed: int = 0, **overrides):
 def random_video(batch: int, frames: int, seed: int = 1, size: int = 64):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, frames, size, size, generator=generator, dtype=torch.float64)
+
+
+class BodyServer:
+    """`bodies[raw request path]` on http://127.0.0.1:PORT (a free port), each with a
+    `mode`: `ok` (with its length), `nolength` (no Content-Length, connection closed after
+    the body), `cut` (no Content-Length, half the body), `short` (the full length announced,
+    half the body sent), `html` (the body as text/html); `requests` lists the paths asked."""
+
+    def __init__(self):
+        self.bodies, self.modes, self.requests = {}, {}, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = server.bodies.get(self.path)
+                if body is None:
+                    self.send_error(404, "File not found")
+                    return
+                mode = server.modes.get(self.path, "ok")
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html" if mode == "html"
+                                 else "application/octet-stream")
+                if mode in ("ok", "html", "short"):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if mode in ("cut", "short") else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ import torch
 import train_retrieval
 from engine.saving import model_checkpoint, remove_stale_temporaries, save_checkpoint
 from models import build_pretrain_model, build_retrieval_model, load_checkpoint
-from helpers import REPO_ROOT, read_metrics, run_script, tiny_config
-from models import CheckpointError
+from helpers import REPO_ROOT, BodyServer, read_metrics, run_script, tiny_config
+from models import CheckpointError, hub
 
 BAD_LINE_EXIT = SystemExit  # the scripts end bad input with SystemExit("error: ...")
 
@@ -83,7 +82,7 @@ def test_crafted_checkpoint_runs_no_code(retrieval_config, weights, tmp_path):
         "unpickling them can run code from the file; pass --trust_checkpoint (config key "
         "trust_checkpoint: true) only if you trust where the file comes from")
     assert not marker.exists()
-    assert files_in(output_dir) == ["config.yaml"]
+    assert not output_dir.exists()  # refused before the folder is taken
 
 
 def test_trust_is_an_explicit_opt_in(weights, tmp_path):
@@ -121,7 +120,7 @@ def test_checkpoint_for_another_model_stops_the_run(retrieval_config, weights, t
         f"error: {renamed}: fills too little of the model: 0 of {encoder_tensors} video-encoder "
         "tensors matched (the file's keys look like 'backbone.temp', the model's like "
         "'visual_encoder.cls_token')")
-    assert files_in(output_dir) == ["config.yaml"]
+    assert not output_dir.exists()  # refused before the folder is taken
 
 
 def test_non_finite_weights_stop_the_run(retrieval_config, weights, tmp_path):
@@ -132,7 +131,7 @@ def test_non_finite_weights_stop_the_run(retrieval_config, weights, tmp_path):
     message = script_error(retrieval_config, output_dir, "--checkpoint", broken)
     assert message == (f"error: {broken}: text_proj.weight holds 2 non-finite values (NaN or "
                        f"inf) of {state['text_proj.weight'].numel()}; the model would be broken")
-    assert files_in(output_dir) == ["config.yaml"]
+    assert not output_dir.exists()  # refused before the folder is taken
 
 
 def test_truncated_last_checkpoint_on_resume_is_one_line(retrieval_config, tmp_path):
@@ -268,50 +267,13 @@ def test_next_start_removes_temporaries_of_a_killed_run(retrieval_config, weight
 
 
 # checkpoints by URL and hub id -------------------------------------------------------
-class Server:
-    """Files of `root` on http://127.0.0.1:PORT/, counting the requests of each path;
-    `truncate` paths announce their full length but send half."""
-
-    def __init__(self, root: Path):
-        self.requests, self.truncate = [], set()
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(root), **kwargs)
-
-            def do_GET(self):
-                server.requests.append(self.path)
-                if self.path not in server.truncate:
-                    return super().do_GET()
-                body = (root / self.path.lstrip("/")).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2])
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server(weights, tmp_path, monkeypatch):
-    root = tmp_path / "served"
-    (root / "ShuhuaiRen" / "TESTA_tiny" / "resolve" / "main").mkdir(parents=True)
-    (root / "tiny.pth").write_bytes(weights.read_bytes())
-    (root / "ShuhuaiRen" / "TESTA_tiny" / "resolve" / "main" / "tiny.pth").write_bytes(
-        weights.read_bytes())
+    served = BodyServer()
+    for path in ("/tiny.pth", "/ShuhuaiRen/TESTA_tiny/resolve/main/tiny.pth"):
+        served.bodies[path] = weights.read_bytes()
     monkeypatch.setenv("TESTA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    served = Server(root)
     yield served
     served.close()
 
@@ -329,9 +291,9 @@ def test_url_checkpoint_is_downloaded_once_and_reused(retrieval_config, weights,
     server.close()  # offline from here on
     evaluate(retrieval_config, tmp_path / "second", "--checkpoint", url)
     assert server.requests == ["/tiny.pth"]
-    host = url.split("/")[2].replace(":", "_")
-    assert cached_files(tmp_path) == [f"{host}/tiny.pth"]
-    assert (tmp_path / "cache" / host / "tiny.pth").read_bytes() == weights.read_bytes()
+    entry = hub.entry_dir(url).name
+    assert cached_files(tmp_path) == [f"{entry}/entry.json", f"{entry}/tiny.pth"]
+    assert (tmp_path / "cache" / entry / "tiny.pth").read_bytes() == weights.read_bytes()
     evaluate(retrieval_config, tmp_path / "local", "--checkpoint", weights)
     assert (read_metrics(tmp_path / "second" / "eval_results.json")
             == read_metrics(tmp_path / "local" / "eval_results.json"))
@@ -353,7 +315,7 @@ def test_missing_url_is_one_line_and_caches_nothing(retrieval_config, server, tm
 
 
 def test_interrupted_download_caches_nothing(retrieval_config, server, weights, tmp_path):
-    server.truncate.add("/tiny.pth")
+    server.modes["/tiny.pth"] = "short"
     url = f"{server.url}/tiny.pth"
     message = script_error(retrieval_config, tmp_path / "out", "--checkpoint", url)
     size = weights.stat().st_size

@@ -126,3 +126,27 @@ def test_make_pretrain_list_joins_each_videos_paragraph(tmp_path):
                                            {"path": "v_b.mp4", "caption": "three."}]
     with pytest.raises(SystemExit, match="val.json: not found"):
         make_pretrain_list.main(["--data", str(tmp_path), "--split", "val"])
+
+
+@pytest.mark.parametrize("text, problem", [("{damaged", "not readable JSON"),
+                                           ("[1, 2]", "expected a JSON object of settings")])
+def test_a_damaged_settings_file_is_one_line(tmp_path, text, problem):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / make_synthetic.SETTINGS_FILE).write_text(text)
+    with pytest.raises(SystemExit) as refused:
+        demo.ensure_dataset(demo.QUICK_SET, tmp_path / "set")
+    message = str(refused.value.code)
+    assert message.startswith(f"error: {tmp_path / 'set' / 'settings.json'}: {problem}")
+    assert "\n" not in message
+
+
+def test_a_used_output_folder_is_refused_before_the_dataset_is_made(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    with pytest.raises(SystemExit) as refused:
+        demo.main(["--quick", "--data", str(tmp_path / "set"), "--out", str(out)])
+    assert str(refused.value.code) == (f"error: --out: {out}: holds a previous run (results.json); "
+                                       f"pass --out with another folder, or remove it")
+    assert not (tmp_path / "set").exists()
+    assert (out / "results.json").read_text() == '{"earlier": true}'

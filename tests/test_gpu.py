@@ -12,7 +12,6 @@ it is only checked to be finite there.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 import pretrain
 import train_retrieval
 import train_videoqa
-from helpers import CAPTIONS, REPO_ROOT, read_metrics, run_script, tiny_config, write_config
+from helpers import CAPTIONS, REPO_ROOT, free_port, read_metrics, run_script, tiny_config, write_config
 from models import build_retrieval_model
 
 pytestmark = pytest.mark.gpu
@@ -43,12 +42,6 @@ SCRIPTS = {"retrieval": train_retrieval.main, "videoqa": train_videoqa.main,
 def read_log(output_dir: Path, kind: str) -> list:
     records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     return [record for record in records if record["kind"] == kind]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

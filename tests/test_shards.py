@@ -3,7 +3,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -14,7 +13,7 @@ import pytest
 from datasets import DataError, build_datasets
 from datasets.issues import DataIssues
 from datasets.shards import ShardedPretrainDataset, plan_epoch, samples_per_slot, shard_name
-from helpers import REPO_ROOT, write_config, write_gray_video
+from helpers import REPO_ROOT, free_port, write_config, write_gray_video
 from utils import ConfigError
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -150,12 +149,6 @@ def test_the_config_names_exactly_one_source_and_shards_the_manifest_knows(shard
         build_datasets(config_of(shards, train_shards="https://host/train-000000.tar"))
     with pytest.raises(DataError, match="make no batch of 8 for each of 4 loader workers"):
         build_datasets(config_of(shards, batch_size=8, num_workers=4))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow  # two processes with two loader workers each, one epoch of pre-training

@@ -2,7 +2,7 @@
 
     python tools/adaptive_study.py                       # tokens and GMACs per video
     python tools/adaptive_study.py --train               # also fine-tune the demo model per setting: R@1
-    python tools/adaptive_study.py --train --out docs    # the figures into docs/ (runs stay in output/)
+    python tools/adaptive_study.py --train --out docs --overwrite  # the figures into docs/ (runs stay in output/)
 
 Two sets of videos:
 - synthetic: the held-out videos of the demo set (data/synthetic, tools/make_synthetic.py:
@@ -44,7 +44,8 @@ from models import build_video_encoder  # noqa: E402
 from models.cost import compare_at_equal_gmacs, content_cost, count, count_on_video  # noqa: E402
 from models.encoder_weights import load_visual_encoder  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
-from utils import with_defaults  # noqa: E402
+from engine.output_dir import OutputDir, taken  # noqa: E402
+from utils import ConfigError, with_defaults  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_retrieval.yaml"
 REAL_CONFIGS = {"fixed_r1_12": REPO_ROOT / "configs" / "retrieval_queryd_f32.yaml",
@@ -153,13 +154,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-real", action="store_true", help="skip the 32-frame real clips")
     parser.add_argument("--still", type=Path, default=Path("output/still_bigbuckbunny.mp4"),
                         help="where to write the still-image clip")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the adaptive_study.* files already in --out")
     args = parser.parse_args(argv)
+    output = OutputDir(args.out, ("adaptive_study.csv", "adaptive_study.json", "adaptive_study.png"),
+                       overwrite=args.overwrite, flag="--out",
+                       hint="pass --overwrite to replace them, or another --out")
+    try:
+        output.check()
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     annotations = args.data / "annotations" / "val.json"
     if not annotations.is_file():
         raise SystemExit(f"{annotations}: not found; make it with tools/make_synthetic.py "
                          "(or python tools/demo.py)")
     videos = [args.data / "videos" / item["video"] for item in json.loads(annotations.read_text())]
-    args.out.mkdir(parents=True, exist_ok=True)
     demo = load_config(DEMO_CONFIG)
 
     summary = {"synthetic": {}, "real": {}}
@@ -206,16 +215,20 @@ def main(argv=None) -> dict:
                 print(name, real[name][-1], flush=True)
             summary["real"][name] = summarise(real[name])
 
-    with open(args.out / "adaptive_study.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["set", "setting", "video", "tokens_out", "gmacs"])
-        for group, results in (("synthetic", synthetic), ("real", real)):
-            for name, rows in results.items():
-                writer.writerows([group, name, row["video"], row["tokens_out"], row["gmacs"]] for row in rows)
-    (args.out / "adaptive_study.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if real:
-        draw(synthetic, real, summary, args.out / "adaptive_study.png")
-    print(f"wrote {args.out / 'adaptive_study.csv'}, .json" + (", .png" if real else ""))
+    try:
+        with taken(output):
+            with open(args.out / "adaptive_study.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["set", "setting", "video", "tokens_out", "gmacs"])
+                for group, results in (("synthetic", synthetic), ("real", real)):
+                    for name, rows in results.items():
+                        writer.writerows([group, name, row["video"], row["tokens_out"], row["gmacs"]] for row in rows)
+            (args.out / "adaptive_study.json").write_text(json.dumps(summary, indent=1) + "\n")
+            if real:
+                draw(synthetic, real, summary, args.out / "adaptive_study.png")
+            print(f"wrote {args.out / 'adaptive_study.csv'}, .json" + (", .png" if real else ""))
+    except ConfigError as err:  # the folder was taken by another run meanwhile
+        raise SystemExit(f"error: {err}") from None
     return summary
 
 

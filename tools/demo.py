@@ -36,13 +36,19 @@ import train_retrieval  # noqa: E402
 import train_videoqa  # noqa: E402
 from datasets import DataError  # noqa: E402
 from datasets.synthetic import GenerationSettings, check_stamp, write_pretrain_list  # noqa: E402
+from engine.output_dir import OutputDir  # noqa: E402
+from engine.run import RUN_OUTPUTS  # noqa: E402
 from models import build_video_encoder  # noqa: E402
 from models.cost import count, encoder_config  # noqa: E402
 from models.encoder_weights import load_visual_encoder  # noqa: E402
 from models.visualization import visualize_video  # noqa: E402
+from tasks import TASKS as TASK_REGISTRY  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 Task = Literal["retrieval", "videoqa", "pretrain"]
 TASKS: Tuple[str, ...] = ("retrieval", "videoqa", "pretrain")
+TASK_OF_DEMO = {"retrieval": "retrieval", "videoqa": "videoqa", "pretrain": "pretraining"}
+RESULTS_FILE = "results.json"
 CONFIGS = {task: REPO_ROOT / "configs" / f"demo_{task}.yaml" for task in TASKS}
 RECALL_KEYS = [f"{direction}_r{k}" for direction in ("t2v", "v2t") for k in (1, 5, 10)]
 PRETRAIN_LOSSES = ("loss_vtc", "loss_vtm", "loss_cap")
@@ -250,13 +256,20 @@ def main(argv=None) -> dict:
     synthetic = QUICK_SET if args.quick else FULL_SETS[args.task]
     demo = Demo(args.task, args.data or args.root / "data" / synthetic.name,
                 args.out or args.root / "output" / default_output(args.task, args.quick), args.quick)
+    output = OutputDir(demo.output, RUN_OUTPUTS + TASK_REGISTRY[TASK_OF_DEMO[args.task]].outputs
+                       + (RESULTS_FILE,), flag="--out",
+                       hint="pass --out with another folder, or remove it")
+    try:
+        output.check()  # before the dataset is generated; the training script takes it
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     start = time.time()
     torch.manual_seed(0)
     ensure_dataset(synthetic, demo.data)
     results = RUNNERS[args.task](demo)
     results["minutes"] = round((time.time() - start) / 60, 2)
-    (demo.output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"results: {demo.output / 'results.json'} ({results['minutes']} minutes)")
+    (demo.output / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"results: {demo.output / RESULTS_FILE} ({results['minutes']} minutes)")
     return results
 
 

@@ -31,6 +31,8 @@ from datasets.issues import DataIssues  # noqa: E402
 from datasets.retrieval import READERS  # noqa: E402
 from datasets.shards import MANIFEST  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.output_dir import OutputDir, taken  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 Source = tuple[str, list[str]]  # (file, captions)
 
@@ -109,9 +111,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.samples_per_shard < 1 or args.max_shard_bytes < 1:
         parser.error("--samples-per-shard and --max-shard-bytes must be positive")
-    if (args.out / MANIFEST).exists():
-        parser.error(f"{args.out / MANIFEST} exists: write the shards to a new folder")
-    args.out.mkdir(parents=True, exist_ok=True)
+    output = OutputDir(args.out, (MANIFEST, f"{args.prefix}-*.tar"), flag="--out",
+                       hint="write the shards to a new folder")
+    try:
+        with taken(output):
+            return write_shards(args)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def write_shards(args: argparse.Namespace) -> dict:
     issues = DataIssues("shards")
     sources = (pretrain_sources(args.train_file, args.video_root, issues) if args.train_file
                else retrieval_sources(args.config, args.split, issues))

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
-from datasets.synthetic import GenerationSettings, video_codec, write_set  # noqa: E402
+from datasets.synthetic import GenerationSettings, SETTINGS_FILE, video_codec, write_set  # noqa: E402
+from engine.output_dir import OutputDir, taken  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 DEFAULTS = GenerationSettings()
 
@@ -36,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction,
                         help="held-out videos (val.json)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the videos/, annotations/ and settings.json already in --out")
     args = parser.parse_args(argv)
     if args.videos < 1 or not 1 <= args.frames_per_event[0] <= args.frames_per_event[1]:
         parser.error("need --videos >= 1 and 1 <= MIN <= MAX for --frames-per-event")
@@ -44,6 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    output = OutputDir(args.out, ("videos", "annotations", SETTINGS_FILE), overwrite=args.overwrite,
+                       flag="--out", hint="pass --overwrite to replace it, or another --out")
+    try:
+        with taken(output):
+            write(args)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def write(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     settings = GenerationSettings(args.videos, args.seed, tuple(args.frames_per_event), args.size,
                                   args.fps, args.val_fraction)
