@@ -16,6 +16,11 @@ from models.checkpoint_reading import CheckpointError, local_file, read_checkpoi
 from models.load_report import DDP_PREFIX, LoadReport, part_of
 from models.weight_conversion import checkpoint_filter_fn
 
+class ShapeMismatchError(CheckpointError):
+    """A tensor of the file whose shape the model cannot take (another model size or
+    layout: the config and the weights disagree)."""
+
+
 PART_NAMES = {"visual_encoder": "video-encoder", "text_encoder": "text-encoder",
               "text_decoder": "text-decoder"}
 
@@ -35,7 +40,7 @@ def load_checkpoint(model: nn.Module, location: str, *, trust: bool = False) -> 
     try:
         state_dict, conversion = checkpoint_filter_fn(state_dict, model)
     except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise ShapeMismatchError(f"{path}: {err}") from None
     report.ignored, report.dropped = conversion.ignored, conversion.dropped
     report.temporal_copied = conversion.temporal_copied
     report.interpolated = conversion.interpolated
@@ -122,5 +127,5 @@ def _check_shapes(path: str, state_dict: Mapping[str, torch.Tensor],
                   model_state: Mapping[str, torch.Tensor]) -> None:
     for key, value in state_dict.items():
         if key in model_state and value.shape != model_state[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)} in the file but "
+            raise ShapeMismatchError(f"{path}: {key} has shape {tuple(value.shape)} in the file but "
                                   f"{tuple(model_state[key].shape)} in the model")

@@ -1,0 +1,92 @@
+"""The paths a new user walks: evaluating a checkpoint with its own config and only the
+test split's files, `--opts` dicts, checkpoint files that are not checkpoints, and the
+Python API's edges."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import testa
+import train_retrieval
+from engine.config import resolve_config
+from ruamel.yaml import YAML
+from utils import ConfigError
+from helpers import read_metrics, run_script
+from tasks import TASKS
+
+
+@pytest.fixture(scope="module")
+def trained(retrieval_config, tmp_path_factory) -> Path:
+    """A one-epoch retrieval run on the synthetic data: checkpoint_best.pth and
+    test_metrics.json."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    run_script(train_retrieval.main, "--config", retrieval_config, "--output_dir", output_dir,
+               "--opts", "max_epoch=1")
+    return output_dir
+
+
+def only_test_annotations(synthetic: Path, tmp_path: Path) -> Path:
+    """A copy of the annotations holding only what the test split reads (ActivityNet
+    Captions tests on val.json)."""
+    ann_root = tmp_path / "annotations"
+    ann_root.mkdir()
+    shutil.copy(synthetic / "annotations" / "val.json", ann_root / "val.json")
+    return ann_root
+
+
+def test_zero_shot_evaluation_needs_only_the_test_split_and_no_config(trained, synthetic, tmp_path):
+    ann_root = only_test_annotations(synthetic, tmp_path)
+    printed = run_script(train_retrieval.main, "--output_dir", tmp_path / "eval", "--evaluate",
+                         "--checkpoint", trained / "checkpoint_best.pth",
+                         "--opts", f"ann_root={ann_root}", f"video_root={synthetic / 'videos'}")
+    assert "checkpoint_best.pth" in printed
+    assert read_metrics(tmp_path / "eval" / "eval_results.json") == pytest.approx(
+        read_metrics(trained / "test_metrics.json"))
+
+
+def test_evaluation_with_a_config_that_contradicts_the_weights_names_both(
+        trained, retrieval_config, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        run_script(train_retrieval.main, "--config", retrieval_config, "--output_dir", tmp_path,
+                   "--evaluate", "--checkpoint", trained / "checkpoint_best.pth",
+                   "--opts", "vision_width=128", "num_heads=2")
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert retrieval_config in message and "checkpoint_best.pth" in message
+
+
+def test_evaluation_does_not_read_the_text_init_of_the_training_machine(
+        trained, synthetic, tmp_path):
+    ann_root = only_test_annotations(synthetic, tmp_path)
+    run_script(train_retrieval.main, "--output_dir", tmp_path / "eval", "--evaluate",
+               "--checkpoint", trained / "checkpoint_best.pth",
+               "--opts", f"ann_root={ann_root}", f"video_root={synthetic / 'videos'}",
+               f"text_init={tmp_path / 'gone' / 'bert'}")
+    assert read_metrics(tmp_path / "eval" / "eval_results.json") == pytest.approx(
+        read_metrics(trained / "test_metrics.json"))
+
+
+# item 2: a mapping in --opts merges into the config's mapping --------------------------
+@pytest.mark.parametrize("opts", [["text_config={hidden_size: 32}"], ["text_config.hidden_size=32"]])
+def test_a_mapping_in_opts_merges_into_the_configs_mapping(retrieval_config, tmp_path, opts):
+    run_script(train_retrieval.main, "--config", retrieval_config, "--output_dir", tmp_path,
+               "--opts", "max_epoch=1", *opts)
+    saved = YAML(typ="safe").load(tmp_path / "config.yaml")["text_config"]
+    assert saved == {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "intermediate_size": 128}
+    weights = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["model"]
+    assert weights["text_encoder.embeddings.word_embeddings.weight"].shape[1] == 32
+    assert not any(key.startswith("text_encoder.encoder.layer.2.") for key in weights)
+
+
+def test_dotted_opts_keys_are_checked(retrieval_config):
+    schema = TASKS["retrieval"].schema
+    with pytest.raises(ConfigError, match=r"--opts: text_config and text_config.hidden_size are both"):
+        resolve_config(retrieval_config, ["text_config={}", "text_config.hidden_size=32"], schema)
+    with pytest.raises(ConfigError, match=r"--opts: max_epoch.x: max_epoch is not a mapping"):
+        resolve_config(retrieval_config, ["max_epoch.x=1"], schema)
+    with pytest.raises(ConfigError, match=r"unknown key 'text_confg' \(did you mean 'text_config'"):
+        resolve_config(retrieval_config, ["text_confg.hidden_size=32"], schema)
+    with pytest.raises(ConfigError, match=r"text_config: unknown key 'hiden_size'"):
+        resolve_config(retrieval_config, ["text_config.hiden_size=32"], schema)
