@@ -37,6 +37,7 @@ from tasks.retrieval import candidate_masks, protocol_scores
 from utils import with_defaults
 
 Video = Union[str, Path, torch.Tensor]
+TRUST_OPTION = "trust=True"  # how `load` allows a file that needs full unpickling
 
 
 @dataclass
@@ -192,7 +193,7 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     checkpoint's captioning decoder is not used: the load report lists it as unexpected).
     """
     checkpoint = str(checkpoint)
-    saved = read_checkpoint(checkpoint, trust=trust)[0]
+    saved = read_checkpoint(checkpoint, trust=trust, trust_option=TRUST_OPTION)[0]
     if config is None:
         config = saved.get("config")
         if not isinstance(config, dict):
@@ -206,10 +207,11 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     else:
         raise ValueError(f"{checkpoint}: records no task and its config names no dataset; "
                          f"pass config= (e.g. a configs/*.yaml)")
-    config = with_defaults(config, task.schema, checkpoint)
+    # the checkpoint holds the text towers: no text_init (a path of the training machine)
+    config = with_defaults({**config, "text_init": None}, task.schema, checkpoint)
     build_model, served_as = SERVED_AS[task.name]
     model = build_model(config)
-    report = load_checkpoint(model, checkpoint, trust=trust)
+    report = load_checkpoint(model, checkpoint, trust=trust, trust_option=TRUST_OPTION)
     device = torch.device(device)
     model = model.to(device).eval()
     return served_as(model, config, report, device)

@@ -1,6 +1,9 @@
 """The paths a new user walks: evaluating a checkpoint with its own config and only the
 test split's files, `--opts` dicts, checkpoint files that are not checkpoints, and the
 Python API's edges."""
+import builtins
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import train_retrieval
 from engine.config import resolve_config
 from ruamel.yaml import YAML
 from utils import ConfigError
-from helpers import read_metrics, run_script
+from helpers import read_metrics, run_script, write_gray_video
+from models.checkpoint_reading import CheckpointError
 from tasks import TASKS
 
 
@@ -90,3 +94,57 @@ def test_dotted_opts_keys_are_checked(retrieval_config):
         resolve_config(retrieval_config, ["text_confg.hidden_size=32"], schema)
     with pytest.raises(ConfigError, match=r"text_config: unknown key 'hiden_size'"):
         resolve_config(retrieval_config, ["text_config.hiden_size=32"], schema)
+
+
+# item 5: what a file given as a checkpoint is -------------------------------------------
+class WritesMarker:
+    """Unpickling this creates `marker` (any code a crafted file could run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("kind, what", [
+    ("video", "not a PyTorch checkpoint: an MP4/MOV video"),
+    ("random", "not a PyTorch checkpoint: neither a zip archive (torch.save's format) nor a "
+               "pickle; it starts with bytes"),
+    ("pickle", "not a PyTorch checkpoint: a plain Python pickle"),
+    ("empty", "not a PyTorch checkpoint: an empty file"),
+    ("folder", "a folder, not a checkpoint file"),
+])
+def test_a_file_that_is_no_checkpoint_is_named_and_no_trust_is_advised(
+        trained, retrieval_config, tmp_path, kind, what):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "video":
+        write_gray_video(str(path), 8)
+    elif kind == "random":
+        path.write_bytes(bytes(range(7, 255)) * 20)
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"model": {"a": 1}}))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        path.mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        run_script(train_retrieval.main, "--config", retrieval_config, "--output_dir",
+                   tmp_path / "out", "--evaluate", "--checkpoint", path)
+    assert str(stopped.value).startswith(f"error: {path}: {what}")
+    assert "trust" not in str(stopped.value)
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{path}: {what}")):
+        testa.load(path)
+
+
+def test_a_pickle_needing_trust_names_its_globals_and_the_apis_keyword(trained, tmp_path):
+    marker = tmp_path / "marker"
+    saved = torch.load(trained / "checkpoint_best.pth", weights_only=True)
+    crafted = tmp_path / "crafted.pth"
+    torch.save({**saved, "payload": WritesMarker(marker)}, crafted)
+    with pytest.raises(CheckpointError) as refused:
+        testa.load(crafted)
+    assert str(refused.value) == (
+        f"{crafted}: holds Python objects outside the safe list (io.open), and unpickling them "
+        f"can run code from the file; pass trust=True only if you trust where the file comes from")
+    assert not marker.exists()
