@@ -18,16 +18,18 @@ normalisation), or as clips already decoded: `[T, 3, H, W]` tensors, uint8 as
 returns them (already normalised). Texts get the datasets' cleaning (`pre_caption`,
 `pre_question`) before tokenisation.
 """
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from datasets import pre_caption, pre_question
 from datasets.base import video_batch
-from datasets.video import read_test_frames
+from datasets.video import VideoDecodeError, read_test_frames
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models import LoadReport, read_checkpoint
 from models.video_encoder import cat_token_batches
@@ -36,18 +38,24 @@ from tasks import TASKS, task_of_dataset
 from tasks.retrieval import candidate_masks, protocol_scores
 from utils import with_defaults
 
-Video = Union[str, Path, torch.Tensor]
+Video = Union[str, Path, torch.Tensor, np.ndarray]
+VIDEO_TYPES = (str, Path, torch.Tensor, np.ndarray)
 TRUST_OPTION = "trust=True"  # how `load` allows a file that needs full unpickling
+logger = logging.getLogger("testa")
 
 
 @dataclass
 class VideoEmbeddings:
     """features `[V, E]` (L2-normalised, for similarities); tokens `[V, N, D]` (the video
     encoder's output after aggregation, which the matching head attends to); mask `[V, N]`:
-    the tokens that hold content (None: all; adaptive aggregation pads)."""
+    the tokens that hold content (None: all; adaptive aggregation pads); ids: each row's
+    video (its path, or `#<position>` for a clip given decoded); skipped: (id, reason) of
+    the videos left out because they do not decode (`skip_bad=True`)."""
     features: torch.Tensor
     tokens: torch.Tensor
     mask: Optional[torch.Tensor] = None
+    ids: List[str] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +82,8 @@ class ClipReader:
         """`[T, 3, H, W]`: uint8 as decoded, or float already normalised."""
         if isinstance(video, (str, Path)):
             return read_test_frames(str(video), self.num_frm, self.size)
+        if isinstance(video, np.ndarray):
+            video = torch.from_numpy(video)
         expected = (self.num_frm, 3, self.size, self.size)
         if tuple(video.shape) != expected:
             raise ValueError(f"a video tensor must be [T, 3, H, W] = {list(expected)} for this "
@@ -81,9 +91,58 @@ class ClipReader:
         return video
 
     def batch(self, videos: Sequence[Video]) -> torch.Tensor:
-        if isinstance(videos, (str, Path, torch.Tensor)):
-            raise TypeError("pass a list of videos (paths or [T, 3, H, W] tensors)")
         return video_batch([self.clip(video) for video in videos]).to(self.device)
+
+    def decodable_batch(self, videos: Sequence[Video], ids: Sequence[str],
+                        skipped: List[Tuple[str, str]]) -> Tuple[Optional[torch.Tensor], List[str]]:
+        """The batch of those `videos` that decode (None: none does) and their ids; each
+        that does not is added to `skipped` as (id, reason)."""
+        clips, kept = [], []
+        for video, video_id in zip(videos, ids):
+            try:
+                clips.append(self.clip(video))
+            except VideoDecodeError as err:
+                skipped.append((video_id, str(err)))
+                continue
+            kept.append(video_id)
+        return (video_batch(clips).to(self.device) if clips else None), kept
+
+
+def checked_videos(videos: Sequence[Video]) -> List[Video]:
+    """`videos` as a list, after checking it is a non-empty list of paths and clips."""
+    if isinstance(videos, VIDEO_TYPES) or not isinstance(videos, Sequence):
+        raise TypeError(f"videos: pass a list of videos (paths or [T, 3, H, W] clips), got "
+                        f"{type(videos).__name__}")
+    if not videos:
+        raise ValueError("videos: the list is empty")
+    for index, video in enumerate(videos):
+        if not isinstance(video, VIDEO_TYPES):
+            raise TypeError(f"videos[{index}]: a path or a [T, 3, H, W] clip, got "
+                            f"{type(video).__name__}")
+    return list(videos)
+
+
+def checked_texts(name: str, texts: Sequence[str]) -> List[str]:
+    """`texts` as a list, after checking it is a non-empty list of strings."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{name}: pass a list of strings, got {type(texts).__name__}"
+                        + (f" {texts[:40]!r}" if isinstance(texts, str) else ""))
+    if not texts:
+        raise ValueError(f"{name}: the list is empty")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}]: a string, got {type(text).__name__}")
+    return list(texts)
+
+
+def checked_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def video_ids(videos: Sequence[Video]) -> List[str]:
+    return [str(video) if isinstance(video, (str, Path)) else f"#{position}"
+            for position, video in enumerate(videos)]
 
 
 class VideoText:
@@ -96,19 +155,40 @@ class VideoText:
         self.reader = ClipReader(config, device)
 
     @torch.no_grad()
-    def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8) -> VideoEmbeddings:
-        features, tokens, masks = [], [], []
+    def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8,
+                     skip_bad: bool = False) -> VideoEmbeddings:
+        """Embeddings of `videos` (paths or clips), `batch_size` at a time. A video that does
+        not decode raises VideoDecodeError naming it, or with `skip_bad` is left out, listed
+        in the result's `skipped` and counted in a warning."""
+        videos = checked_videos(videos)
+        checked_positive("batch_size", batch_size)
+        ids, skipped = video_ids(videos), []
+        features, tokens, masks, kept = [], [], [], []
         for start in range(0, len(videos), batch_size):
-            feat, embeds, mask = self.model.encode_video(self.reader.batch(videos[start:start + batch_size]))
+            chunk, chunk_ids = videos[start:start + batch_size], ids[start:start + batch_size]
+            if skip_bad:
+                batch, chunk_ids = self.reader.decodable_batch(chunk, chunk_ids, skipped)
+                if batch is None:
+                    continue
+            else:
+                batch = self.reader.batch(chunk)
+            feat, embeds, mask = self.model.encode_video(batch)
             features.append(feat)
             tokens.append(embeds)
             masks.append(mask)
-        return VideoEmbeddings(torch.cat(features), *cat_token_batches(tokens, masks))
+            kept += chunk_ids
+        if skipped:
+            logger.warning(f"skipped {len(skipped)} of {len(videos)} videos that do not decode "
+                           f"(first: {skipped[0][1]})")
+        if not features:
+            raise VideoDecodeError(f"none of the {len(videos)} videos decodes (first: "
+                                   f"{skipped[0][1]})")
+        return VideoEmbeddings(torch.cat(features), *cat_token_batches(tokens, masks),
+                               ids=kept, skipped=skipped)
 
     @torch.no_grad()
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
-        if isinstance(paragraphs, str):
-            raise TypeError("pass a list of paragraphs")
+        paragraphs = checked_texts("paragraphs", paragraphs)
         texts = [pre_caption(text, self.config["max_words"]) for text in paragraphs]
         features, input_ids, attention_mask = self.model.encode_text(texts)
         return TextEmbeddings(features, input_ids, attention_mask, texts)
@@ -132,8 +212,10 @@ class VideoText:
         """The evaluation protocol's scores: (v2t `[V, T]`, t2v `[T, V]`). The `k` (default:
         the config's `k_test`) best texts of each video by similarity, and the `k` best
         videos of each text, score `match logit + similarity`; all other pairs -100."""
+        if k is not None:
+            checked_positive("k", k)
         sims = self.similarity(videos, texts)
-        v2t, t2v = candidate_masks(sims, k or self.config["k_test"])
+        v2t, t2v = candidate_masks(sims, self.config["k_test"] if k is None else k)
         pairs = (v2t | t2v).nonzero()  # [P, 2] (video, text)
         scores = torch.zeros_like(sims)
         scores[pairs[:, 0], pairs[:, 1]] = self.matching_logits(videos, texts, pairs) \
@@ -157,6 +239,10 @@ class VideoQA:
         serves every question). With `answer_list`: the candidate the evaluation ranks
         best (the config's `k_test` likeliest first tokens re-scored by full likelihood);
         without: beam search (the config's `num_beams` and `max_answer_len`)."""
+        videos = checked_videos(videos)
+        questions = checked_texts("questions", questions)
+        if answer_list is not None:
+            answer_list = checked_texts("answer_list", answer_list)
         if len(videos) == 1:
             videos = list(videos) * len(questions)
         if len(videos) != len(questions):

@@ -15,7 +15,10 @@ import train_retrieval
 from engine.config import resolve_config
 from ruamel.yaml import YAML
 from utils import ConfigError
-from helpers import read_metrics, run_script, write_gray_video
+from datasets import VideoDecodeError, read_frames
+from engine.saving import model_checkpoint, save_checkpoint
+from helpers import REPO_ROOT, read_metrics, run_script, write_gray_video
+from models import build_videoqa_model
 from models.checkpoint_reading import CheckpointError
 from tasks import TASKS
 
@@ -148,3 +151,88 @@ def test_a_pickle_needing_trust_names_its_globals_and_the_apis_keyword(trained, 
         f"{crafted}: holds Python objects outside the safe list (io.open), and unpickling them "
         f"can run code from the file; pass trust=True only if you trust where the file comes from")
     assert not marker.exists()
+
+
+# item 4: the Python API's edges -------------------------------------------------------
+@pytest.fixture(scope="module")
+def api(trained):
+    return testa.load(trained / "checkpoint_best.pth")
+
+
+@pytest.fixture(scope="module")
+def qa(synthetic, tmp_path_factory):
+    config = YAML(typ="safe").load((REPO_ROOT / "configs" / "demo_videoqa.yaml").read_text())
+    config.update(video_root=str(synthetic / "videos"), ann_root=str(synthetic / "annotations"),
+                  num_frames=4, num_frm_train=4, num_frm_test=4, k_test=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qa") / "vqa.pth"
+    save_checkpoint(str(path), model_checkpoint(build_videoqa_model(config).eval(), config,
+                                                epoch=0, task="videoqa"))
+    return testa.load(path)
+
+
+def synthetic_videos(synthetic: Path, count: int) -> list:
+    return sorted((synthetic / "videos").glob("*.mp4"))[:count]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, v: m.embed_videos([]), ValueError, "videos: the list is empty"),
+    (lambda m, v: m.embed_videos(v[0]), TypeError, "videos: pass a list of videos"),
+    (lambda m, v: m.embed_videos([v[0], None]), TypeError, r"videos\[1\]: a path or a"),
+    (lambda m, v: m.embed_videos(v, batch_size=0), ValueError, "batch_size must be a positive"),
+    (lambda m, v: m.embed_paragraphs([]), ValueError, "paragraphs: the list is empty"),
+    (lambda m, v: m.embed_paragraphs("a dog runs"), TypeError, "paragraphs: pass a list of strings"),
+    (lambda m, v: m.embed_paragraphs(["a dog", None]), TypeError,
+     r"paragraphs\[1\]: a string, got NoneType"),
+])
+def test_api_inputs_are_checked_before_any_work(api, synthetic, call, error, message):
+    with pytest.raises(error, match=message):
+        call(api, synthetic_videos(synthetic, 2))
+
+
+@pytest.mark.parametrize("k", [0, -3, 1.5, True])
+def test_rerank_refuses_a_k_that_is_no_positive_integer(api, synthetic, k):
+    videos = api.embed_videos(synthetic_videos(synthetic, 2))
+    texts = api.embed_paragraphs(["a red circle", "a blue square"])
+    with pytest.raises(ValueError, match=f"k must be a positive integer, got {k!r}"):
+        api.rerank(videos, texts, k=k)
+    v2t, _ = api.rerank(videos, texts, k=1)
+    assert (v2t != -100).sum(dim=1).tolist() == [1, 1]  # k=1: one candidate text per video
+
+
+def test_numpy_clips_embed_as_tensors_and_ids_name_the_videos(api, synthetic):
+    path = synthetic_videos(synthetic, 1)[0]
+    clip = read_frames(str(path), api.config["num_frm_test"], "uniform", api.config["image_size"])
+    embeddings = api.embed_videos([path, clip.numpy()])
+    torch.testing.assert_close(embeddings.features[1], embeddings.features[0])
+    assert embeddings.ids == [str(path), "#1"]
+
+
+def test_bad_videos_are_told_apart_and_skipped_on_request(api, synthetic, tmp_path):
+    good = synthetic_videos(synthetic, 2)
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "random.mp4").write_bytes(bytes(range(7, 255)) * 20)
+    (tmp_path / "truncated.mp4").write_bytes(good[0].read_bytes()[:good[0].stat().st_size // 2])
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    expected = {"missing.mp4": "no such file", "folder.mp4": "a folder, not a video file",
+                "random.mp4": "not a video file the decoder can open",
+                "truncated.mp4": "an MP4/MOV file that cannot be opened: truncated or damaged",
+                "empty.mp4": "an empty file"}
+    for name, problem in expected.items():
+        with pytest.raises(VideoDecodeError, match="^" + re.escape(f"{tmp_path / name}: {problem}")):
+            api.embed_videos([good[0], tmp_path / name])
+    bad = [tmp_path / name for name in expected]
+    mixed = api.embed_videos([bad[0], good[0], *bad[1:3], good[1], *bad[3:]], batch_size=2,
+                             skip_bad=True)
+    assert mixed.ids == [str(path) for path in good]
+    assert [video_id for video_id, _ in mixed.skipped] == [str(path) for path in bad]
+    torch.testing.assert_close(mixed.features, api.embed_videos(good).features)
+
+
+def test_answer_checks_questions_and_answer_lists(qa, synthetic):
+    video = synthetic_videos(synthetic, 1)
+    with pytest.raises(TypeError, match="questions: pass a list of strings, got str 'what color"):
+        qa.answer(video, "what color?")
+    with pytest.raises(ValueError, match="answer_list: the list is empty"):
+        qa.answer(video, ["what color?"], answer_list=[])
+    assert qa.answer(video, ["what color?"], answer_list=["navy", "teal"])[0] in ("navy", "teal")
