@@ -1,6 +1,7 @@
-"""Reading checkpoint files: weights-only (no code from the file runs unless trusted), by
-path, URL or hf:// id (see `models.hub`), with a one-line `CheckpointError` naming the
-file for anything that cannot be read."""
+"""Reading checkpoints: .pth files weights-only (no code from the file runs unless
+trusted) and exported folders (model.safetensors + config.yaml, models/exported.py) with
+no unpickling at all, by path, URL or hf:// id (see `models.hub`), with a one-line
+`CheckpointError` naming the file for anything that cannot be read."""
 import argparse
 import os
 import pickle
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from models import hub
+from models.exported import WEIGHTS_FILE, ExportError, is_export, read_export
 
 
 class CheckpointError(ValueError):
@@ -53,7 +55,8 @@ def read_checkpoint(location: str, *, trust: bool = False,
     """The checkpoint dict at `location` (a path, URL or hf:// id) and notes on how it
     was read.
 
-    Read with `torch.load(weights_only=True)`, which builds tensors, containers, numbers
+    An exported folder (or its .safetensors file) is read by safetensors and YAML. A
+    file is read with `torch.load(weights_only=True)`, which builds tensors, containers, numbers
     and the `SAFE_GLOBALS` only; nothing in the file can run code. A PyTorch checkpoint
     holding other Python objects is unpickled in full (which can run code) only with
     `trust`; the error without it names those objects and `trust_option`, how the caller
@@ -61,8 +64,16 @@ def read_checkpoint(location: str, *, trust: bool = False,
     bytes) is said to be one, by its first bytes, before torch reads it.
     """
     path = local_file(location)
+    if is_export(path):
+        try:
+            checkpoint = read_export(path)
+        except ExportError as err:
+            raise CheckpointError(str(err)) from None
+        _check_layout(path, checkpoint)
+        return checkpoint, ["read from model.safetensors (no unpickling)"]
     if os.path.isdir(path):
-        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file nor an exported model "
+                              f"(no {WEIGHTS_FILE} in it)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     what = _not_a_checkpoint(path)

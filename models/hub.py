@@ -1,9 +1,11 @@
 """Checkpoints by URL or hub id: downloaded once into a cache and reused offline.
 
     http(s)://host/path/file.pth    fetched as it is
-    hf://<owner>/<repo>/<file>       the file of a Hugging Face hub repository (main branch)
+    http(s)://host/path/folder/     an exported model (models/exported.py): its files
+    hf://<owner>/<repo>[/...]        a Hugging Face hub repository's file or exported model,
+                                     through huggingface_hub and its cache (models/hf.py)
 
-Files land in `$TESTA_CACHE` (default `~/.cache/testa`) under `<host>/<path>`. A file in
+URL downloads land in `$TESTA_CACHE` (default `~/.cache/testa`) under `<host>/<path>`. A file in
 the cache is used without any request; a download goes to a temporary file in the same
 folder, is checked against the announced length and only then renamed into place, so
 the cache never holds a partial file.
@@ -16,11 +18,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-HF_ENDPOINT = "https://huggingface.co"  # the HF_ENDPOINT variable overrides it, as in huggingface_hub
+from models import hf
+from models.exported import EXPORT_FILES
+
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
 PARTIAL_SUFFIX = ".part"
@@ -38,16 +42,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TESTA_CACHE") or Path.home() / ".cache" / "testa")
 
 
-def hub_url(location: str) -> str:
-    """`hf://owner/repo/dir/file.pth` -> `<endpoint>/owner/repo/resolve/main/dir/file.pth`."""
-    parts = location[len("hf://"):].split("/", 2)
-    if len(parts) < 3 or not all(parts):
-        raise DownloadError(f"{location}: a hub id is hf://<owner>/<repo>/<file>")
-    owner, repo, file = parts
-    endpoint = (os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
-    return f"{endpoint}/{owner}/{repo}/resolve/main/{quote(file)}"
-
-
 def cached_path(url: str) -> Path:
     """Where `url` is kept: `<cache>/<host>/<path>` (a query string is not part of it)."""
     split = urlsplit(url)
@@ -59,13 +53,21 @@ def cached_path(url: str) -> Path:
 
 def resolve(location: str) -> str:
     """A local path for `location`: itself when it is not a URL or hub id, else the
-    cached download (fetched now when it is not in the cache yet)."""
+    cached download (fetched now when it is not in the cache yet): a file, or the folder
+    of an exported model's files for a URL ending in `/`."""
+    if location.startswith(hf.PREFIX):
+        try:
+            return hf.resolve(location)
+        except hf.HubError as err:
+            raise DownloadError(str(err)) from None
     if not is_remote(location):
         return location
-    url = hub_url(location) if location.startswith("hf://") else location
-    path = cached_path(url)
+    if location.endswith("/"):  # an exported model's folder
+        local = [resolve(location + name) for name in EXPORT_FILES]
+        return os.path.dirname(local[0])
+    path = cached_path(location)
     if not path.is_file():
-        download(url, path)
+        download(location, path)
     return str(path)
 
 

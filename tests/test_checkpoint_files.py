@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import train_retrieval
 from engine.saving import model_checkpoint, remove_stale_temporaries, save_checkpoint
 from models import build_pretrain_model, build_retrieval_model, load_checkpoint
-from helpers import REPO_ROOT, read_metrics, run_script, tiny_config
+from helpers import REPO_ROOT, Server, read_metrics, run_script, tiny_config
 from models import CheckpointError
 
 BAD_LINE_EXIT = SystemExit  # the scripts end bad input with SystemExit("error: ...")
@@ -268,40 +267,6 @@ def test_next_start_removes_temporaries_of_a_killed_run(retrieval_config, weight
 
 
 # checkpoints by URL and hub id -------------------------------------------------------
-class Server:
-    """Files of `root` on http://127.0.0.1:PORT/, counting the requests of each path;
-    `truncate` paths announce their full length but send half."""
-
-    def __init__(self, root: Path):
-        self.requests, self.truncate = [], set()
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(root), **kwargs)
-
-            def do_GET(self):
-                server.requests.append(self.path)
-                if self.path not in server.truncate:
-                    return super().do_GET()
-                body = (root / self.path.lstrip("/")).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2])
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server(weights, tmp_path, monkeypatch):
     root = tmp_path / "served"
@@ -310,6 +275,7 @@ def server(weights, tmp_path, monkeypatch):
     (root / "ShuhuaiRen" / "TESTA_tiny" / "resolve" / "main" / "tiny.pth").write_bytes(
         weights.read_bytes())
     monkeypatch.setenv("TESTA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     served = Server(root)
     yield served
