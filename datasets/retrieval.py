@@ -86,6 +86,9 @@ def read_activitynet(ann_root: str, video_root: str, split: str, issues: DataIss
         source = f"{path}[{position}]"
         video = record.get("video") if isinstance(record, dict) else None
         sentences = record.get("caption") if isinstance(record, dict) else None
+        if isinstance(video, str) and isinstance(sentences, str):
+            issues.skip("string caption (a list of sentences expected)", source)
+            continue
         if not isinstance(video, str) or not _is_sentence_list(sentences):
             issues.skip("malformed annotation", source)
             continue

@@ -1,7 +1,10 @@
 """The paths a new user walks: evaluating a checkpoint with its own config and only the
 test split's files, `--opts` dicts, checkpoint files that are not checkpoints, and the
 Python API's edges."""
+import argparse
 import builtins
+import importlib
+import json
 import pickle
 import re
 import shutil
@@ -16,6 +19,8 @@ from engine.config import resolve_config
 from ruamel.yaml import YAML
 from utils import ConfigError
 from datasets import VideoDecodeError, read_frames
+from datasets.issues import DataIssues
+from datasets.retrieval import read_activitynet
 from engine.saving import model_checkpoint, save_checkpoint
 from helpers import REPO_ROOT, read_metrics, run_script, write_gray_video
 from models import build_videoqa_model
@@ -236,3 +241,56 @@ def test_answer_checks_questions_and_answer_lists(qa, synthetic):
     with pytest.raises(ValueError, match="answer_list: the list is empty"):
         qa.answer(video, ["what color?"], answer_list=[])
     assert qa.answer(video, ["what color?"], answer_list=["navy", "teal"])[0] in ("navy", "teal")
+
+
+# item 6: what a newcomer reads ----------------------------------------------------------
+SCRIPTS = ["train_retrieval", "train_videoqa", "pretrain"] + [
+    f"tools.{path.stem}" for path in sorted((REPO_ROOT / "tools").glob("*.py"))]
+
+
+class ParserReached(Exception):
+    """Raised instead of parsing, carrying the script's parser."""
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_option_has_help_and_shows_its_default(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))  # as when run: tools import each other
+    module = importlib.import_module(name)
+
+    def reached(parser, *args, **kwargs):
+        raise ParserReached(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", reached)
+    with pytest.raises(ParserReached) as caught:
+        module.main([])
+    parser = caught.value.args[0]
+    description = (parser.description or "").strip()
+    assert description.endswith((".", ")")), f"{name}: description cut: {description[-60:]!r}"
+    shows_defaults = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+        if action.default not in (None, False, [], argparse.SUPPRESS) and not shows_defaults:
+            assert "default" in action.help, f"{name}: {action.option_strings} hides its default"
+
+
+def test_a_plain_string_caption_is_named_as_such(synthetic, tmp_path):
+    records = json.loads((synthetic / "annotations" / "val.json").read_text())
+    records[0]["caption"] = " ".join(records[0]["caption"])
+    (tmp_path / "val.json").write_text(json.dumps(records))
+    issues = DataIssues("test")
+    pairs = read_activitynet(str(tmp_path), str(synthetic / "videos"), "val", issues)
+    assert len(pairs) == len(records) - 1
+    assert issues.skip_reasons() == "1 string caption (a list of sentences expected)"
+
+
+def test_readme_says_where_the_api_block_runs_and_the_quick_demos_paths():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    assert "output/demo_quick/" in section and "data/synthetic_quick/" in section
+    assert "repository root" in section and "site-packages" in section
+    run = (REPO_ROOT / "RUN.md").read_text().split("\n## CPU\n", 1)[1]
+    for key in ("num_heads=2", "testa_r=", "pretrained=null", "num_frm_test=4", "num_frm_train=4"):
+        assert key in run
+    assert "### Your own videos" in (REPO_ROOT / "DATASETS.md").read_text()

@@ -137,8 +137,9 @@ def check_dtypes(dtypes: List[str], device: str, allow_slow_bf16: bool) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config whose video encoder is timed")
     parser.add_argument("--frames", type=int, help="number of input frames (default: the config's)")
     parser.add_argument("--no-agg", action="store_true", help="turn token aggregation off")
     compare = parser.add_mutually_exclusive_group()
@@ -150,7 +151,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (--video)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (0: count only)")
     parser.add_argument("--train", action="store_true", help="time forward + backward at batch 1")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to time on")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                         help="weights and input dtype (default fp32)")
     parser.add_argument("--allow-slow-bf16", action="store_true",

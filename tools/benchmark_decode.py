@@ -54,13 +54,14 @@ def time_loader(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-frm", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--num-frm", type=int, default=32, help="frames decoded per clip")
+    parser.add_argument("--size", type=int, default=224, help="frame side in pixels after decoding")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the clips")
     parser.add_argument("--videos", type=int, default=64, help="synthetic videos for the loader")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--batch-size", type=int, default=4, help="clips per batch")
     args = parser.parse_args(argv)
     time_sample_decoding(args.num_frm, args.size, args.repeats)
     time_loader(args)

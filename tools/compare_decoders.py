@@ -20,11 +20,13 @@ def sample_clips() -> list[str]:
     return sorted(glob.glob(os.path.join(root, "datasets", "data", "*.mp4")))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 224, 112])
-    args = parser.parse_args()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--frames", type=int, default=16, help="frames compared per clip")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 224, 112],
+                        help="frame sides to compare at (0: the native size)")
+    args = parser.parse_args(argv)
     print("clip size max_diff mean_diff")
     for path in sample_clips():
         for size in args.sizes:

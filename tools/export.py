@@ -33,7 +33,8 @@ def run_metrics(checkpoint: Path) -> Optional[dict]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a .pth checkpoint (path, URL or hf:// id)")
     parser.add_argument("out", help="the folder to write (created; existing files in it are "
                                     "replaced)")

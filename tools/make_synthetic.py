@@ -217,15 +217,18 @@ def generation_settings(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (videos/ and annotations/ inside)")
-    parser.add_argument("--videos", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--frames-per-event", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"))
+    parser.add_argument("--videos", type=int, default=500, help="videos to make")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and motions")
+    parser.add_argument("--frames-per-event", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"),
+                        help="frames of each event, drawn between MIN and MAX")
     parser.add_argument("--size", type=int, default=112, help="frame side in pixels")
-    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--fps", type=int, default=8, help="frame rate of the videos")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="held-out videos (val.json)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="videos written in parallel (default: the CPU count)")
     args = parser.parse_args(argv)
     if args.videos < 1 or not 1 <= args.frames_per_event[0] <= args.frames_per_event[1]:
         parser.error("need --videos >= 1 and 1 <= MIN <= MAX for --frames-per-event")
