@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from datasets import pre_caption, pre_question
 from datasets.base import video_batch
@@ -34,6 +35,7 @@ from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models import LoadReport, read_checkpoint
 from models.video_encoder import cat_token_batches
 from engine.config import load_config
+from engine.saving import save_checkpoint
 from tasks import TASKS, task_of_dataset
 from tasks.retrieval import candidate_masks, protocol_scores
 from utils import with_defaults
@@ -52,10 +54,15 @@ class VideoEmbeddings:
     video (its path, or `#<position>` for a clip given decoded); skipped: (id, reason) of
     the videos left out because they do not decode (`skip_bad=True`)."""
     features: torch.Tensor
-    tokens: torch.Tensor
+    tokens: Optional[torch.Tensor]  # None: features only (`keep_tokens=False`)
     mask: Optional[torch.Tensor] = None
     ids: List[str] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    def to(self, device: Union[str, torch.device]) -> "VideoEmbeddings":
+        return VideoEmbeddings(*(None if tensor is None else tensor.to(device)
+                                 for tensor in (self.features, self.tokens, self.mask)),
+                               ids=self.ids, skipped=self.skipped)
 
 
 @dataclass
@@ -156,15 +163,18 @@ class VideoText:
 
     @torch.no_grad()
     def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8,
-                     skip_bad: bool = False) -> VideoEmbeddings:
+                     skip_bad: bool = False, keep_tokens: bool = True,
+                     progress: bool = False) -> VideoEmbeddings:
         """Embeddings of `videos` (paths or clips), `batch_size` at a time. A video that does
         not decode raises VideoDecodeError naming it, or with `skip_bad` is left out, listed
-        in the result's `skipped` and counted in a warning."""
+        in the result's `skipped` and counted in a warning. `keep_tokens=False` keeps the
+        features only (no re-ranking; for large collections); `progress` shows a bar."""
         videos = checked_videos(videos)
         checked_positive("batch_size", batch_size)
         ids, skipped = video_ids(videos), []
         features, tokens, masks, kept = [], [], [], []
-        for start in range(0, len(videos), batch_size):
+        for start in tqdm(range(0, len(videos), batch_size), desc="videos", unit="batch",
+                          disable=not progress):
             chunk, chunk_ids = videos[start:start + batch_size], ids[start:start + batch_size]
             if skip_bad:
                 batch, chunk_ids = self.reader.decodable_batch(chunk, chunk_ids, skipped)
@@ -174,8 +184,9 @@ class VideoText:
                 batch = self.reader.batch(chunk)
             feat, embeds, mask = self.model.encode_video(batch)
             features.append(feat)
-            tokens.append(embeds)
-            masks.append(mask)
+            if keep_tokens:
+                tokens.append(embeds)
+                masks.append(mask)
             kept += chunk_ids
         if skipped:
             logger.warning(f"skipped {len(skipped)} of {len(videos)} videos that do not decode "
@@ -183,8 +194,8 @@ class VideoText:
         if not features:
             raise VideoDecodeError(f"none of the {len(videos)} videos decodes (first: "
                                    f"{skipped[0][1]})")
-        return VideoEmbeddings(torch.cat(features), *cat_token_batches(tokens, masks),
-                               ids=kept, skipped=skipped)
+        token_batches = cat_token_batches(tokens, masks) if keep_tokens else (None, None)
+        return VideoEmbeddings(torch.cat(features), *token_batches, ids=kept, skipped=skipped)
 
     @torch.no_grad()
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
@@ -214,6 +225,8 @@ class VideoText:
         videos of each text, score `match logit + similarity`; all other pairs -100."""
         if k is not None:
             checked_positive("k", k)
+        if videos.tokens is None:
+            raise ValueError("videos: embedded with keep_tokens=False, so they cannot be re-ranked")
         sims = self.similarity(videos, texts)
         v2t, t2v = candidate_masks(sims, self.config["k_test"] if k is None else k)
         pairs = (v2t | t2v).nonzero()  # [P, 2] (video, text)
@@ -221,6 +234,84 @@ class VideoText:
         scores[pairs[:, 0], pairs[:, 1]] = self.matching_logits(videos, texts, pairs) \
             + sims[pairs[:, 0], pairs[:, 1]]
         return protocol_scores(scores, v2t, t2v)
+
+
+    def index(self, videos: Sequence[Video], *, batch_size: int = 8, keep_tokens: bool = True,
+              progress: bool = False) -> "VideoIndex":
+        """A searchable index of `videos`; those that do not decode are skipped and listed
+        in its `videos.skipped`. `keep_tokens=False`: features only, searched by similarity
+        alone (no re-ranking; embed_dim numbers a video instead of its N x D tokens)."""
+        embeddings = self.embed_videos(videos, batch_size=batch_size, skip_bad=True,
+                                       keep_tokens=keep_tokens, progress=progress)
+        return VideoIndex(embeddings, self.config, self.load_report.path)
+
+    @torch.no_grad()
+    def search(self, index: "VideoIndex", paragraphs: Sequence[str], *, k: int = 10
+               ) -> List[List[Tuple[str, float]]]:
+        """The best videos of `index` for each paragraph, best first, as (id, score): with
+        the index's tokens, the config's `k_test` most similar videos re-scored as the
+        evaluation scores them (match logit + similarity) and the `k` best of those;
+        features only, the `k` most similar."""
+        checked_positive("k", k)
+        if index.videos.features.shape[1] != self.config["embed_dim"]:
+            raise ValueError(f"the index holds {index.videos.features.shape[1]}-wide features, "
+                             f"this model makes {self.config['embed_dim']}-wide ones; search it "
+                             f"with the model that made it ({index.checkpoint})")
+        videos = index.videos.to(self.reader.device)
+        texts = self.embed_paragraphs(paragraphs)
+        scores = texts.features @ videos.features.t()  # [T, V] similarities
+        if videos.tokens is not None:
+            num_texts, num_videos = scores.shape
+            candidates = scores.topk(min(self.config["k_test"], num_videos), dim=1).indices  # [T, K]
+            text = torch.arange(num_texts, device=scores.device).repeat_interleave(candidates.shape[1])
+            pairs = torch.stack([candidates.flatten(), text], dim=1)  # [T * K, 2] (video, text)
+            logits = torch.cat([self.matching_logits(videos, texts, chunk)
+                                for chunk in pairs.split(self.config["k_test_batch_size"])])
+            reranked = torch.full_like(scores, -torch.inf)
+            reranked[pairs[:, 1], pairs[:, 0]] = logits + scores[pairs[:, 1], pairs[:, 0]]
+            scores = reranked
+        best = scores.topk(min(k, scores.shape[1]), dim=1)
+        return [[(videos.ids[video], score) for video, score in zip(row.tolist(), values.tolist())
+                 if score > -torch.inf] for row, values in zip(best.indices, best.values)]
+
+
+INDEX_FORMAT = "testa-video-index/1"
+
+
+@dataclass
+class VideoIndex:
+    """A searchable collection (`VideoText.index`, `VideoText.search`): the videos'
+    embeddings and the config and checkpoint of the model that made them. Saved as a
+    plain tensor file (tensors, strings and containers: it loads with
+    `torch.load(weights_only=True)`)."""
+    videos: VideoEmbeddings
+    config: dict
+    checkpoint: str
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the index to `path` atomically."""
+        save_checkpoint(str(path), {
+            "format": INDEX_FORMAT, "checkpoint": self.checkpoint, "config": dict(self.config),
+            "ids": list(self.videos.ids), "skipped": [list(item) for item in self.videos.skipped],
+            "features": self.videos.features.cpu(),
+            "tokens": None if self.videos.tokens is None else self.videos.tokens.cpu(),
+            "mask": None if self.videos.mask is None else self.videos.mask.cpu()})
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "VideoIndex":
+        """The index saved at `path`, read weights-only; ValueError naming the file when it
+        is no index."""
+        try:
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many kinds for files that are no index
+            raise ValueError(f"{path}: not a video index ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+        if not isinstance(saved, dict) or saved.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path}: not a video index (no format {INDEX_FORMAT!r})")
+        videos = VideoEmbeddings(saved["features"], saved["tokens"], saved["mask"],
+                                 ids=list(saved["ids"]),
+                                 skipped=[tuple(item) for item in saved["skipped"]])
+        return cls(videos, saved["config"], saved["checkpoint"])
 
 
 class VideoQA:
