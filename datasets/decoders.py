@@ -41,16 +41,21 @@ CONTAINER_SIGNATURES = ((4, b"ftyp", "an MP4/MOV"), (0, b"\x1a\x45\xdf\xa3", "a 
                         (0, b"RIFF", "an AVI"))
 
 
-def open_failure(path: str) -> str:
-    """Why `path` does not open as a video, told apart by the file itself (decord says
-    "Error reading" for all of these): missing, a folder, empty, a known container that is
-    truncated or damaged, or not a video at all."""
-    if not os.path.exists(path):
-        return f"{path}: no such file"
-    if os.path.isdir(path):
-        return f"{path}: a folder, not a video file"
-    with open(path, "rb") as f:
-        head = f.read(16)
+def open_failure(source) -> str:
+    """Why `source` (a path, or bytes in memory such as a shard's sample, named by `str`)
+    does not open as a video, told apart by its bytes (decord says "Error reading" for all
+    of these): missing, a folder, empty, a known container that is truncated or damaged,
+    or not a video at all."""
+    path = str(source)
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            return f"{path}: no such file"
+        if os.path.isdir(source):
+            return f"{path}: a folder, not a video file"
+        with open(source, "rb") as f:
+            head = f.read(16)
+    else:
+        head = source.getvalue()[:16]
     if not head:
         return f"{path}: an empty file"
     for offset, signature, name in CONTAINER_SIGNATURES:
