@@ -360,9 +360,12 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
          ) -> Union[VideoText, VideoQA]:
     """The model of `checkpoint` in eval mode on `device`, built from the config saved in
     the checkpoint (or `config`: a YAML path or a dict, for files that carry none).
-    `checkpoint` is a path, an http(s) URL or an `hf://owner/repo/file` id (downloaded
-    once into the cache); `trust=True` allows files that need full unpickling (only for
-    files from a trusted source: unpickling can run code).
+    `checkpoint` is a .pth file or an exported folder (`tools/export.py`: safetensors and
+    YAML, read with no unpickling), by path, http(s) URL (a folder's ends in `/`) or
+    `hf://owner/repo[@revision][/file]` id (downloaded once into the cache);
+    `trust=True` allows .pth files that need full unpickling (only for files from a
+    trusted source: unpickling can run code). The config's `text_init` is not read: the
+    checkpoint holds the text towers.
 
     The task the checkpoint records (`tasks.TASKS`; older files without the record: the
     task of the config's `dataset`) picks the schema and what is returned: a VideoQA task
