@@ -24,36 +24,52 @@ AMX, Arm BF16), float32 on any other CPU (one log line says why); `amp="none"` i
 Features and scores come back in float32 in every mode.
 """
 import functools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from datasets import pre_caption, pre_question
 from datasets.base import video_batch
-from datasets.video import read_test_frames
+from datasets.video import VideoDecodeError, read_test_frames
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models import LoadReport, read_checkpoint
 from models.video_encoder import cat_token_batches
 from engine.config import load_config
 from engine.precision import AMP_DTYPES, Precision, build_precision
+from engine.saving import save_checkpoint
 from tasks import TASKS, task_of_dataset
 from tasks.retrieval import candidate_masks, protocol_scores
 from utils import with_defaults
 
-Video = Union[str, Path, torch.Tensor]
+Video = Union[str, Path, torch.Tensor, np.ndarray]
+VIDEO_TYPES = (str, Path, torch.Tensor, np.ndarray)
+TRUST_OPTION = "trust=True"  # how `load` allows a file that needs full unpickling
+logger = logging.getLogger("testa")
 
 
 @dataclass
 class VideoEmbeddings:
     """features `[V, E]` (L2-normalised, for similarities); tokens `[V, N, D]` (the video
     encoder's output after aggregation, which the matching head attends to); mask `[V, N]`:
-    the tokens that hold content (None: all; adaptive aggregation pads)."""
+    the tokens that hold content (None: all; adaptive aggregation pads); ids: each row's
+    video (its path, or `#<position>` for a clip given decoded); skipped: (id, reason) of
+    the videos left out because they do not decode (`skip_bad=True`)."""
     features: torch.Tensor
-    tokens: torch.Tensor
+    tokens: Optional[torch.Tensor]  # None: features only (`keep_tokens=False`)
     mask: Optional[torch.Tensor] = None
+    ids: List[str] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    def to(self, device: Union[str, torch.device]) -> "VideoEmbeddings":
+        return VideoEmbeddings(*(None if tensor is None else tensor.to(device)
+                                 for tensor in (self.features, self.tokens, self.mask)),
+                               ids=self.ids, skipped=self.skipped)
 
 
 @dataclass
@@ -89,6 +105,8 @@ class ClipReader:
         """`[T, 3, H, W]`: uint8 as decoded, or float already normalised."""
         if isinstance(video, (str, Path)):
             return read_test_frames(str(video), self.num_frm, self.size)
+        if isinstance(video, np.ndarray):
+            video = torch.from_numpy(video)
         expected = (self.num_frm, 3, self.size, self.size)
         if tuple(video.shape) != expected:
             raise ValueError(f"a video tensor must be [T, 3, H, W] = {list(expected)} for this "
@@ -96,9 +114,58 @@ class ClipReader:
         return video
 
     def batch(self, videos: Sequence[Video]) -> torch.Tensor:
-        if isinstance(videos, (str, Path, torch.Tensor)):
-            raise TypeError("pass a list of videos (paths or [T, 3, H, W] tensors)")
         return video_batch([self.clip(video) for video in videos]).to(self.device)
+
+    def decodable_batch(self, videos: Sequence[Video], ids: Sequence[str],
+                        skipped: List[Tuple[str, str]]) -> Tuple[Optional[torch.Tensor], List[str]]:
+        """The batch of those `videos` that decode (None: none does) and their ids; each
+        that does not is added to `skipped` as (id, reason)."""
+        clips, kept = [], []
+        for video, video_id in zip(videos, ids):
+            try:
+                clips.append(self.clip(video))
+            except VideoDecodeError as err:
+                skipped.append((video_id, str(err)))
+                continue
+            kept.append(video_id)
+        return (video_batch(clips).to(self.device) if clips else None), kept
+
+
+def checked_videos(videos: Sequence[Video]) -> List[Video]:
+    """`videos` as a list, after checking it is a non-empty list of paths and clips."""
+    if isinstance(videos, VIDEO_TYPES) or not isinstance(videos, Sequence):
+        raise TypeError(f"videos: pass a list of videos (paths or [T, 3, H, W] clips), got "
+                        f"{type(videos).__name__}")
+    if not videos:
+        raise ValueError("videos: the list is empty")
+    for index, video in enumerate(videos):
+        if not isinstance(video, VIDEO_TYPES):
+            raise TypeError(f"videos[{index}]: a path or a [T, 3, H, W] clip, got "
+                            f"{type(video).__name__}")
+    return list(videos)
+
+
+def checked_texts(name: str, texts: Sequence[str]) -> List[str]:
+    """`texts` as a list, after checking it is a non-empty list of strings."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{name}: pass a list of strings, got {type(texts).__name__}"
+                        + (f" {texts[:40]!r}" if isinstance(texts, str) else ""))
+    if not texts:
+        raise ValueError(f"{name}: the list is empty")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}]: a string, got {type(text).__name__}")
+    return list(texts)
+
+
+def checked_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def video_ids(videos: Sequence[Video]) -> List[str]:
+    return [str(video) if isinstance(video, (str, Path)) else f"#{position}"
+            for position, video in enumerate(videos)]
 
 
 class VideoText:
@@ -112,19 +179,44 @@ class VideoText:
         self.precision = precision
 
     @inference
-    def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8) -> VideoEmbeddings:
-        features, tokens, masks = [], [], []
-        for start in range(0, len(videos), batch_size):
-            feat, embeds, mask = self.model.encode_video(self.reader.batch(videos[start:start + batch_size]))
+    def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8,
+                     skip_bad: bool = False, keep_tokens: bool = True,
+                     progress: bool = False) -> VideoEmbeddings:
+        """Embeddings of `videos` (paths or clips), `batch_size` at a time. A video that does
+        not decode raises VideoDecodeError naming it, or with `skip_bad` is left out, listed
+        in the result's `skipped` and counted in a warning. `keep_tokens=False` keeps the
+        features only (no re-ranking; for large collections); `progress` shows a bar."""
+        videos = checked_videos(videos)
+        checked_positive("batch_size", batch_size)
+        ids, skipped = video_ids(videos), []
+        features, tokens, masks, kept = [], [], [], []
+        for start in tqdm(range(0, len(videos), batch_size), desc="videos", unit="batch",
+                          disable=not progress):
+            chunk, chunk_ids = videos[start:start + batch_size], ids[start:start + batch_size]
+            if skip_bad:
+                batch, chunk_ids = self.reader.decodable_batch(chunk, chunk_ids, skipped)
+                if batch is None:
+                    continue
+            else:
+                batch = self.reader.batch(chunk)
+            feat, embeds, mask = self.model.encode_video(batch)
             features.append(feat.float())
-            tokens.append(embeds)
-            masks.append(mask)
-        return VideoEmbeddings(torch.cat(features), *cat_token_batches(tokens, masks))
+            if keep_tokens:
+                tokens.append(embeds)
+                masks.append(mask)
+            kept += chunk_ids
+        if skipped:
+            logger.warning(f"skipped {len(skipped)} of {len(videos)} videos that do not decode "
+                           f"(first: {skipped[0][1]})")
+        if not features:
+            raise VideoDecodeError(f"none of the {len(videos)} videos decodes (first: "
+                                   f"{skipped[0][1]})")
+        token_batches = cat_token_batches(tokens, masks) if keep_tokens else (None, None)
+        return VideoEmbeddings(torch.cat(features), *token_batches, ids=kept, skipped=skipped)
 
     @inference
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
-        if isinstance(paragraphs, str):
-            raise TypeError("pass a list of paragraphs")
+        paragraphs = checked_texts("paragraphs", paragraphs)
         texts = [pre_caption(text, self.config["max_words"]) for text in paragraphs]
         features, input_ids, attention_mask = self.model.encode_text(texts)
         return TextEmbeddings(features.float(), input_ids, attention_mask, texts)
@@ -148,13 +240,95 @@ class VideoText:
         """The evaluation protocol's scores: (v2t `[V, T]`, t2v `[T, V]`). The `k` (default:
         the config's `k_test`) best texts of each video by similarity, and the `k` best
         videos of each text, score `match logit + similarity`; all other pairs -100."""
+        if k is not None:
+            checked_positive("k", k)
+        if videos.tokens is None:
+            raise ValueError("videos: embedded with keep_tokens=False, so they cannot be re-ranked")
         sims = self.similarity(videos, texts)
-        v2t, t2v = candidate_masks(sims, k or self.config["k_test"])
+        v2t, t2v = candidate_masks(sims, self.config["k_test"] if k is None else k)
         pairs = (v2t | t2v).nonzero()  # [P, 2] (video, text)
         scores = torch.zeros_like(sims)
         scores[pairs[:, 0], pairs[:, 1]] = self.matching_logits(videos, texts, pairs) \
             + sims[pairs[:, 0], pairs[:, 1]]
         return protocol_scores(scores, v2t, t2v)
+
+
+    def index(self, videos: Sequence[Video], *, batch_size: int = 8, keep_tokens: bool = True,
+              progress: bool = False) -> "VideoIndex":
+        """A searchable index of `videos`; those that do not decode are skipped and listed
+        in its `videos.skipped`. `keep_tokens=False`: features only, searched by similarity
+        alone (no re-ranking; embed_dim numbers a video instead of its N x D tokens)."""
+        embeddings = self.embed_videos(videos, batch_size=batch_size, skip_bad=True,
+                                       keep_tokens=keep_tokens, progress=progress)
+        return VideoIndex(embeddings, self.config, self.load_report.path)
+
+    @torch.no_grad()
+    def search(self, index: "VideoIndex", paragraphs: Sequence[str], *, k: int = 10
+               ) -> List[List[Tuple[str, float]]]:
+        """The best videos of `index` for each paragraph, best first, as (id, score): with
+        the index's tokens, the config's `k_test` most similar videos re-scored as the
+        evaluation scores them (match logit + similarity) and the `k` best of those;
+        features only, the `k` most similar."""
+        checked_positive("k", k)
+        if index.videos.features.shape[1] != self.config["embed_dim"]:
+            raise ValueError(f"the index holds {index.videos.features.shape[1]}-wide features, "
+                             f"this model makes {self.config['embed_dim']}-wide ones; search it "
+                             f"with the model that made it ({index.checkpoint})")
+        videos = index.videos.to(self.reader.device)
+        texts = self.embed_paragraphs(paragraphs)
+        scores = texts.features @ videos.features.t()  # [T, V] similarities
+        if videos.tokens is not None:
+            num_texts, num_videos = scores.shape
+            candidates = scores.topk(min(self.config["k_test"], num_videos), dim=1).indices  # [T, K]
+            text = torch.arange(num_texts, device=scores.device).repeat_interleave(candidates.shape[1])
+            pairs = torch.stack([candidates.flatten(), text], dim=1)  # [T * K, 2] (video, text)
+            logits = torch.cat([self.matching_logits(videos, texts, chunk)
+                                for chunk in pairs.split(self.config["k_test_batch_size"])])
+            reranked = torch.full_like(scores, -torch.inf)
+            reranked[pairs[:, 1], pairs[:, 0]] = logits + scores[pairs[:, 1], pairs[:, 0]]
+            scores = reranked
+        best = scores.topk(min(k, scores.shape[1]), dim=1)
+        return [[(videos.ids[video], score) for video, score in zip(row.tolist(), values.tolist())
+                 if score > -torch.inf] for row, values in zip(best.indices, best.values)]
+
+
+INDEX_FORMAT = "testa-video-index/1"
+
+
+@dataclass
+class VideoIndex:
+    """A searchable collection (`VideoText.index`, `VideoText.search`): the videos'
+    embeddings and the config and checkpoint of the model that made them. Saved as a
+    plain tensor file (tensors, strings and containers: it loads with
+    `torch.load(weights_only=True)`)."""
+    videos: VideoEmbeddings
+    config: dict
+    checkpoint: str
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the index to `path` atomically."""
+        save_checkpoint(str(path), {
+            "format": INDEX_FORMAT, "checkpoint": self.checkpoint, "config": dict(self.config),
+            "ids": list(self.videos.ids), "skipped": [list(item) for item in self.videos.skipped],
+            "features": self.videos.features.cpu(),
+            "tokens": None if self.videos.tokens is None else self.videos.tokens.cpu(),
+            "mask": None if self.videos.mask is None else self.videos.mask.cpu()})
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "VideoIndex":
+        """The index saved at `path`, read weights-only; ValueError naming the file when it
+        is no index."""
+        try:
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many kinds for files that are no index
+            raise ValueError(f"{path}: not a video index ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+        if not isinstance(saved, dict) or saved.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path}: not a video index (no format {INDEX_FORMAT!r})")
+        videos = VideoEmbeddings(saved["features"], saved["tokens"], saved["mask"],
+                                 ids=list(saved["ids"]),
+                                 skipped=[tuple(item) for item in saved["skipped"]])
+        return cls(videos, saved["config"], saved["checkpoint"])
 
 
 class VideoQA:
@@ -174,6 +348,10 @@ class VideoQA:
         serves every question). With `answer_list`: the candidate the evaluation ranks
         best (the config's `k_test` likeliest first tokens re-scored by full likelihood);
         without: beam search (the config's `num_beams` and `max_answer_len`)."""
+        videos = checked_videos(videos)
+        questions = checked_texts("questions", questions)
+        if answer_list is not None:
+            answer_list = checked_texts("answer_list", answer_list)
         if len(videos) == 1:
             videos = list(videos) * len(questions)
         if len(videos) != len(questions):
@@ -200,9 +378,12 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
          ) -> Union[VideoText, VideoQA]:
     """The model of `checkpoint` in eval mode on `device`, built from the config saved in
     the checkpoint (or `config`: a YAML path or a dict, for files that carry none).
-    `checkpoint` is a path, an http(s) URL or an `hf://owner/repo/file` id (downloaded
-    once into the cache); `trust=True` allows files that need full unpickling (only for
-    files from a trusted source: unpickling can run code).
+    `checkpoint` is a .pth file or an exported folder (`tools/export.py`: safetensors and
+    YAML, read with no unpickling), by path, http(s) URL (a folder's ends in `/`) or
+    `hf://owner/repo[@revision][/file]` id (downloaded once into the cache);
+    `trust=True` allows .pth files that need full unpickling (only for files from a
+    trusted source: unpickling can run code). The config's `text_init` is not read: the
+    checkpoint holds the text towers.
 
     The task the checkpoint records (`tasks.TASKS`; older files without the record: the
     task of the config's `dataset`) picks the schema and what is returned: a VideoQA task
@@ -216,7 +397,7 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     checkpoint = str(checkpoint)
-    saved = read_checkpoint(checkpoint, trust=trust)[0]
+    saved = read_checkpoint(checkpoint, trust=trust, trust_option=TRUST_OPTION)[0]
     if config is None:
         config = saved.get("config")
         if not isinstance(config, dict):
@@ -230,10 +411,11 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     else:
         raise ValueError(f"{checkpoint}: records no task and its config names no dataset; "
                          f"pass config= (e.g. a configs/*.yaml)")
-    config = with_defaults(config, task.schema, checkpoint)
+    # the checkpoint holds the text towers: no text_init (a path of the training machine)
+    config = with_defaults({**config, "text_init": None}, task.schema, checkpoint)
     build_model, served_as = SERVED_AS[task.name]
     model = build_model(config)
-    report = load_checkpoint(model, checkpoint, trust=trust)
+    report = load_checkpoint(model, checkpoint, trust=trust, trust_option=TRUST_OPTION)
     device = torch.device(device)
     model = model.to(device).eval()
     return served_as(model, config, report, device, build_precision(amp, device))

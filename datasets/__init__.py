@@ -1,10 +1,13 @@
 """Data pipeline: decord video decoding, the paper's datasets, and their loaders.
 
-`build_datasets(config)` returns `(train, val, test)` for `config["dataset"]`; every dataset has a
+`build_datasets(config)` returns `(train, val, test)` for `config["dataset"]` (None for a split not
+asked for: an evaluation reads only the test split's files); every dataset has a
 `collate_fn` (videos batched as `[B, 3, T, H, W]`) and `summary()` of its bad data.
 """
+from typing import Sequence
+
 from .annotations import DataError
-from .base import ClipDataset
+from .base import SPLITS, ClipDataset
 from .loader import create_loader
 from .pretrain import PretrainDataset, build_pretrain_dataset
 from .shards import ShardedPretrainDataset, build_sharded_dataset
@@ -15,9 +18,11 @@ from .video import VideoDecodeError, load_video, read_frames, sample_frame_indic
 from .videoqa import VideoQAEvalDataset, VideoQATrainDataset, build_videoqa_datasets
 
 
-def build_pretrain_splits(config: dict):
+def build_pretrain_splits(config: dict, splits: Sequence[str] = SPLITS):
     """Pre-training has a train split only: (train, None, None), from `train_shards` (tar
     shards) or `train_file` (JSON lists)."""
+    if "train" not in splits:
+        return None, None, None
     from_shards = config.get("train_shards") not in (None, "", [])
     return (build_sharded_dataset if from_shards else build_pretrain_dataset)(config), None, None
 
@@ -28,8 +33,9 @@ BUILDERS = {**{name: build_retrieval_datasets for name in RETRIEVAL_READERS},
 DATASETS = tuple(BUILDERS)
 
 
-def build_datasets(config: dict):
-    """(train, val, test) datasets of `config["dataset"]`; pre-training gives (train, None, None).
+def build_datasets(config: dict, splits: Sequence[str] = SPLITS):
+    """(train, val, test) datasets of `config["dataset"]`, None for a split outside `splits`
+    (whose files are then not read); pre-training gives (train, None, None).
 
     An annotation file that is not valid JSON (or CSV, text, a plain-data pickle), has the wrong
     shape, or leaves a split with no usable record or no decodable video raises DataError
@@ -38,11 +44,14 @@ def build_datasets(config: dict):
     name = config["dataset"]
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    splits = BUILDERS[name](config)
-    for dataset in splits:
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown splits {unknown}; expected some of {', '.join(SPLITS)}")
+    built = BUILDERS[name](config, splits)
+    for dataset in built:
         if dataset is not None:
             dataset.check_usable()
-    return splits
+    return built
 
 
 def summarize(*datasets) -> str:
@@ -57,7 +66,7 @@ def summarize(*datasets) -> str:
 
 
 __all__ = [
-    "DATASETS", "ClipDataset", "DataError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
+    "DATASETS", "SPLITS", "ClipDataset", "DataError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
     "ShardedPretrainDataset", "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
     "create_loader", "load_video", "pre_caption", "pre_question", "read_frames",
     "sample_frame_indices", "summarize",

@@ -1,6 +1,6 @@
 """Base class of every dataset here: items that decode one clip, with deterministic fallbacks."""
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,11 +61,21 @@ def video_batch(clips: list[torch.Tensor]) -> torch.Tensor:
                         for clip in clips])
 
 
+SPLITS = ("train", "val", "test")
+
+
+def build_splits(build: Callable[[str, bool], "ClipDataset"], splits: Sequence[str]) -> tuple:
+    """(train, val, test) from `build(split, train)`, None for a split outside `splits`."""
+    return tuple(build(split, split == "train") if split in splits else None for split in SPLITS)
+
+
 def with_clip_cache(config: dict, datasets: tuple) -> tuple:
-    """`datasets`, each keeping its decoded clips in memory when `config["cache_clips"]`."""
+    """`datasets`, each keeping its decoded clips in memory when `config["cache_clips"]`
+    (None entries stay None)."""
     if config["cache_clips"]:
         for dataset in datasets:
-            dataset.keep_decoded_clips()
+            if dataset is not None:
+                dataset.keep_decoded_clips()
     return datasets
 
 

@@ -36,6 +36,34 @@ def first_line(error: Exception) -> str:
     return lines[0][:200]
 
 
+# container signatures (offset, bytes, name): a file that has one but does not open is damaged
+CONTAINER_SIGNATURES = ((4, b"ftyp", "an MP4/MOV"), (0, b"\x1a\x45\xdf\xa3", "a Matroska/WebM"),
+                        (0, b"RIFF", "an AVI"))
+
+
+def open_failure(source) -> str:
+    """Why `source` (a path, or bytes in memory such as a shard's sample, named by `str`)
+    does not open as a video, told apart by its bytes (decord says "Error reading" for all
+    of these): missing, a folder, empty, a known container that is truncated or damaged,
+    or not a video at all."""
+    path = str(source)
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            return f"{path}: no such file"
+        if os.path.isdir(source):
+            return f"{path}: a folder, not a video file"
+        with open(source, "rb") as f:
+            head = f.read(16)
+    else:
+        head = source.getvalue()[:16]
+    if not head:
+        return f"{path}: an empty file"
+    for offset, signature, name in CONTAINER_SIGNATURES:
+        if head[offset:offset + len(signature)] == signature:
+            return f"{path}: {name} file that cannot be opened: truncated or damaged"
+    return f"{path}: not a video file the decoder can open (it starts with bytes {head[:8].hex(' ')})"
+
+
 def selected_decoder() -> Decoder:
     """The decoder of this process: `TESTA_VIDEO_DECODER`, else decord if importable, else PyAV."""
     choice = os.environ.get(DECODER_ENV, "auto").strip().lower() or "auto"
@@ -77,7 +105,7 @@ class DecordReader:
         try:
             self.reader = decord.VideoReader(path, num_threads=DECODE_THREADS, **resize)
         except Exception as error:  # decord raises RuntimeError or DECORDError on a bad file
-            raise VideoDecodeError(f"{path}: {first_line(error)}") from error
+            raise VideoDecodeError(open_failure(path)) from error
         self.num_frames = len(self.reader)
         self.fps = self.reader.get_avg_fps()
 
@@ -106,7 +134,7 @@ class PyAVReader:
         except VideoDecodeError:
             raise
         except Exception as error:  # av.error.FFmpegError (and OSError) on a bad file
-            raise VideoDecodeError(f"{path}: {first_line(error)}") from error
+            raise VideoDecodeError(open_failure(path)) from error
         self.num_frames = len(self.frame_pts)
         rate = self.stream.average_rate or self.stream.guessed_rate
         self.fps = float(rate) if rate else 0.0

@@ -1,7 +1,7 @@
 """Paragraph-to-video retrieval: QuerYD, DiDeMo, ActivityNet Captions, Condensed Movies."""
 import os
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -9,7 +9,8 @@ from utils import CAPTION_SETTINGS, FRAME_SETTINGS, with_defaults
 
 from .annotations import (DataError, first_existing, iter_csv, iter_jsonl, load_json_list,
                           load_plain_pickle, require_file, string_fields, utf8_text)
-from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
+from .base import (FINETUNE_DATA_SETTINGS, SPLITS, ClipDataset, ClipTransform, build_splits,
+                   stack_clips, with_clip_cache)
 from .issues import DataIssues
 from .records import IndexLists, IntColumn, StringColumn
 from .text import pre_caption
@@ -85,6 +86,9 @@ def read_activitynet(ann_root: str, video_root: str, split: str, issues: DataIss
         source = f"{path}[{position}]"
         video = record.get("video") if isinstance(record, dict) else None
         sentences = record.get("caption") if isinstance(record, dict) else None
+        if isinstance(video, str) and isinstance(sentences, str):
+            issues.skip("string caption (a list of sentences expected)", source)
+            continue
         if not isinstance(video, str) or not _is_sentence_list(sentences):
             issues.skip("malformed annotation", source)
             continue
@@ -213,8 +217,9 @@ class RetrievalEvalDataset(RetrievalDataset):
         return stack_clips(list(clips)), torch.tensor(video_indices, dtype=torch.long)
 
 
-def build_retrieval_datasets(config: dict):
-    """(train, val, test) of `config["dataset"]`; ActivityNet Captions tests on `val`."""
+def build_retrieval_datasets(config: dict, splits: Sequence[str] = SPLITS):
+    """(train, val, test) of `config["dataset"]` (None outside `splits`); ActivityNet
+    Captions tests on `val`."""
     config = with_defaults(config, {**FINETUNE_DATA_SETTINGS, **CAPTION_SETTINGS,
                                     **FRAME_SETTINGS})
     name = config["dataset"]
@@ -234,4 +239,4 @@ def build_retrieval_datasets(config: dict):
         dataset.challenge_submission = reader.challenge_submission and split == "test"
         return dataset
 
-    return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))
+    return with_clip_cache(config, build_splits(build, splits))

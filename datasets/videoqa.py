@@ -2,13 +2,15 @@
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from utils import FRAME_SETTINGS, QUESTION_SETTINGS, with_defaults
 
 from .annotations import first_existing, load_json_list, string_fields
-from .base import FINETUNE_DATA_SETTINGS, ClipDataset, ClipTransform, stack_clips, with_clip_cache
+from .base import (FINETUNE_DATA_SETTINGS, SPLITS, ClipDataset, ClipTransform, build_splits,
+                   stack_clips, with_clip_cache)
 from .issues import DataIssues
 from .text import pre_question
 from .transforms import FinetuneTransform
@@ -125,8 +127,8 @@ class VideoQAEvalDataset(VideoQADataset):
         return stack_clips(list(clips)), list(questions), list(question_ids)
 
 
-def build_videoqa_datasets(config: dict):
-    """(train, val, test) of ActivityNet-QA."""
+def build_videoqa_datasets(config: dict, splits: Sequence[str] = SPLITS):
+    """(train, val, test) of ActivityNet-QA (None outside `splits`)."""
     config = with_defaults(config, {**FINETUNE_DATA_SETTINGS, **QUESTION_SETTINGS,
                                     **FRAME_SETTINGS})
 
@@ -141,4 +143,4 @@ def build_videoqa_datasets(config: dict):
             issues, config["ann_root"], config["video_root"], split, config["max_question_len"],
             config["num_frm_test"], TEST_STRATEGY, config["image_size"], FinetuneTransform(False))
 
-    return with_clip_cache(config, (build("train", True), build("val", False), build("test", False)))
+    return with_clip_cache(config, build_splits(build, splits))

@@ -35,8 +35,9 @@ def yaml_problem(err: YAMLError) -> str:
 
 
 def parse_opts(opts: Sequence[str]) -> Dict[str, Any]:
-    """`["max_epoch=2", "testa_r=[1,12]"]` -> `{"max_epoch": 2, "testa_r": [1, 12]}`;
-    values are read as YAML scalars, lists or mappings. A key given twice is an error."""
+    """`["max_epoch=2", "testa_r=[1,12]", "text_config.hidden_size=60"]` -> `{"max_epoch": 2,
+    "testa_r": [1, 12], "text_config.hidden_size": 60}`; values are read as YAML scalars,
+    lists or mappings. A key given twice is an error."""
     parsed = {}
     for opt in opts:
         name, sep, text = opt.partition("=")
@@ -51,19 +52,55 @@ def parse_opts(opts: Sequence[str]) -> Dict[str, Any]:
     return parsed
 
 
+def merge_opts(base: Mapping[str, Any], opts: Mapping[str, Any], schema: Settings
+               ) -> Dict[str, Any]:
+    """The `--opts` entries as config values over `base`: a mapping given for a key whose
+    value in `base` is a mapping merges into it (`text_config={hidden_size: 60}` keeps the
+    other text_config keys), and a dotted key sets one entry of a mapping key
+    (`text_config.hidden_size=60`). A dotted key of a key that takes no mapping, or given
+    together with the whole key, is an error."""
+    problems = [unknown_key_problem(key, schema)
+                for key in (name.partition(".")[0] for name in opts) if key not in schema]
+    if problems:
+        raise ConfigError("--opts: " + "; ".join(problems))
+    merged: Dict[str, Any] = {}
+    for name, value in opts.items():
+        key, dot, entry = name.partition(".")
+        if dot:
+            if not entry:
+                raise ConfigError(f"--opts: {name}: a dotted key is <key>.<entry>")
+            if key in opts:
+                raise ConfigError(f"--opts: {key} and {name} are both given; give one")
+            if not takes_mapping(schema[key]):
+                raise ConfigError(f"--opts: {name}: {key} is not a mapping "
+                                  f"({schema[key].type_names}); pass {key}=<value>")
+            value = {entry: value}
+        previous = merged.get(key, base.get(key))
+        if isinstance(value, dict) and isinstance(previous, dict):
+            value = {**previous, **value}
+        merged[key] = value
+    return merged
+
+
+def takes_mapping(setting) -> bool:
+    types = setting.types if isinstance(setting.types, tuple) else (setting.types,)
+    return dict in types
+
+
 def resolve_config(path: str, opts: Sequence[str], schema: Settings,
-                   overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The config of `path` with `--opts` and command-line `overrides` over it and the
-    schema's defaults filled in. Unknown keys, missing required keys and values of the
+                   overrides: Optional[Mapping[str, Any]] = None, *,
+                   saved: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The config of `path` (or `saved`, a config that `path` names the origin of, e.g. a
+    checkpoint's) with `--opts` (see `merge_opts`) and command-line `overrides` over it and
+    the schema's defaults filled in. Unknown keys, missing required keys and values of the
     wrong type, choice or range, and settings that do not fit together (the checks of the
     schema's groups, e.g. an r too large for the video encoder's tokens), raise ConfigError
     naming the file (or `--opts`) and the key."""
-    file_config = load_config(path)
-    opt_config = parse_opts(opts)
-    for source, entries in ((path, file_config), ("--opts", opt_config)):
-        problems = [unknown_key_problem(name, schema) for name in entries if name not in schema]
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(problems))
+    file_config = load_config(path) if saved is None else dict(saved)
+    problems = [unknown_key_problem(name, schema) for name in file_config if name not in schema]
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    opt_config = merge_opts(file_config, parse_opts(opts), schema)
     config = {**file_config, **opt_config, **(overrides or {})}
     missing = [name for name, setting in schema.items()
                if setting.default is REQUIRED and name not in config]
@@ -94,7 +131,10 @@ def save_config(config: Mapping[str, Any], path: Path) -> None:
 def build_arg_parser(description: str, *, evaluate: bool = True) -> argparse.ArgumentParser:
     """The options every script takes; `evaluate=False` leaves out `--evaluate`."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--config", required=not evaluate,
+                        help="YAML config (configs/*.yaml)" + (
+                            "; with --evaluate, default: the config saved in --checkpoint"
+                            if evaluate else ""))
     parser.add_argument("--output_dir", required=True,
                         help="where checkpoints, logs and results go")
     if evaluate:
@@ -120,6 +160,9 @@ def build_arg_parser(description: str, *, evaluate: bool = True) -> argparse.Arg
 def parse_args(parser: argparse.ArgumentParser,
                argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if args.config is None and not (args.evaluate and args.checkpoint):
+        parser.error("--config is needed, unless --evaluate evaluates a --checkpoint that holds "
+                     "its config")
     if getattr(args, "evaluate", False) and args.resume:
         parser.error("--evaluate and --resume exclude each other")
     if args.resume and args.overwrite:

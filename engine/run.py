@@ -23,7 +23,7 @@ from engine.precision import Precision, build_precision
 from engine.saving import remove_stale_temporaries
 from engine.task import Task
 from engine.signals import Interrupted, script_signals
-from models.checkpoint_reading import CheckpointError
+from models.checkpoint_reading import CheckpointError, read_checkpoint
 from models.collectives import gather_objects, get_rank, get_world_size
 from utils import NONE, ConfigError, Setting, Settings
 
@@ -96,12 +96,19 @@ def start_run(args: argparse.Namespace, task: Task,
               overrides: Optional[Mapping[str, Any]] = None) -> Run:
     """Resolve the config against the task's schema, check the output folder (a previous
     run's files: RUN_OUTPUTS and the task's; another run in it), join the process group,
-    check what depends on the number of processes, and seed. Nothing is written to the
-    output folder here: the caller takes it (`Run.take_output_dir`) once the data and
-    weights have passed their checks too (one-line errors, see script_errors)."""
+    check what depends on the number of processes, and seed. Without `--config` (an
+    evaluation), the config is the one saved in `--checkpoint`, with `--opts` over it (data
+    paths, evaluation keys). Nothing is written to the output folder here: the caller takes
+    it (`Run.take_output_dir`) once the data and weights have passed their checks too
+    (one-line errors, see script_errors)."""
     if args.trust_checkpoint:
         overrides = {**(overrides or {}), "trust_checkpoint": True}
-    config = resolve_config(args.config, args.opts, task.schema, overrides)
+    if args.config is None:  # --evaluate --checkpoint: the checkpoint's own config
+        config = resolve_config(args.checkpoint, args.opts, task.schema, overrides,
+                                saved=saved_config(args.checkpoint, task,
+                                                   trust=args.trust_checkpoint))
+    else:
+        config = resolve_config(args.config, args.opts, task.schema, overrides)
     device = select_device(args.device)
     output = OutputDir(Path(args.output_dir), RUN_OUTPUTS + task.outputs, resume=args.resume,
                        overwrite=args.overwrite)
@@ -122,6 +129,20 @@ def start_run(args: argparse.Namespace, task: Task,
     log(f"{run.world_size} process(es) on {device.type}, precision {run.precision}, "
         f"output {output.path}")
     return run
+
+
+def saved_config(location: str, task: Task, *, trust: bool) -> Dict[str, Any]:
+    """The config a checkpoint (path, URL, hf:// id or exported folder) was trained with,
+    to evaluate it on `task`; ConfigError when it holds none or one of another task."""
+    checkpoint, _ = read_checkpoint(location, trust=trust)
+    config = checkpoint.get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{location}: holds no config; pass --config (e.g. configs/*.yaml)")
+    saved_task = checkpoint.get("task")
+    if saved_task not in (None, task.name):
+        raise ConfigError(f"{location}: holds the config of a {saved_task} run, which "
+                          f"{task.script} cannot use; pass --config (e.g. configs/*.yaml)")
+    return config
 
 
 def get_rank_from_env() -> int:

@@ -2,7 +2,7 @@
 another, for the scripts, the training loop, `testa.load` and the config reference. The
 tasks themselves are in tasks/, registered in `tasks.TASKS`."""
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ class Task:
     build_model(config) -> the model it trains.
     make_losses(train_model, run, train_loader) -> the LossFn of a training step.
     schedule(config) -> the learning-rate schedule.
-    build_datasets(config) -> (train, val, test) datasets (None for a split it lacks).
+    build_datasets(config, splits) -> (train, val, test) datasets (None for a split it lacks
+        or that is not in `splits`).
     decay_norms_and_biases: False exempts biases and LayerNorm weights from weight decay.
     evaluate(model, loader, run, split) -> metrics (also printed and written by it), or
         None for no evaluation.
@@ -40,7 +41,7 @@ class Task:
     build_model: Callable[[Mapping[str, Any]], nn.Module]
     make_losses: Callable[[nn.Module, Any, DataLoader], LossFn]
     schedule: Callable[[Mapping[str, Any]], LRSchedule]
-    build_datasets: Callable[[Mapping[str, Any]], Tuple] = build_datasets
+    build_datasets: Callable[[Mapping[str, Any], Sequence[str]], Tuple] = build_datasets
     decay_norms_and_biases: bool = True
     evaluate: Optional[Callable[[nn.Module, DataLoader, Any, str], Dict[str, float]]] = None
     best_metric: Optional[str] = None

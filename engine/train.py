@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datasets import create_loader, summarize
+from datasets import SPLITS, create_loader, summarize
 from datasets.base import ClipDataset
 from datasets.loader import EpochSampler
 from engine.distributed import barrier, gradient_sync, wrap_ddp
@@ -35,7 +35,7 @@ from models.collectives import all_reduce_sum, gather_objects, get_rank, get_wor
 from engine.saving import model_checkpoint, save_checkpoint
 from engine.signals import ignore_signals_in_worker
 from engine.task import LossFn, Task
-from models.checkpoint import load_checkpoint
+from models.checkpoint import ShapeMismatchError, load_checkpoint
 from models.checkpoint_reading import CheckpointError, local_file, read_checkpoint
 from utils import ConfigError, Setting, Settings
 
@@ -352,11 +352,13 @@ def initial_weights(args: argparse.Namespace, config: Mapping[str, Any]) -> Opti
     return args.checkpoint or config["pretrained"] or None
 
 
-def load_weights(model: nn.Module, location: str, *, trust: bool = False) -> None:
+def load_weights(model: nn.Module, location: str, *, trust: bool = False,
+                 config_source: Optional[str] = None) -> None:
     """Load a BLIP/TESTA checkpoint (path, URL or hf:// id) and print its load report (in
     full when keys are missing or unexpected for no known reason, else its summary line).
     A URL is downloaded by the first process of each node while the others wait; when it
-    fails, every process stops with its error."""
+    fails, every process stops with its error. Weights whose shapes the model of
+    `config_source` (the config file given) does not have are an error naming both."""
     problem = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         try:
@@ -366,7 +368,13 @@ def load_weights(model: nn.Module, location: str, *, trust: bool = False) -> Non
     problems = [found for found in gather_objects(problem) if found is not None]
     if problems:
         raise CheckpointError(problems[0])
-    report = load_checkpoint(model, location, trust=trust)
+    try:
+        report = load_checkpoint(model, location, trust=trust)
+    except ShapeMismatchError as err:
+        if config_source is None:
+            raise
+        raise ConfigError(f"{config_source}: builds a model that does not fit the weights of "
+                          f"{err}; leave out --config to use the checkpoint's own") from None
     log(str(report) if report.needs_attention() else report.summary())
 
 
@@ -440,19 +448,22 @@ def run_test(run: Run, model: nn.Module, task: Task, loader: DataLoader,
 
 def finetune_or_evaluate(run: Run, args: argparse.Namespace, task: Task) -> Dict[str, float]:
     """Build the task's datasets and model; `--evaluate`: test the given weights
-    (eval_results.json). Otherwise fine-tune, then test checkpoint_best.pth
-    (test_metrics.json). Ends with the run's summary."""
+    (eval_results.json), reading only the test split's files and no `text_init` (the
+    evaluated weights hold the text towers). Otherwise fine-tune, then test
+    checkpoint_best.pth (test_metrics.json). Ends with the run's summary."""
     config = run.config
-    datasets = task.build_datasets(config)
-    model = task.build_model(config)
-    loaders = build_loaders(run, dict(zip(("train", "val", "test"), datasets)),
-                            {"train": config["batch_size_train"], "val": config["batch_size_test"],
-                             "test": config["batch_size_test"]})
+    splits = ("test",) if args.evaluate else SPLITS
+    datasets = task.build_datasets(config, splits)
+    model = task.build_model({**config, "text_init": None} if args.evaluate else config)
+    batch_sizes = {"train": config["batch_size_train"], "val": config["batch_size_test"],
+                   "test": config["batch_size_test"]}
+    loaders = build_loaders(run, {split: dataset for split, dataset in zip(SPLITS, datasets)
+                                  if dataset is not None}, batch_sizes)
     weights = initial_weights(args, config)
     if args.evaluate:
         if weights is None:
             raise ConfigError(f"{args.config}: --evaluate needs --checkpoint or pretrained")
-        load_weights(model, weights, trust=config["trust_checkpoint"])
+        load_weights(model, weights, trust=config["trust_checkpoint"], config_source=args.config)
         run.take_output_dir()
         result = run_test(run, model.to(run.device), task, loaders["test"], weights,
                           "eval_results.json")
@@ -470,4 +481,3 @@ def finetune_or_evaluate(run: Run, args: argparse.Namespace, task: Task) -> Dict
     result = run_test(run, model, task, loaders["test"], best, "test_metrics.json")
     run.records.finish(test=result)
     return result["metrics"]
-

@@ -12,21 +12,29 @@ from typing import Dict, List, Mapping
 import torch
 from torch import nn
 
-from models.checkpoint_reading import CheckpointError, local_file, read_checkpoint
+from models.checkpoint_reading import (SCRIPT_TRUST_OPTION, CheckpointError, local_file,
+                                       read_checkpoint)
 from models.load_report import DDP_PREFIX, LoadReport, part_of
 from models.weight_conversion import checkpoint_filter_fn
+
+class ShapeMismatchError(CheckpointError):
+    """A tensor of the file whose shape the model cannot take (another model size or
+    layout: the config and the weights disagree)."""
+
 
 PART_NAMES = {"visual_encoder": "video-encoder", "text_encoder": "text-encoder",
               "text_decoder": "text-decoder"}
 
 
-def load_checkpoint(model: nn.Module, location: str, *, trust: bool = False) -> LoadReport:
+def load_checkpoint(model: nn.Module, location: str, *, trust: bool = False,
+                    trust_option: str = SCRIPT_TRUST_OPTION) -> LoadReport:
     """Load a BLIP or TESTA checkpoint (path, URL or hf:// id) into `model` (non-strict)
     and report what happened. Bad files, files that fill too little of the model and
-    non-finite weights raise `CheckpointError` before the model is changed."""
+    non-finite weights raise `CheckpointError` before the model is changed; `trust` and
+    `trust_option` as in `read_checkpoint`."""
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     path = local_file(location)
-    checkpoint, notes = read_checkpoint(path, trust=trust)
+    checkpoint, notes = read_checkpoint(path, trust=trust, trust_option=trust_option)
     if path != location:
         notes.insert(0, f"downloaded from {location}")
     report = LoadReport(path=path, notes=notes,
@@ -35,7 +43,7 @@ def load_checkpoint(model: nn.Module, location: str, *, trust: bool = False) -> 
     try:
         state_dict, conversion = checkpoint_filter_fn(state_dict, model)
     except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise ShapeMismatchError(f"{path}: {err}") from None
     report.ignored, report.dropped = conversion.ignored, conversion.dropped
     report.temporal_copied = conversion.temporal_copied
     report.interpolated = conversion.interpolated
@@ -122,5 +130,5 @@ def _check_shapes(path: str, state_dict: Mapping[str, torch.Tensor],
                   model_state: Mapping[str, torch.Tensor]) -> None:
     for key, value in state_dict.items():
         if key in model_state and value.shape != model_state[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)} in the file but "
+            raise ShapeMismatchError(f"{path}: {key} has shape {tuple(value.shape)} in the file but "
                                   f"{tuple(model_state[key].shape)} in the model")

@@ -1,15 +1,18 @@
-"""Reading checkpoint files: weights-only (no code from the file runs unless trusted), by
-path, URL or hf:// id (see `models.hub`), with a one-line `CheckpointError` naming the
-file for anything that cannot be read."""
+"""Reading checkpoints: .pth files weights-only (no code from the file runs unless
+trusted) and exported folders (model.safetensors + config.yaml, models/exported.py) with
+no unpickling at all, by path, URL or hf:// id (see `models.hub`), with a one-line
+`CheckpointError` naming the file for anything that cannot be read."""
 import argparse
 import os
 import pickle
+import re
 from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 import torch
 
 from models import hub
+from models.exported import WEIGHTS_FILE, ExportError, is_export, read_export
 
 
 class CheckpointError(ValueError):
@@ -28,8 +31,15 @@ def _safe_globals() -> List[Any]:
 
 
 SAFE_GLOBALS = _safe_globals()
-TRUST_HINT = ("pass --trust_checkpoint (config key trust_checkpoint: true) only if you trust "
-              "where the file comes from")
+# how the scripts allow full unpickling; `testa.load` names its own (trust=True)
+SCRIPT_TRUST_OPTION = "--trust_checkpoint (config key trust_checkpoint: true)"
+# the first pickle of a legacy (non-zip) torch.save file: protocol 2, then the magic number
+LEGACY_TORCH_HEADER = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# what a file that is not a checkpoint is, by its first bytes (offset, bytes, description)
+FILE_SIGNATURES = ((4, b"ftyp", "an MP4/MOV video"), (0, b"\x1a\x45\xdf\xa3", "a Matroska/WebM video"),
+                   (0, b"RIFF", "a RIFF file (AVI video or WAV audio)"), (0, b"\x1f\x8b", "a gzip file"),
+                   (257, b"ustar", "a tar archive"), (0, b"\x89PNG", "a PNG image"),
+                   (0, b"\xff\xd8\xff", "a JPEG image"), (0, b"{", "a JSON file"))
 
 
 def local_file(location: str) -> str:
@@ -40,17 +50,36 @@ def local_file(location: str) -> str:
         raise CheckpointError(str(err)) from None
 
 
-def read_checkpoint(location: str, *, trust: bool = False) -> Tuple[Dict[str, Any], List[str]]:
+def read_checkpoint(location: str, *, trust: bool = False,
+                    trust_option: str = SCRIPT_TRUST_OPTION) -> Tuple[Dict[str, Any], List[str]]:
     """The checkpoint dict at `location` (a path, URL or hf:// id) and notes on how it
     was read.
 
-    Read with `torch.load(weights_only=True)`, which builds tensors, containers, numbers
-    and the `SAFE_GLOBALS` only; nothing in the file can run code. A file holding other
-    Python objects is unpickled in full (which can run code) only with `trust`.
+    An exported folder (or its .safetensors file) is read by safetensors and YAML. A
+    file is read with `torch.load(weights_only=True)`, which builds tensors, containers, numbers
+    and the `SAFE_GLOBALS` only; nothing in the file can run code. A PyTorch checkpoint
+    holding other Python objects is unpickled in full (which can run code) only with
+    `trust`; the error without it names those objects and `trust_option`, how the caller
+    allows it. A file that is no PyTorch checkpoint (a video, a plain pickle, random
+    bytes) is said to be one, by its first bytes, before torch reads it.
     """
     path = local_file(location)
+    if is_export(path):
+        try:
+            checkpoint = read_export(path)
+        except ExportError as err:
+            raise CheckpointError(str(err)) from None
+        _check_layout(path, checkpoint)
+        return checkpoint, ["read from model.safetensors (no unpickling)"]
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file nor an exported model "
+                              f"(no {WEIGHTS_FILE} in it)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    what = _not_a_checkpoint(path)
+    if what:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: {what}")
+    trust_hint = f"pass {trust_option} only if you trust where the file comes from"
     notes = []
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -59,14 +88,14 @@ def read_checkpoint(location: str, *, trust: bool = False) -> Tuple[Dict[str, An
         if "Weights only load failed" not in str(err):
             raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint "
                                   f"({_first_line(err)})") from None
-        unsafe = _unsafe_globals(path)
+        unsafe = _unsafe_globals(path) or _refused_global(err)
         if not trust:
             if unsafe:
                 raise CheckpointError(f"{path}: holds Python objects outside the safe list "
                                       f"({unsafe}), and unpickling them can run code from the "
-                                      f"file; {TRUST_HINT}") from None
+                                      f"file; {trust_hint}") from None
             raise CheckpointError(f"{path}: not a PyTorch checkpoint that loads safely "
-                                  f"({_weights_only_reason(err)}); {TRUST_HINT}") from None
+                                  f"({_weights_only_reason(err)}); {trust_hint}") from None
         checkpoint = _load_full_pickle(path)
         notes.append(f"unpickled in full, trusted ({unsafe or 'legacy pickle'})")
     except Exception as err:  # torch.load raises many kinds for damaged files
@@ -74,6 +103,34 @@ def read_checkpoint(location: str, *, trust: bool = False) -> Tuple[Dict[str, An
                               f"({type(err).__name__}: {_first_line(err)})") from None
     _check_layout(path, checkpoint)
     return checkpoint, notes
+
+
+def _not_a_checkpoint(path: str) -> str:
+    """What the file is when its first bytes are neither a zip archive (torch.save's
+    format) nor a legacy torch.save pickle ("" when they are one of those)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_TORCH_HEADER):
+        return ""
+    if not head:
+        return "an empty file"
+    if head[:1] == b"\x80":
+        return "a plain Python pickle (torch.save writes a zip archive)"
+    for offset, signature, description in FILE_SIGNATURES:
+        if head[offset:offset + len(signature)] == signature:
+            return description
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return (f"neither a zip archive (torch.save's format) nor a pickle; it starts with "
+                f"bytes {head[:8].hex(' ')}")
+
+
+def _refused_global(err: Exception) -> str:
+    """The global a legacy (non-zip) file names that the weights-only unpickler refused."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    return found.group(1) if found else ""
 
 
 def _unsafe_globals(path: str) -> str:

@@ -1,7 +1,9 @@
 """Checkpoints by URL or hub id: downloaded once into a cache, verified on every use.
 
     http(s)://host/path/file.pth    fetched as it is
-    hf://<owner>/<repo>/<file>       the file of a Hugging Face hub repository (main branch)
+    http(s)://host/path/folder/     an exported model (models/exported.py): its files
+    hf://<owner>/<repo>[/...]        a Hugging Face hub repository's file or exported model,
+                                     through huggingface_hub and its cache (models/hf.py)
 
 An entry of the cache (`$TESTA_CACHE`, default `~/.cache/testa`) is the folder
 `<sha256 of the normalised URL>/` holding the file under its own name and `entry.json`
@@ -27,11 +29,13 @@ import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
-HF_ENDPOINT = "https://huggingface.co"  # the HF_ENDPOINT variable overrides it, as in huggingface_hub
+from models import hf
+from models.exported import EXPORT_FILES
+
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
 PARTIAL_SUFFIX = ".part"
@@ -56,18 +60,6 @@ def cache_dir() -> Path:
     if "\0" in configured:
         raise DownloadError(f"TESTA_CACHE={configured!r}: not a usable folder path")
     return Path(os.path.abspath(os.path.expanduser(configured or "~/.cache/testa")))
-
-
-def hub_url(location: str) -> str:
-    """`hf://owner/repo/dir/file.pth` -> `<endpoint>/owner/repo/resolve/main/dir/file.pth`."""
-    parts = location[len("hf://"):].split("/", 2)
-    if len(parts) < 3 or not all(parts):
-        raise DownloadError(f"{location}: a hub id is hf://<owner>/<repo>/<file>")
-    owner, repo, file = parts
-    endpoint = (os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
-    if not endpoint.startswith(("http://", "https://")):
-        raise DownloadError(f"HF_ENDPOINT={endpoint!r}: expected an http(s):// address")
-    return f"{endpoint}/{owner}/{repo}/resolve/main/{quote(file)}"
 
 
 def normalise_url(url: str) -> str:
@@ -113,10 +105,20 @@ def cached_path(url: str) -> Path:
 def resolve(location: str) -> str:
     """A local path for `location`: itself when it is not a URL or hub id, else the
     cached download, verified against its record (fetched now when it is not in the
-    cache yet or no longer matches its record)."""
+    cache yet or no longer matches its record): a file, or the folder of an exported
+    model's files for a URL ending in `/`. `hf://` ids go through huggingface_hub and its
+    own cache (models/hf.py)."""
+    if location.startswith(hf.PREFIX):
+        try:
+            return hf.resolve(location)
+        except hf.HubError as err:
+            raise DownloadError(str(err)) from None
     if not is_remote(location):
         return location
-    url = hub_url(location) if location.startswith("hf://") else location
+    if location.endswith("/"):  # an exported model's folder
+        local = [resolve(location + name) for name in EXPORT_FILES]
+        return os.path.dirname(local[0])
+    url = location
     path = cached_path(url)
     problem = cache_problem(url, path)
     if problem is None:

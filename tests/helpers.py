@@ -1,12 +1,13 @@
 """Tiny model configs, inputs, test videos and script runs shared by several test modules
 (mostly through the fixtures of conftest.py) and by the torchrun worker script, which
 runs outside pytest."""
+import hashlib
 import io
 import json
 import socket
 import threading
 from contextlib import redirect_stderr, redirect_stdout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -170,3 +171,50 @@ class BodyServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# a file server on 127.0.0.1 ----------------------------------------------------------
+class Server:
+    """Files of `root` on http://127.0.0.1:PORT/, counting the GET requests of each path;
+    `truncate` paths announce their full length but send half. Files carry the headers of
+    a Hugging Face hub (a commit and an ETag), so that huggingface_hub fetches hf:// ids
+    from it."""
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, root: Path):
+        self.requests, self.truncate = [], set()
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                if self.path not in server.truncate:
+                    return super().do_GET()
+                body = (root / self.path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2])
+
+            def end_headers(self):
+                served = root / self.path.lstrip("/")
+                if served.is_file():
+                    self.send_header("X-Repo-Commit", server.commit)
+                    self.send_header("ETag", f'"{hashlib.sha256(served.read_bytes()).hexdigest()}"')
+                super().end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+

@@ -164,7 +164,7 @@ def write_bad_file(tmp_path, kind: str, model) -> str:
 
 @pytest.mark.parametrize("kind, message", [
     ("missing", "no such checkpoint file"),
-    ("directory", "no such checkpoint file"),
+    ("directory", "a folder, not a checkpoint file"),
     ("text", "not a PyTorch checkpoint"),
     ("truncated", "not a PyTorch checkpoint, or truncated"),
     ("plain_pickle", "not a PyTorch checkpoint"),

@@ -16,7 +16,7 @@ import torch
 import train_retrieval
 from engine.saving import model_checkpoint, remove_stale_temporaries, save_checkpoint
 from models import build_pretrain_model, build_retrieval_model, load_checkpoint
-from helpers import REPO_ROOT, BodyServer, read_metrics, run_script, tiny_config
+from helpers import REPO_ROOT, BodyServer, Server, read_metrics, run_script, tiny_config
 from models import CheckpointError, hub
 
 BAD_LINE_EXIT = SystemExit  # the scripts end bad input with SystemExit("error: ...")
@@ -273,6 +273,7 @@ def server(weights, tmp_path, monkeypatch):
     for path in ("/tiny.pth", "/ShuhuaiRen/TESTA_tiny/resolve/main/tiny.pth"):
         served.bodies[path] = weights.read_bytes()
     monkeypatch.setenv("TESTA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     yield served
     served.close()

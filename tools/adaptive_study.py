@@ -140,7 +140,8 @@ def draw(synthetic: Dict[str, List[dict]], real: Dict[str, List[dict]], summary:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data/synthetic"),
                         help="the demo's synthetic set (tools/make_synthetic.py)")
     parser.add_argument("--out", type=Path, default=Path("output/adaptive_study"),

@@ -140,8 +140,9 @@ def check_dtypes(dtypes: List[str], device: str, allow_slow_bf16: bool) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config whose video encoder is timed")
     parser.add_argument("--frames", type=int, help="number of input frames (default: the config's)")
     parser.add_argument("--no-agg", action="store_true", help="turn token aggregation off")
     compare = parser.add_mutually_exclusive_group()
@@ -155,7 +156,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train", action="store_true", help="time forward + backward")
     parser.add_argument("--batch", type=int, default=1,
                         help="videos per forward (default 1); videos_per_second reports throughput")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to time on")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                         help="weights and input dtype (default fp32)")
     parser.add_argument("--allow-slow-bf16", action="store_true",

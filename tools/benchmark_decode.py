@@ -96,16 +96,19 @@ def time_loader(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frames", type=int, nargs="+", default=[8, 32, 96])
-    parser.add_argument("--size", type=int, default=224)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 32, 96],
+                        help="frames decoded per clip, one table column each")
+    parser.add_argument("--size", type=int, default=224, help="frame side in pixels after decoding")
     parser.add_argument("--loops", type=int, default=23, help="bigbuckbunny loops (23: 2 minutes)")
-    parser.add_argument("--compress-fps", type=float, default=6)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compress-fps", type=float, default=6,
+                        help="frame rate of the tools/compress_videos.py copy")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the clips")
     parser.add_argument("--videos", type=int, default=64, help="synthetic videos for the loader")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--loader-frames", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--batch-size", type=int, default=4, help="clips per batch")
+    parser.add_argument("--loader-frames", type=int, default=32, help="frames per clip in the loader")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core: the decoders use one thread each already
     decoders = installed_decoders()

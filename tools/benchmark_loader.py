@@ -74,10 +74,11 @@ def memory_mb(pid: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--records", type=int, default=100_000, help="records in the list")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     parser.add_argument("--seconds", type=float, default=60.0,
                         help="how long to iterate after the first batch (default: 60)")
     parser.add_argument("--num-frm", type=int, default=4, help="frames per clip (default: 4)")

@@ -12,11 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from datasets.sample_clips import frame_differences, sample_clips  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 224, 112])
-    args = parser.parse_args()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--frames", type=int, default=16, help="frames compared per clip")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 224, 112],
+                        help="frame sides to compare at (0: the native size)")
+    args = parser.parse_args(argv)
     print("clip size max_diff mean_diff")
     for path in sample_clips():
         for size in args.sizes:

@@ -140,7 +140,8 @@ def compress_one(job: tuple[str, str, Settings]) -> tuple[str, str | None]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", required=True, help="folder of videos (searched recursively)")
     parser.add_argument("--output", required=True, help="folder for the .mp4 outputs")
     parser.add_argument("--fps", type=float, help="output frame rate (default: the input's)")
@@ -148,8 +149,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     resize.add_argument("--size", type=int, help="square output size in pixels")
     resize.add_argument("--short-side", type=int, help="output short side in pixels, aspect kept")
     parser.add_argument("--duration", type=float, help="keep the first DURATION seconds")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--backend", choices=("auto", "ffmpeg", "pyav"), default="auto")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="videos compressed in parallel (default: the CPU count)")
+    parser.add_argument("--backend", choices=("auto", "ffmpeg", "pyav"), default="auto",
+                        help="encoder: the ffmpeg command, PyAV, or auto (ffmpeg when on PATH)")
     parser.add_argument("--overwrite", action="store_true", help="re-encode existing outputs")
     return parser.parse_args(argv)
 

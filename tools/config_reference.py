@@ -83,7 +83,8 @@ def render() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--check", action="store_true",
                         help="only compare with docs/config_keys.md; exit 1 when it differs")
     args = parser.parse_args(argv)

@@ -241,8 +241,9 @@ def default_output(task: str, quick: bool) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=TASKS, default="retrieval")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, default="retrieval", help="the demo to run")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every step, in seconds")
     parser.add_argument("--root", type=Path, default=Path("."),
                         help="where data/ and output/ are (default: the current directory)")

@@ -198,7 +198,8 @@ TABLE_HEADER = ("| what | frames | aggregation | dtype | batch | videos/s | peak
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="configs/retrieval_queryd_f32.yaml",
                         help="model and training batch of the rows (paper size by default)")
     parser.add_argument("--frames", type=int, nargs="+", default=[32, 96],

@@ -17,7 +17,8 @@ from datasets.synthetic import write_pretrain_list  # noqa: E402
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, required=True,
                         help="a folder tools/make_synthetic.py wrote (annotations/ and videos/ inside)")
     parser.add_argument("--split", choices=("train", "val"), default="train",

@@ -98,7 +98,8 @@ class ShardWriter:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--train_file", nargs="+", help="pre-training JSON list(s) of {path, caption}")
     source.add_argument("--config", help="a retrieval config (its dataset, ann_root, video_root)")
@@ -106,8 +107,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", default="train", help="the split of --config (default: train)")
     parser.add_argument("--out", type=Path, required=True, help="folder of the shards")
     parser.add_argument("--prefix", default="train", help="shard names PREFIX-000000.tar ...")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--max-shard-bytes", type=float, default=1e9)
+    parser.add_argument("--samples-per-shard", type=int, default=1000,
+                        help="clips per shard at most")
+    parser.add_argument("--max-shard-bytes", type=float, default=1e9,
+                        help="bytes per shard at most")
     args = parser.parse_args(argv)
     if args.samples_per_shard < 1 or args.max_shard_bytes < 1:
         parser.error("--samples-per-shard and --max-shard-bytes must be positive")

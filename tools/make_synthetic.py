@@ -27,17 +27,20 @@ DEFAULTS = GenerationSettings()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (videos/ and annotations/ inside)")
-    parser.add_argument("--videos", type=int, default=DEFAULTS.videos)
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--videos", type=int, default=DEFAULTS.videos, help="videos to make")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                        help="seed of the shapes, colours and motions")
     parser.add_argument("--frames-per-event", type=int, nargs=2, default=DEFAULTS.frames_per_event,
-                        metavar=("MIN", "MAX"))
+                        metavar=("MIN", "MAX"), help="frames of each event, drawn between MIN and MAX")
     parser.add_argument("--size", type=int, default=DEFAULTS.size, help="frame side in pixels")
-    parser.add_argument("--fps", type=int, default=DEFAULTS.fps)
+    parser.add_argument("--fps", type=int, default=DEFAULTS.fps, help="frame rate of the videos")
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction,
                         help="held-out videos (val.json)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="videos written in parallel (default: the CPU count)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the videos/, annotations/ and settings.json already in --out")
     args = parser.parse_args(argv)

@@ -103,19 +103,23 @@ def device_label(device: str) -> str:
 
 
 def main(argv=None) -> List[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="configs/retrieval_queryd_f32.yaml",
                         help="base config for the encoder (ViT-B/16 TimeSformer)")
-    parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES))
+    parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES),
+                        help="frame counts of the rows")
     parser.add_argument("--settings", nargs="+", choices=[s.name for s in SETTINGS],
                         default=[s.name for s in SETTINGS], help="curves to compute (default: all)")
     parser.add_argument("--train", action="store_true",
                         help="time and measure forward + backward instead of the forward")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to time on")
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per row (0: count only)")
     parser.add_argument("--time-limit", type=float, default=120.0,
                         help="seconds one row's measurement (warm-up, runs, memory pass) may take")
-    parser.add_argument("--out-csv", type=Path, default=Path("output/scaling.csv"))
+    parser.add_argument("--out-csv", type=Path, default=Path("output/scaling.csv"),
+                        help="the table of rows")
     parser.add_argument("--out-png", default="output/scaling.png", help="'' to draw nothing")
     args = parser.parse_args(argv)
 

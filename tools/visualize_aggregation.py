@@ -32,16 +32,18 @@ from utils import with_defaults  # noqa: E402
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("video")
-    parser.add_argument("--config", default="configs/retrieval_queryd_f32.yaml")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("video", help="the video to draw")
+    parser.add_argument("--config", default="configs/retrieval_queryd_f32.yaml",
+                        help="YAML config of the video encoder")
     parser.add_argument("--compare", help="a second video, drawn beside the first")
     parser.add_argument("--checkpoint", help="BLIP/TESTA checkpoint (default: random weights)")
     parser.add_argument("--frames", type=int, help="frames to sample (default: the config's)")
     parser.add_argument("--block", type=int, help="draw after this block, 1-based (default: the last)")
     parser.add_argument("--columns", type=int, default=8, help="frames per row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--out", default="output/aggregation.png")
+    parser.add_argument("--out", default="output/aggregation.png", help="the image to write")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
