@@ -33,7 +33,8 @@ from models.checkpoint import LoadReport, read_checkpoint
 from models.video_encoder import cat_token_batches
 from engine.config import load_config
 from tasks.pretraining import PRETRAIN_SCHEMA
-from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, protocol_scores
+from tasks.retrieval import (RETRIEVAL_SCHEMA, RETRIEVAL_SETTINGS, candidate_masks, encode_texts,
+                             match_logits, pair_scores, protocol_scores)
 from tasks.videoqa import VIDEOQA_SCHEMA
 from utils import with_defaults
 
@@ -41,6 +42,8 @@ from utils import with_defaults
 SCHEMAS = {"activitynet_qa": VIDEOQA_SCHEMA, "pretrain_video": PRETRAIN_SCHEMA}
 
 Video = Union[str, Path, torch.Tensor]
+# the evaluation's re-ranking settings, which `VideoText.rerank` follows
+RERANK_SETTINGS = {name: RETRIEVAL_SETTINGS[name] for name in ("k_test", "k_test_batch_size")}
 
 
 @dataclass
@@ -95,11 +98,16 @@ class VideoText:
 
     def __init__(self, model: nn.Module, config: dict, load_report: LoadReport,
                  device: torch.device):
+        config = with_defaults(config, RERANK_SETTINGS)  # pre-training configs lack them
         self.model, self.config, self.load_report = model, config, load_report
         self.reader = ClipReader(config, device)
 
     @torch.no_grad()
-    def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8) -> VideoEmbeddings:
+    def embed_videos(self, videos: Sequence[Video], *,
+                     batch_size: Optional[int] = None) -> VideoEmbeddings:
+        """Videos, `batch_size` per forward (default: the config's `batch_size_test`, or
+        `batch_size` in a pre-training config)."""
+        batch_size = batch_size or self.config.get("batch_size_test") or self.config["batch_size"]
         features, tokens, masks = [], [], []
         for start in range(0, len(videos), batch_size):
             feat, embeds, mask = self.model.encode_video(self.reader.batch(videos[start:start + batch_size]))
@@ -110,11 +118,11 @@ class VideoText:
 
     @torch.no_grad()
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
+        """Paragraphs, as many per forward as the evaluation encodes."""
         if isinstance(paragraphs, str):
             raise TypeError("pass a list of paragraphs")
         texts = [pre_caption(text, self.config["max_words"]) for text in paragraphs]
-        features, input_ids, attention_mask = self.model.encode_text(texts)
-        return TextEmbeddings(features, input_ids, attention_mask, texts)
+        return TextEmbeddings(*encode_texts(self.model, texts), texts)
 
     def similarity(self, videos: VideoEmbeddings, texts: TextEmbeddings) -> torch.Tensor:
         """Cosine similarities `[V, T]`."""
@@ -123,24 +131,23 @@ class VideoText:
     @torch.no_grad()
     def matching_logits(self, videos: VideoEmbeddings, texts: TextEmbeddings,
                         pairs: torch.Tensor) -> torch.Tensor:
-        """The matching head's "match" logit `[P]` of (video, text) index pairs `[P, 2]`."""
-        video, text = pairs.unbind(1)
-        logits = self.model.itm_logits(videos.tokens[video], texts.input_ids[text],
-                                       texts.attention_mask[text],
-                                       None if videos.mask is None else videos.mask[video])  # [P, 2]
-        return logits[:, 1]
+        """The matching head's "match" logit `[P]` of (video, text) index pairs `[P, 2]`,
+        scored as the evaluation scores them: grouped by video, at most the config's
+        `k_test_batch_size` pairs per forward (see `tasks.retrieval.match_logits`)."""
+        return match_logits(self.model, pairs, videos.tokens, videos.mask, texts.input_ids,
+                            texts.attention_mask, self.config["k_test_batch_size"])
 
     def rerank(self, videos: VideoEmbeddings, texts: TextEmbeddings, *,
                k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The evaluation protocol's scores: (v2t `[V, T]`, t2v `[T, V]`). The `k` (default:
         the config's `k_test`) best texts of each video by similarity, and the `k` best
-        videos of each text, score `match logit + similarity`; all other pairs -100."""
+        videos of each text, score `match logit + similarity`; all other pairs -100.
+        Scored as the evaluation scores them (`tasks.retrieval.pair_scores`): pairs
+        grouped by video, at most the config's `k_test_batch_size` per forward."""
         sims = self.similarity(videos, texts)
         v2t, t2v = candidate_masks(sims, k or self.config["k_test"])
-        pairs = (v2t | t2v).nonzero()  # [P, 2] (video, text)
-        scores = torch.zeros_like(sims)
-        scores[pairs[:, 0], pairs[:, 1]] = self.matching_logits(videos, texts, pairs) \
-            + sims[pairs[:, 0], pairs[:, 1]]
+        scores = pair_scores(self.model, sims, (v2t | t2v).nonzero(), videos.tokens, videos.mask,
+                             texts.input_ids, texts.attention_mask, self.config["k_test_batch_size"])
         return protocol_scores(scores, v2t, t2v)
 
 
