@@ -41,7 +41,8 @@ RETRIEVAL_SETTINGS: Settings = {
                        choices=tuple(RETRIEVAL_READERS)),
     "k_test": Setting(int, 128, "candidates per video and per text re-scored by the matching "
                       "head", min=1),
-    "k_test_batch_size": Setting(int, 64, "candidate pairs re-scored per forward", min=1),
+    "k_test_batch_size": Setting(int, 64, "candidate pairs of one video re-scored per forward",
+                                 min=1),
 }
 RETRIEVAL_SCHEMA: Settings = compose(
     RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS,
