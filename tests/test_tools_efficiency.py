@@ -208,7 +208,8 @@ def test_rerank_benchmark_times_both_ways_on_the_configs_tokens(tmp_path, capsys
 
 
 @pytest.mark.slow  # a fresh process per size
-def test_evaluation_benchmark_rows_follow_the_number_of_videos(capsys):
+def test_evaluation_benchmark_rows_follow_the_number_of_videos(capsys, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # main sets it; restored after
     rows = benchmark_evaluation.main(["--videos", "6", "12", "--k-test", "2", "--threads", "1"])
     for row, videos in zip(rows, (6, 12)):
         assert row["videos"] == row["texts"] == videos
