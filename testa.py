@@ -44,13 +44,16 @@ from engine.config import load_config
 from engine.precision import AMP_DTYPES, Precision, build_precision
 from engine.saving import save_checkpoint
 from tasks import TASKS, task_of_dataset
-from tasks.retrieval import candidate_masks, protocol_scores
+from tasks.retrieval import (RETRIEVAL_SETTINGS, candidate_masks, encode_texts, match_logits,
+                             pair_scores, protocol_scores)
 from utils import with_defaults
 
 Video = Union[str, Path, torch.Tensor, np.ndarray]
 VIDEO_TYPES = (str, Path, torch.Tensor, np.ndarray)
 TRUST_OPTION = "trust=True"  # how `load` allows a file that needs full unpickling
 logger = logging.getLogger("testa")
+# the evaluation's re-ranking settings, which `VideoText.rerank` follows
+RERANK_SETTINGS = {name: RETRIEVAL_SETTINGS[name] for name in ("k_test", "k_test_batch_size")}
 
 
 @dataclass
@@ -174,19 +177,23 @@ class VideoText:
 
     def __init__(self, model: nn.Module, config: dict, load_report: LoadReport,
                  device: torch.device, precision: Precision):
+        config = with_defaults(config, RERANK_SETTINGS)  # pre-training configs lack them
         self.model, self.config, self.load_report = model, config, load_report
         self.reader = ClipReader(config, device)
         self.precision = precision
 
     @inference
-    def embed_videos(self, videos: Sequence[Video], *, batch_size: int = 8,
+    def embed_videos(self, videos: Sequence[Video], *, batch_size: Optional[int] = None,
                      skip_bad: bool = False, keep_tokens: bool = True,
                      progress: bool = False) -> VideoEmbeddings:
-        """Embeddings of `videos` (paths or clips), `batch_size` at a time. A video that does
+        """Embeddings of `videos` (paths or clips), `batch_size` at a time (default: the
+        config's `batch_size_test`, or `batch_size` in a pre-training config). A video that does
         not decode raises VideoDecodeError naming it, or with `skip_bad` is left out, listed
         in the result's `skipped` and counted in a warning. `keep_tokens=False` keeps the
         features only (no re-ranking; for large collections); `progress` shows a bar."""
         videos = checked_videos(videos)
+        if batch_size is None:
+            batch_size = self.config.get("batch_size_test") or self.config["batch_size"]
         checked_positive("batch_size", batch_size)
         ids, skipped = video_ids(videos), []
         features, tokens, masks, kept = [], [], [], []
@@ -216,10 +223,10 @@ class VideoText:
 
     @inference
     def embed_paragraphs(self, paragraphs: Sequence[str]) -> TextEmbeddings:
+        """Paragraphs, as many per forward as the evaluation encodes."""
         paragraphs = checked_texts("paragraphs", paragraphs)
         texts = [pre_caption(text, self.config["max_words"]) for text in paragraphs]
-        features, input_ids, attention_mask = self.model.encode_text(texts)
-        return TextEmbeddings(features.float(), input_ids, attention_mask, texts)
+        return TextEmbeddings(*encode_texts(self.model, texts), texts)
 
     def similarity(self, videos: VideoEmbeddings, texts: TextEmbeddings) -> torch.Tensor:
         """Cosine similarities `[V, T]`."""
@@ -228,28 +235,27 @@ class VideoText:
     @inference
     def matching_logits(self, videos: VideoEmbeddings, texts: TextEmbeddings,
                         pairs: torch.Tensor) -> torch.Tensor:
-        """The matching head's "match" logit `[P]` of (video, text) index pairs `[P, 2]`."""
-        video, text = pairs.unbind(1)
-        logits = self.model.itm_logits(videos.tokens[video], texts.input_ids[text],
-                                       texts.attention_mask[text],
-                                       None if videos.mask is None else videos.mask[video])  # [P, 2]
-        return logits[:, 1].float()
+        """The matching head's "match" logit `[P]` of (video, text) index pairs `[P, 2]`,
+        scored as the evaluation scores them: grouped by video, at most the config's
+        `k_test_batch_size` pairs per forward (see `tasks.retrieval.match_logits`)."""
+        return match_logits(self.model, pairs, videos.tokens, videos.mask, texts.input_ids,
+                            texts.attention_mask, self.config["k_test_batch_size"])
 
     def rerank(self, videos: VideoEmbeddings, texts: TextEmbeddings, *,
                k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The evaluation protocol's scores: (v2t `[V, T]`, t2v `[T, V]`). The `k` (default:
         the config's `k_test`) best texts of each video by similarity, and the `k` best
-        videos of each text, score `match logit + similarity`; all other pairs -100."""
+        videos of each text, score `match logit + similarity`; all other pairs -100.
+        Scored as the evaluation scores them (`tasks.retrieval.pair_scores`): pairs
+        grouped by video, at most the config's `k_test_batch_size` per forward."""
         if k is not None:
             checked_positive("k", k)
         if videos.tokens is None:
             raise ValueError("videos: embedded with keep_tokens=False, so they cannot be re-ranked")
         sims = self.similarity(videos, texts)
         v2t, t2v = candidate_masks(sims, self.config["k_test"] if k is None else k)
-        pairs = (v2t | t2v).nonzero()  # [P, 2] (video, text)
-        scores = torch.zeros_like(sims)
-        scores[pairs[:, 0], pairs[:, 1]] = self.matching_logits(videos, texts, pairs) \
-            + sims[pairs[:, 0], pairs[:, 1]]
+        scores = pair_scores(self.model, sims, (v2t | t2v).nonzero(), videos.tokens, videos.mask,
+                             texts.input_ids, texts.attention_mask, self.config["k_test_batch_size"])
         return protocol_scores(scores, v2t, t2v)
 
 

@@ -373,6 +373,8 @@ def encode_grounded(encoder: BlipTextModel, input_ids: torch.Tensor,
                     video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Video-grounded mode: every layer cross-attends to the video tokens `[B, N, D]`
     (those of `video_mask [B, N]` only, if given); `[B, S]` -> hidden states `[B, S, W]`.
+    One video for all B texts: `video_embeds [1, N, D]` and `video_mask [1, N]`, which
+    every layer projects to keys and values once (the attention products broadcast them).
     Callers put `[ENC]` first."""
     return encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=video_embeds,
                    encoder_attention_mask=video_mask).last_hidden_state

@@ -8,8 +8,9 @@ and re-scores the pairs of its own videos, and the score matrices are summed ove
 ranks. Recall@K is computed from the two score matrices.
 """
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ RETRIEVAL_SETTINGS = Settings(title="Retrieval task", module=__name__, settings=
                        choices=tuple(RETRIEVAL_READERS)),
     "k_test": Setting(int, 128, "candidates per video and per text re-scored by the matching "
                       "head", min=1),
-    "k_test_batch_size": Setting(int, 64, "candidate pairs re-scored per forward", min=1),
+    "k_test_batch_size": Setting(int, 64, "candidate pairs of one video re-scored per forward",
+                                 min=1),
 })
 RETRIEVAL_SCHEMA: Settings = compose(
     RUN_SETTINGS, LOG_SETTINGS, PRECISION_SETTINGS, TRAIN_SETTINGS, FINETUNE_BATCH_SETTINGS,
@@ -88,14 +90,15 @@ def itm_eval(scores_v2t, scores_t2v, txt2video: Sequence[int],
 
 # evaluation --------------------------------------------------------------------------
 @torch.no_grad()
-def encode_texts(model: nn.Module, texts: Sequence[str], run: Run
+def encode_texts(model: nn.Module, texts: Sequence[str],
+                 autocast: Callable[[], ContextManager] = nullcontext
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All texts (every rank) -> (features `[T, E]` float32, input_ids `[T, S]`,
-    attention_mask `[T, S]`)."""
+    """Texts, `TEXT_BATCH_SIZE` per forward -> (features `[T, E]` float32, input_ids
+    `[T, S]`, attention_mask `[T, S]`)."""
     features, ids, masks = [], [], []
     for start in progress(range(0, len(texts), TEXT_BATCH_SIZE), "texts"):
-        with run.precision.autocast():
-            batch = texts[start:start + TEXT_BATCH_SIZE]
+        batch = texts[start:start + TEXT_BATCH_SIZE]
+        with autocast():
             feat, input_ids, attention_mask = model.encode_text(batch)
         features.append(feat.float())
         ids.append(input_ids)
@@ -108,7 +111,8 @@ def encode_videos(model: nn.Module, loader: DataLoader, run: Run
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's videos (index % world_size == rank) -> (features of ALL videos
     `[V, E]` float32, summed over the ranks; this rank's video indices `[V_r]`; their
-    tokens `[V_r, N, D]`, kept on the CPU)."""
+    tokens `[V_r, N, D]`, kept on the CPU in the autocast dtype, and their content masks
+    `[V_r, N]` or None)."""
     features = torch.zeros(len(loader.dataset.video), run.config["embed_dim"], device=run.device)
     own_index, own_features, own_tokens, own_masks = [], [], [], []
     for video, video_index in progress(loader, "videos"):
@@ -119,7 +123,8 @@ def encode_videos(model: nn.Module, loader: DataLoader, run: Run
             feat, tokens, mask = model.encode_video(video[owned].to(run.device, non_blocking=True))
         own_index.append(video_index[owned])
         own_features.append(feat.float())
-        own_tokens.append(tokens.cpu())
+        # in the dtype autocast gives the matching head's key and value projections
+        own_tokens.append(tokens.to(run.precision.dtype or tokens.dtype).cpu())
         own_masks.append(None if mask is None else mask.cpu())
     if not own_index:  # fewer videos than ranks
         return all_reduce_sum(features), torch.zeros(0, dtype=torch.long), torch.zeros(0), None
@@ -148,26 +153,76 @@ def protocol_scores(scores: torch.Tensor, v2t: torch.Tensor, t2v: torch.Tensor
 
 
 @torch.no_grad()
+def match_logits(model: nn.Module, pairs: torch.Tensor, video_tokens: torch.Tensor,
+                 video_masks: Optional[torch.Tensor], text_ids: torch.Tensor,
+                 text_mask: torch.Tensor, batch_size: int, *,
+                 video_rows: Optional[torch.Tensor] = None,
+                 autocast: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+    """The matching head's "match" logit `[P]` (float32 or wider, on the texts' device) of
+    (video, text) index pairs `[P, 2]`.
+
+    Video `i` is row `video_rows[i]` (default: `i`) of `video_tokens [V', N, D]` and of
+    its content mask `video_masks [V', N]` (None: all tokens hold content); text `j` is
+    row `j` of `text_ids` and `text_mask [T, S]`. The pairs are grouped by video, and each
+    forward scores one video against at most `batch_size` of its texts: the video's tokens
+    go in once, `[1, N, D]`, so each layer's cross-attention projects them to keys and
+    values once for all of those texts (`itm_logits`), and memory stays bounded by
+    `batch_size` whatever the number of pairs. The tokens may live on the CPU; one
+    video's at a time goes to the texts' device.
+    """
+    device = text_ids.device
+    scored, values = [], []
+    order = pairs[:, 0].argsort(stable=True)  # [P] grouped by video
+    videos, counts = pairs[order, 0].unique_consecutive(return_counts=True)
+    for video, group in progress(list(zip(videos.tolist(), order.split(counts.tolist()))),
+                                 "re-ranking"):
+        row = video if video_rows is None else int(video_rows[video])
+        tokens = video_tokens[row:row + 1].to(device, non_blocking=True)  # [1, N, D]
+        mask = (None if video_masks is None
+                else video_masks[row:row + 1].to(device, non_blocking=True))  # [1, N]
+        for chunk in group.tensor_split(-(-len(group) // batch_size)):  # even chunks <= batch_size
+            text = pairs[chunk, 1].to(device)
+            with autocast():
+                match = model.itm_logits(tokens, text_ids[text], text_mask[text], mask)  # [K, 2]
+            scored.append(chunk)
+            values.append(match[:, 1])
+    if not values:
+        return torch.zeros(0, device=device)
+    logits = torch.empty(len(pairs), device=device,  # float64 runs stay float64
+                         dtype=torch.promote_types(values[0].dtype, torch.float32))
+    logits[torch.cat(scored).to(device)] = torch.cat(values).to(logits.dtype)
+    return logits
+
+
+def pair_scores(model: nn.Module, sims: torch.Tensor, pairs: torch.Tensor,
+                video_tokens: torch.Tensor, video_masks: Optional[torch.Tensor],
+                text_ids: torch.Tensor, text_mask: torch.Tensor, batch_size: int, *,
+                video_rows: Optional[torch.Tensor] = None,
+                autocast: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+    """`itm_logit[:, 1] + sim` of the (video, text) pairs `[P, 2]` in a matrix like sims
+    `[V, T]`, 0 elsewhere (the other arguments as for `match_logits`)."""
+    logits = match_logits(model, pairs, video_tokens, video_masks, text_ids, text_mask,
+                          batch_size, video_rows=video_rows, autocast=autocast)
+    video, text = pairs.unbind(1)
+    scores = torch.zeros_like(sims)
+    scores[video, text] = logits.to(sims) + sims[video, text]
+    return scores
+
+
+@torch.no_grad()
 def rerank(model: nn.Module, run: Run, sims: torch.Tensor, candidates: torch.Tensor,
            own_index: torch.Tensor, own_tokens: torch.Tensor, own_masks: Optional[torch.Tensor],
            text_ids: torch.Tensor, text_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
     """`itm_logit[:, 1] + sim` of every candidate pair `[V, T]` (0 elsewhere); each rank
-    scores the pairs of its own videos, `batch_size` pairs at a time, and the ranks'
-    matrices are summed."""
+    scores the pairs of its own videos (`pair_scores`, at most `batch_size` pairs per
+    forward), and the ranks' matrices are summed."""
     num_videos = sims.shape[0]
     local_row = torch.full((num_videos,), -1, dtype=torch.long, device=own_index.device)
     local_row[own_index] = torch.arange(len(own_index), device=own_index.device)
     owned = (local_row >= 0).to(sims.device)
     pairs = (candidates & owned[:, None]).nonzero()  # [P, 2] (video, text)
-    scores = torch.zeros_like(sims)
-    for chunk in progress(pairs.split(batch_size), "re-ranking"):
-        video, text = chunk.unbind(1)
-        rows = local_row[video.cpu()]
-        tokens = own_tokens[rows].to(run.device, non_blocking=True)
-        masks = None if own_masks is None else own_masks[rows].to(run.device, non_blocking=True)
-        with run.precision.autocast():
-            logits = model.itm_logits(tokens, text_ids[text], text_mask[text], masks)  # [K, 2]
-        scores[video, text] = logits[:, 1].float() + sims[video, text]
+    scores = pair_scores(model, sims, pairs, own_tokens, own_masks, text_ids, text_mask,
+                         batch_size, video_rows=local_row, autocast=run.precision.autocast)
     return all_reduce_sum(scores)
 
 
@@ -175,7 +230,8 @@ def rerank(model: nn.Module, run: Run, sims: torch.Tensor, candidates: torch.Ten
 def evaluate(model: nn.Module, loader: DataLoader, run: Run) -> Tuple[torch.Tensor, torch.Tensor]:
     """Score matrices (v2t `[V, T]`, t2v `[T, V]`) of the protocol, on the CPU."""
     model.eval()
-    text_feat, text_ids, text_mask = encode_texts(model, loader.dataset.text, run)
+    text_feat, text_ids, text_mask = encode_texts(model, loader.dataset.text,
+                                                     run.precision.autocast)
     video_feat, own_index, own_tokens, own_masks = encode_videos(model, loader, run)
     check_finite(text_feat, "text features")
     check_finite(video_feat, "video features")

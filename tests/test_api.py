@@ -15,10 +15,12 @@ import testa
 from engine import precision
 from datasets import build_datasets, load_video, read_frames
 from datasets.base import stack_clips
+from engine.precision import build_precision
+from engine.run import Run
 from engine.saving import model_checkpoint, save_checkpoint
-from models import build_videoqa_model
+from models import build_retrieval_model, build_videoqa_model
 from tools import demo
-from tasks.retrieval import itm_eval
+from tasks.retrieval import candidate_masks, itm_eval, protocol_scores, rerank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,3 +138,47 @@ def test_videoqa_answers_match_the_models_ranking_on_the_eval_clips(demo_root, t
     assert qa.answer(paths, questions, answer_list=test_set.answer_list) == expected
     generated = qa.answer(paths[:1], questions)  # one video for every question
     assert len(generated) == 3 and all(isinstance(answer, str) for answer in generated)
+
+
+def test_rerank_scores_as_the_evaluation_in_bounded_forwards(tiny_config, captions, tmp_path):
+    """`VideoText.rerank` = the evaluation's `tasks.retrieval.rerank` + `protocol_scores` on
+    the same embeddings (float64, padded video tokens), = every candidate pair scored alone;
+    and no forward holds more than one video or `k_test_batch_size` texts."""
+    torch.manual_seed(0)
+    config = tiny_config(k_test=2, k_test_batch_size=2)
+    model = build_retrieval_model(config).double().eval()
+    api = testa.VideoText(model, config, None, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([17, 9, 12, 17, 5])
+    mask = (torch.arange(17)[None] < lengths[:, None]).long()  # [5, 17], as adaptive pads
+    videos = testa.VideoEmbeddings(
+        torch.nn.functional.normalize(torch.randn(5, 16, generator=generator, dtype=torch.float64), dim=1),
+        torch.randn(5, 17, 64, generator=generator, dtype=torch.float64), mask)
+    texts = api.embed_paragraphs(captions + ["a red circle moves left", "a car drives at night"])
+    texts.features = texts.features.double()
+
+    sizes = []  # (video batch, text batch) of every grounded forward
+    hook = model.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append((kwargs["encoder_hidden_states"].shape[0],
+                                                   args[0].shape[0])), with_kwargs=True)
+    v2t, t2v = api.rerank(videos, texts)
+    hook.remove()
+    assert sizes and all(video == 1 and text <= 2 for video, text in sizes)
+
+    sims = videos.features @ texts.features.t()  # [5, 6]
+    top_v2t, top_t2v = candidate_masks(sims, 2)
+    run = Run(config, tmp_path, torch.device("cpu"), build_precision("none", torch.device("cpu")))
+    scores = rerank(model, run, sims, top_v2t | top_t2v, torch.arange(5), videos.tokens, mask,
+                    texts.input_ids, texts.attention_mask, 2)
+    evaluation_v2t, evaluation_t2v = protocol_scores(scores, top_v2t, top_t2v)
+    assert torch.equal(v2t, evaluation_v2t) and torch.equal(t2v, evaluation_t2v)
+
+    expected = torch.full_like(sims, -100.0)
+    with torch.no_grad():
+        for video, text in (top_v2t | top_t2v).nonzero().tolist():
+            expected[video, text] = sims[video, text] + model.itm_logits(
+                videos.tokens[video:video + 1], texts.input_ids[text:text + 1],
+                texts.attention_mask[text:text + 1], mask[video:video + 1])[0, 1]
+    assert (v2t - torch.where(top_v2t, expected, -100.0)).abs().max() <= 1e-12
+    assert (t2v - torch.where(top_t2v, expected, -100.0).t()).abs().max() <= 1e-12
+    assert (v2t == -100).sum().item() == 5 * (6 - 2)

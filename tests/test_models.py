@@ -10,6 +10,7 @@ from ruamel.yaml import YAML
 from models import build_pretrain_model, build_retrieval_model, build_videoqa_model
 from models.blip_base import (HardNegatives, NegativePool, enqueue, pick_hard_negatives,
                               sample_negatives)
+from tasks.retrieval import match_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,55 @@ def test_retrieval_evaluation_methods_shapes(tiny_config, tiny_video, captions):
     assert (input_ids[:, 0] == model.tokenizer.cls_token_id).all()
     assert logits.shape == (3, 2)
     torch.testing.assert_close(logits, logits_enc)  # itm_logits puts [ENC] first itself
+
+
+def padded_video_tokens(lengths, width: int, seed: int):
+    """Random tokens `[V, max(lengths), width]` whose padding slots hold random values too,
+    and their content mask `[V, N]`: what adaptive aggregation gives a batch."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(len(lengths), max(lengths), width, generator=generator, dtype=torch.float64)
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    return tokens, mask
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_rerank_computes_cross_attention_keys_once_per_video_and_scores_as_per_pair(
+        tiny_config, captions, adaptive):
+    """`match_logits` feeds each video's tokens once for a chunk of its texts, so every
+    layer's cross-attention keys and values come from `[1, N, D]` and are shared by the
+    chunk: the float64 logits equal those of every pair scored alone on its own copy of
+    the video (keys and values computed per pair), within 1e-12, with padded video
+    tokens and texts of different lengths."""
+    torch.manual_seed(0)
+    model = build_retrieval_model(tiny_config()).double().eval()
+    lengths = [7, 17, 12] if adaptive else [17, 17, 17]
+    tokens, video_mask = padded_video_tokens(lengths, 64, seed=1)
+    video_mask = video_mask if adaptive else None
+    _, input_ids, attention_mask = model.encode_text(captions)  # 4 texts, padded
+    assert not bool(attention_mask.all())
+    pairs = torch.tensor([[2, 1], [0, 0], [1, 3], [0, 2], [2, 0], [0, 3], [0, 1], [2, 2],
+                          [1, 0]])  # video 0 has 4 texts: two chunks of 2 at batch size 3
+    shared = match_logits(model, pairs, tokens, video_mask, input_ids, attention_mask, 3)
+
+    sizes = []  # (video batch, text batch) of every grounded forward
+    hook = model.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append((kwargs["encoder_hidden_states"].shape[0],
+                                                   args[0].shape[0])), with_kwargs=True)
+    match_logits(model, pairs, tokens, video_mask, input_ids, attention_mask, 3)
+    hook.remove()
+    assert sorted(sizes) == [(1, 2), (1, 2), (1, 2), (1, 3)]  # one video per forward
+
+    with torch.no_grad():
+        alone = torch.stack([model.itm_logits(
+            tokens[video:video + 1], input_ids[text:text + 1], attention_mask[text:text + 1],
+            None if video_mask is None else video_mask[video:video + 1])[0, 1]
+            for video, text in pairs.tolist()])
+    assert shared.dtype == torch.float64
+    assert (shared - alone).abs().max().item() <= 1e-12
+    if adaptive:  # the padding is masked: the padded slots' values do not matter
+        tokens[0, 7:] = 100.0
+        moved = match_logits(model, pairs, tokens, video_mask, input_ids, attention_mask, 3)
+        assert (moved - shared).abs().max().item() <= 1e-12
 
 
 def test_temperature_is_clamped_each_forward(tiny_config, tiny_video, captions):

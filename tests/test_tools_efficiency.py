@@ -1,6 +1,8 @@
 """The scaling study's rows (models/scaling.py, counted on the meta device),
-models/visualization.py and tools/visualize_aggregation.py."""
+models/visualization.py, tools/visualize_aggregation.py, and the re-ranking and evaluation
+benchmarks."""
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +11,15 @@ import torch
 from matplotlib.image import imread
 
 from engine.config import load_config
-from helpers import write_tiny_encoder_config
+from helpers import write_config, write_tiny_encoder_config
 from models import build_video_encoder
 from models.encoder_weights import load_visual_encoder
 from models.token_state import TokenState
 from models.visualization import (draw_aggregation, frame_groups, frame_runs, patch_groups,
                                   patch_overlay)
 from models import scaling
+from models.cost import count, encoder_config
+from tools import benchmark, benchmark_evaluation
 from tools.visualize_aggregation import main
 
 BASE = load_config("configs/retrieval_queryd_f32.yaml")
@@ -190,3 +194,28 @@ def test_checkpoint_loads_only_visual_encoder_keys(tmp_path, capsys):
     torch.save({"model": {"text_encoder.embeddings.weight": torch.zeros(3, 3)}}, tmp_path / "text.pth")
     with pytest.raises(ValueError, match="0 of 27 video-encoder tensors matched"):
         load_visual_encoder(fresh, str(tmp_path / "text.pth"))
+
+
+# re-ranking and evaluation benchmarks ------------------------------------------------------
+def test_rerank_benchmark_times_both_ways_on_the_configs_tokens(tmp_path, capsys):
+    config_path = write_config(tmp_path / "tiny.yaml", "demo_retrieval.yaml", k_test_batch_size=48)
+    report = benchmark.main(["--config", config_path, "--rerank", "--runs", "1", "--json"])
+    tokens = count(encoder_config(load_config(config_path), None, aggregate=True))["tokens_out"]
+    assert report["rerank_tokens"] == tokens and report["rerank_texts"] == 128
+    assert report["rerank_batch_size"] == 48
+    assert report["rerank_speedup"] == pytest.approx(
+        report["rerank_seconds_per_pair"] / report["rerank_seconds_reuse"], rel=0.01)
+    assert report["rerank_max_abs_diff"] < 1e-4  # the same logits both ways (float32)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+
+
+@pytest.mark.slow  # a fresh process per size
+def test_evaluation_benchmark_rows_follow_the_number_of_videos(capsys, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # main sets it; restored after
+    rows = benchmark_evaluation.main(["--videos", "6", "12", "--k-test", "2", "--threads", "1"])
+    for row, videos in zip(rows, (6, 12)):
+        assert row["videos"] == row["texts"] == videos
+        assert videos * 2 <= row["pairs"] <= videos * 2 * 2  # top 2 of each row and column
+        assert row["kept_tokens_mb"] == round(videos * row["tokens"] * row["width"] * 4 / 2**20, 1)
+        assert row["peak_mb"] > 0 and row["seconds"] > 0
+    assert capsys.readouterr().out.splitlines()[0].split()[0] == "videos"

@@ -7,6 +7,7 @@
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --dtype bf16 --profile
     python tools/benchmark.py --config configs/retrieval_queryd_f32.yaml --dtype bf16 --batch 8 --runs 3
     python tools/benchmark.py --config configs/retrieval_queryd_f32_adaptive.yaml --video clip.mp4 --runs 0 --json
+    python tools/benchmark.py --config configs/retrieval_activitynet_f96.yaml --rerank --runs 3 --json
 
 GMACs are multiply-accumulates of the forward / 1e9, counted with torch's FLOP counter
 on the meta device (no computation runs). With `--video` the encoder (random weights,
@@ -33,10 +34,19 @@ and gives each of these keys one value per dtype. `--compile` wraps the encoder 
 `torch.compile` (static shapes: fixed-r aggregation) and reports the first call's
 `compile_seconds` apart from the timed runs.
 `--profile` adds one profiled forward per dtype, its time summed by op class.
+
+`--rerank` times the matching head instead: one video's output tokens at the config's
+frames (random) against 128 paragraphs of `max_words` tokens, the config's towers with
+random weights, `k_test_batch_size` pairs per forward, with the video's cross-attention
+keys and values computed once for its paragraphs (`rerank_seconds_reuse`, what evaluation
+and `testa.VideoText.rerank` run) and per pair (`rerank_seconds_per_pair`);
+`rerank_speedup` is their ratio and `rerank_max_abs_diff` how far the match logits of
+the two differ.
 """
 import argparse
 import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,9 +60,12 @@ from datasets.base import video_batch  # noqa: E402
 from datasets.video import read_test_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.precision import cpu_bf16_problem  # noqa: E402
+from models import build_retrieval_model  # noqa: E402
 from models.cost import count, count_on_video, encoder_config  # noqa: E402
 from models.timing import (OP_CLASSES, build, encoder_gemms, gemm_gflops, op_class,  # noqa: E402
                            peak_memory_mb, step, time_alternately)
+from tasks.retrieval import RETRIEVAL_SETTINGS, match_logits  # noqa: E402
+from utils import with_defaults  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def profile_by_class(encoder, video: torch.Tensor, train: bool) -> Dict[str, float]:
@@ -139,6 +152,60 @@ def check_dtypes(dtypes: List[str], device: str, allow_slow_bf16: bool) -> None:
                              "to time it anyway")
 
 
+RERANK_TEXTS = 128  # the paragraphs one video is re-scored against (the paper's k_test)
+
+
+def rerank_timing(config: dict, runs: int, device: str, dtype: torch.dtype,
+                  seed: int = 0) -> Dict[str, float]:
+    """Re-ranking of one video (the encoder's output tokens at the config's frames,
+    random) against RERANK_TEXTS paragraphs of `max_words` random tokens with the
+    config's towers (random weights), `k_test_batch_size` pairs per forward: median
+    seconds with the video's cross-attention keys and values computed once per chunk
+    (`tasks.retrieval.match_logits`, what the evaluation and the API run) and per pair
+    (the video's tokens copied to every pair), timed alternately, and how far apart
+    their match logits are."""
+    config = with_defaults(config, {"k_test_batch_size": RETRIEVAL_SETTINGS["k_test_batch_size"]})
+    torch.manual_seed(seed)
+    model = build_retrieval_model(config).to(device=device, dtype=dtype).eval()
+    num_tokens, batch_size = count(config)["tokens_out"], config["k_test_batch_size"]
+    tokens = torch.randn(1, num_tokens, model.visual_encoder.embed_dim, device=device, dtype=dtype)
+    input_ids = torch.randint(1000, 30000, (RERANK_TEXTS, config["max_words"]), device=device)
+    attention_mask = torch.ones_like(input_ids)
+    pairs = torch.stack([torch.zeros(RERANK_TEXTS, dtype=torch.long),
+                         torch.arange(RERANK_TEXTS)], dim=1).to(device)  # [128, 2] (video, text)
+
+    def reuse(texts: int = RERANK_TEXTS) -> torch.Tensor:
+        return match_logits(model, pairs[:texts], tokens, None, input_ids, attention_mask,
+                            batch_size)
+
+    def per_pair(texts: int = RERANK_TEXTS) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model.itm_logits(tokens.expand(len(chunk), -1, -1), input_ids[chunk],
+                                               attention_mask[chunk])[:, 1].float()
+                              for chunk in torch.arange(texts, device=device).split(batch_size)])
+
+    def timed(fn) -> tuple:
+        start = time.perf_counter()
+        logits = fn()
+        if tokens.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, logits
+
+    reuse(2), per_pair(2)  # warm-up
+    samples = {"reuse": [], "per_pair": []}
+    for _ in range(runs):
+        seconds_reuse, logits_reuse = timed(reuse)
+        seconds_per_pair, logits_per_pair = timed(per_pair)
+        samples["reuse"].append(seconds_reuse)
+        samples["per_pair"].append(seconds_per_pair)
+    reuse_s, per_pair_s = (statistics.median(samples[name]) for name in ("reuse", "per_pair"))
+    return dict(rerank_texts=RERANK_TEXTS, rerank_tokens=num_tokens,
+                rerank_batch_size=batch_size, rerank_seconds_reuse=round(reuse_s, 3),
+                rerank_seconds_per_pair=round(per_pair_s, 3),
+                rerank_speedup=round(per_pair_s / reuse_s, 3),
+                rerank_max_abs_diff=float((logits_reuse - logits_per_pair).abs().max()))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -166,6 +233,10 @@ def main(argv=None) -> dict:
                         help="torch.compile the encoder; compile time is reported, not timed")
     parser.add_argument("--profile", action="store_true",
                         help="profile one more step and print its time by op class")
+    parser.add_argument("--rerank", action="store_true",
+                        help=f"time the re-ranking of one video against {RERANK_TEXTS} paragraphs "
+                        "with and without its cross-attention keys and values computed once "
+                        "(instead of the encoder)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
     if args.runs < 0:
@@ -187,6 +258,8 @@ def main(argv=None) -> dict:
     if video is None and config["token_merging"] and config["testa_threshold"] is not None:
         raise SystemExit(f"benchmark: {args.config} sets testa_threshold, so the cost depends on "
                          "the video; pass --video PATH")
+    if args.rerank:
+        return rerank_main(args, config)
     results = measure(configs, args.runs, args.device, [DTYPES[name] for name in dtype_names],
                       args.train, compile_encoder=args.compile, profile_step=args.profile,
                       video=video, seed=args.seed, batch=args.batch)
@@ -227,6 +300,24 @@ def main(argv=None) -> dict:
         print(f"{'bf16 speedup':>15}: {report['dtype_speedup']:.2f}x")
     if args.profile and args.runs:
         print_profile(results, names)
+    if args.json:
+        print(json.dumps(report))
+    return report
+
+
+def rerank_main(args: argparse.Namespace, config: dict) -> dict:
+    if args.runs < 1:
+        raise SystemExit("benchmark: --rerank times; give --runs 1 or more")
+    result = rerank_timing(config, args.runs, args.device, DTYPES[args.dtype], args.seed)
+    report = dict(config=args.config, frames=config["num_frames"],
+                  aggregation=bool(config["token_merging"]), mode="rerank", device=args.device,
+                  dtype=args.dtype, **result)
+    print(f"re-ranking 1 video ({result['rerank_tokens']} tokens) x {result['rerank_texts']} "
+          f"paragraphs, {result['rerank_batch_size']} per forward: "
+          f"{result['rerank_seconds_per_pair']} s with keys and values per pair, "
+          f"{result['rerank_seconds_reuse']} s computed once per video: "
+          f"{result['rerank_speedup']:.2f}x; match logits differ by at most "
+          f"{result['rerank_max_abs_diff']:.2g}")
     if args.json:
         print(json.dumps(report))
     return report
