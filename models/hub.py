@@ -22,6 +22,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import struct
 import time
 import urllib.error
@@ -34,7 +35,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from models import hf
-from models.exported import EXPORT_FILES
+from models.exported import EXPORT_FILES, WEIGHTS_FILE
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
@@ -102,12 +103,13 @@ def cached_path(url: str) -> Path:
     return entry_dir(url) / file_name(url)
 
 
-def resolve(location: str) -> str:
+def resolve(location: str, *, checkpoint: bool = True) -> str:
     """A local path for `location`: itself when it is not a URL or hub id, else the
     cached download, verified against its record (fetched now when it is not in the
     cache yet or no longer matches its record): a file, or the folder of an exported
     model's files for a URL ending in `/`. `hf://` ids go through huggingface_hub and its
-    own cache (models/hf.py)."""
+    own cache (models/hf.py). `checkpoint=False`: the file is an exported model's config,
+    checked only for being a non-empty file that is not an error page."""
     if location.startswith(hf.PREFIX):
         try:
             return hf.resolve(location)
@@ -116,21 +118,40 @@ def resolve(location: str) -> str:
     if not is_remote(location):
         return location
     if location.endswith("/"):  # an exported model's folder
-        local = [resolve(location + name) for name in EXPORT_FILES]
-        return os.path.dirname(local[0])
+        return exported_folder(location)
     url = location
     path = cached_path(url)
     problem = cache_problem(url, path)
     if problem is None:
         return str(path)
     try:
-        download(url, path)
+        download(url, path, checkpoint=checkpoint)
     except DownloadError as err:
         if problem == "not cached":
             raise
         raise DownloadError(f"{url}: the cached copy {path} {problem}, and fetching it again "
                             f"failed ({str(err).removeprefix(url + ': ')})") from None
     return str(path)
+
+
+def exported_folder(location: str) -> str:
+    """The files of the exported model at folder URL `location`, each a verified entry of
+    its own, linked side by side into the folder URL's entry (the reader wants them in one
+    folder)."""
+    folder = entry_dir(location)
+    _check_inside_cache(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:
+        source = Path(resolve(location + name, checkpoint=name == WEIGHTS_FILE))
+        target = folder / name
+        if target.is_file() and os.path.samefile(source, target):
+            continue
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:  # another file system
+            shutil.copyfile(source, target)
+    return str(folder)
 
 
 def cache_problem(url: str, path: Path) -> Optional[str]:
@@ -165,10 +186,11 @@ def file_sha256(path: Path) -> str:
     return _verified[key]
 
 
-def download(url: str, path: Path) -> None:
+def download(url: str, path: Path, *, checkpoint: bool = True) -> None:
     """Fetch `url` into `path` atomically, with a progress bar, and record its size and
     sha256 beside it; DownloadError naming the URL on any failure, leaving nothing new in
-    the cache."""
+    the cache. The body must be a whole checkpoint (`checkpoint=False`: a text file that is
+    not empty and not an HTML page)."""
     directory = path.parent
     _check_inside_cache(directory)
     try:
@@ -187,7 +209,8 @@ def download(url: str, path: Path) -> None:
             received, digest = _copy(response, partial, expected, path.name)
         if expected is not None and received != expected:
             raise DownloadError(f"{url}: download ended after {received} of {expected} bytes")
-        problem = not_a_checkpoint(partial, content_type, length_announced=expected is not None)
+        problem = (not_a_checkpoint(partial, content_type, length_announced=expected is not None)
+                   if checkpoint else not_a_text_file(partial))
         if problem:
             raise DownloadError(f"{url}: the server sent {problem}; nothing was cached")
         record.write_text(json.dumps({"url": normalise_url(url), "size": received,
@@ -237,6 +260,17 @@ def _copy(response, partial: Path, total: Optional[int], name: str) -> Tuple[int
         f.flush()
         os.fsync(f.fileno())
     return received, digest.hexdigest()
+
+
+def not_a_text_file(path: Path) -> Optional[str]:
+    """None for a non-empty file that is not an HTML page, else what it is instead."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty body"
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
+        return f"an HTML page (starts {head[:20]!r})"
+    return None
 
 
 def not_a_checkpoint(path: Path, content_type: str = "", *,

@@ -300,12 +300,21 @@ def test_url_checkpoint_is_downloaded_once_and_reused(retrieval_config, weights,
             == read_metrics(tmp_path / "local" / "eval_results.json"))
 
 
-def test_hub_id_resolves_to_the_hub_file(retrieval_config, server, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    printed = evaluate(retrieval_config, tmp_path / "out", "--checkpoint",
-                       "hf://ShuhuaiRen/TESTA_tiny/tiny.pth")
+def test_hub_id_resolves_to_the_hub_file(retrieval_config, weights, tmp_path, monkeypatch):
+    """hf:// goes through huggingface_hub, here against a server that answers as a hub does."""
+    served_file = tmp_path / "served" / "ShuhuaiRen" / "TESTA_tiny" / "resolve" / "main" / "tiny.pth"
+    served_file.parent.mkdir(parents=True)
+    served_file.write_bytes(weights.read_bytes())
+    hub_server = Server(tmp_path / "served")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    try:
+        printed = evaluate(retrieval_config, tmp_path / "out", "--checkpoint",
+                           "hf://ShuhuaiRen/TESTA_tiny/tiny.pth")
+    finally:
+        hub_server.close()
     assert "loaded tiny.pth:" in printed
-    assert server.requests == ["/ShuhuaiRen/TESTA_tiny/resolve/main/tiny.pth"]
+    assert "/ShuhuaiRen/TESTA_tiny/resolve/main/tiny.pth" in hub_server.requests
 
 
 def test_missing_url_is_one_line_and_caches_nothing(retrieval_config, server, tmp_path):
