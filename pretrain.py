@@ -11,7 +11,8 @@ from typing import List, Optional
 
 from engine.config import build_arg_parser, parse_args
 from engine.run import script_errors, start_run
-from engine.train import build_loaders, check_trainable, fit, initial_weights, load_weights
+from engine.checkpoints import initial_weights, load_weights
+from engine.train import build_loaders, check_trainable, fit
 from tasks import TASKS
 
 TASK = TASKS["pretraining"]

@@ -1,4 +1,4 @@
-"""The one training loop of fine-tuning and pre-training, and its checkpoints.
+"""The one training loop of fine-tuning and pre-training (its checkpoints: engine/checkpoints.py).
 
 `fit` runs the epochs of a `Task`: per epoch it seeds the data order, trains with the
 task's losses under the task's learning-rate schedule, optionally evaluates on val and
@@ -12,12 +12,9 @@ not finite stops the run at the next log step, naming the first bad step.
 """
 import argparse
 import math
-import os
-import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,17 +23,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datasets import SPLITS, create_loader, summarize
 from datasets.base import ClipDataset
-from datasets.loader import EpochSampler
-from engine.distributed import barrier, gradient_sync, wrap_ddp
+from engine.checkpoints import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainState, initial_weights,
+                                load_weights, resume, save_last, save_weights)
+from engine.distributed import gradient_sync, wrap_ddp
 from engine.logs import format_metrics, log, progress, write_json
 from engine.optim import build_optimizer, learning_rate, set_lr
+from engine.progress import EpochProgress, set_rng_states
 from engine.run import NonFiniteError, Run, seed_everything
 from models.collectives import all_reduce_sum, gather_objects, get_rank, get_world_size
-from engine.saving import model_checkpoint, save_checkpoint
 from engine.signals import ignore_signals_in_worker
 from engine.task import LossFn, Task
-from models.checkpoint import ShapeMismatchError, load_checkpoint
-from models.checkpoint_reading import CheckpointError, local_file, read_checkpoint
 from utils import ConfigError, Setting, Settings
 
 TRAIN_SETTINGS = Settings(title="Training loop", module=__name__, settings={
@@ -51,9 +47,6 @@ FINETUNE_BATCH_SETTINGS = Settings(title="Fine-tuning batches", module=__name__,
     "batch_size_train": Setting(int, meaning="training clips per process and step", min=1),
     "batch_size_test": Setting(int, meaning="evaluation clips per process and step", min=1),
 })
-LAST_CHECKPOINT = "checkpoint_last.pth"
-BEST_CHECKPOINT = "checkpoint_best.pth"
-RESUME_KEYS = ("optimizer", "scaler", "epoch", "best_metric", "best_epoch")
 
 # data order --------------------------------------------------------------------------
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -95,40 +88,6 @@ def check_trainable(loader: DataLoader, name: str) -> None:
 
 
 # one epoch ---------------------------------------------------------------------------
-@dataclass
-class EpochProgress:
-    """How far this rank got in an epoch: the next batch `step`, the losses summed over the
-    steps before it (float64), the steps run and clips consumed; with the RNG states at
-    that point (`rng_states`) when it was read from a checkpoint."""
-    step: int = 0
-    loss_sums: Dict[str, float] = field(default_factory=dict)
-    steps_run: int = 0
-    samples_seen: int = 0
-    rng: Optional[Dict[str, Any]] = None
-
-
-def rng_states(device: torch.device) -> Dict[str, Any]:
-    """torch's (and the device's), numpy's and Python's global RNG states, as tensors and
-    plain values (so a checkpoint holding them loads with weights_only)."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-            "python": random.getstate()}
-
-
-def set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and states["cuda"] is not None:
-        torch.cuda.set_rng_state(states["cuda"], device)
-    numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 def train_one_epoch(run: Run, model: nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, epoch: int, losses_of: LossFn,
                     lr_at_step: Optional[Callable[[int], float]] = None, *,
@@ -241,141 +200,6 @@ def mean_over_ranks(sums: Mapping[str, torch.Tensor], count: int,
                                                        device=device)])
     all_reduce_sum(totals)
     return {name: (total / totals[-1]).item() for name, total in zip(sums, totals[:-1])}
-
-
-# checkpoints -------------------------------------------------------------------------
-@dataclass
-class TrainState:
-    """Where training stands: the next epoch (with how far it got, when the run stopped
-    part-way through it) and the best validation result so far."""
-    epoch: int = 0
-    best_metric: float = -math.inf
-    best_epoch: int = -1
-    progress: Optional[EpochProgress] = None
-
-    def improved_by(self, metric: float, epoch: int) -> bool:
-        """Record `metric` of `epoch`; True when it is the best so far."""
-        if metric <= self.best_metric:
-            return False
-        self.best_metric, self.best_epoch = metric, epoch
-        return True
-
-
-def save_weights(run: Run, model: nn.Module, task: Task, name: str, epoch: int) -> None:
-    """output_dir/name with the model, config and task only (rank 0)."""
-    if run.is_main:
-        save_checkpoint(str(run.output_dir / name),
-                        model_checkpoint(model, run.config, epoch, task=task.name))
-    barrier()
-
-
-def save_last(run: Run, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
-              state: TrainState, progress: Optional[EpochProgress] = None,
-              loader: Optional[DataLoader] = None) -> None:
-    """output_dir/checkpoint_last.pth: everything `--resume` needs after epoch
-    `state.epoch - 1` (model with its queues, optimizer, loss scaler, best result), and
-    with `progress` (every rank's, at the same step of epoch `state.epoch`) where that
-    epoch stands: `position` holds the epoch, the next step, the processes, batch size
-    and loader workers it was cut for, and per rank the loss sums, counts and RNG states."""
-    position = None
-    if progress is not None:
-        ranks = gather_objects({"loss_sums": progress.loss_sums, "steps_run": progress.steps_run,
-                                "samples_seen": progress.samples_seen,
-                                "rng": rng_states(run.device)})
-        position = {"epoch": state.epoch, "step": progress.step, "world_size": run.world_size,
-                    "batch_size": loader.batch_size, "num_workers": loader.num_workers,
-                    "ranks": ranks}
-    if run.is_main:
-        checkpoint = model_checkpoint(model, run.config, state.epoch - 1, task=task.name,
-                                      optimizer=optimizer,
-                                      scaler=run.precision.scaler.state_dict(),
-                                      best_metric=state.best_metric, best_epoch=state.best_epoch,
-                                      position=position)
-        save_checkpoint(str(run.output_dir / LAST_CHECKPOINT), checkpoint)
-    barrier()
-
-
-def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
-           train_loader: DataLoader) -> TrainState:
-    """Restore model, optimizer and loss scaler from output_dir/checkpoint_last.pth, and
-    where the epoch it was written in stands (`TrainState.progress`, this rank's). A
-    part-way checkpoint must fit the run: as many processes, the same batch size, and
-    for tar shards (cut into ranges per loader worker) as many workers. log.jsonl loses
-    the step records from there on, which the resumed run writes again."""
-    path = run.output_dir / LAST_CHECKPOINT
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint to resume from "
-                              f"(run without --resume to start)")
-    checkpoint, _ = read_checkpoint(str(path), trust=run.config["trust_checkpoint"])
-    absent = [key for key in RESUME_KEYS if key not in checkpoint]
-    if absent:
-        raise CheckpointError(f"{path}: not the last checkpoint of a run (no {', '.join(absent)})")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: does not fit the model of the config "
-                              f"({_first_detail(err)})") from None
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    run.precision.scaler.load_state_dict(checkpoint["scaler"])
-    state = TrainState(checkpoint["epoch"] + 1, checkpoint["best_metric"], checkpoint["best_epoch"])
-    position = checkpoint.get("position")  # None: written at the end of an epoch
-    if position is None:
-        log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {checkpoint['epoch']} "
-            f"done, best {state.best_metric:.4g} at epoch {state.best_epoch}")
-        run.records.drop_steps_from(state.epoch, 0)
-        return state
-    cut_for = {"process(es)": (position["world_size"], run.world_size),
-               "clips per batch": (position["batch_size"], train_loader.batch_size)}
-    if isinstance(train_loader.dataset, IterableDataset):
-        cut_for["loader workers"] = (position["num_workers"], train_loader.num_workers)
-    for what, (then, now) in cut_for.items():
-        if then != now:
-            raise CheckpointError(f"{path}: was written part-way through epoch {position['epoch']} "
-                                  f"with {then} {what}; resume it with as many, not {now}")
-    own = position["ranks"][run.rank]
-    state.progress = EpochProgress(position["step"], own["loss_sums"], own["steps_run"],
-                                   own["samples_seen"], own["rng"])
-    log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {position['epoch']} at "
-        f"step {position['step']}, best {state.best_metric:.4g} at epoch {state.best_epoch}")
-    run.records.drop_steps_from(position["epoch"], position["step"])
-    return state
-
-
-def _first_detail(err: Exception) -> str:
-    """The first line of a load_state_dict error that says what differs."""
-    lines = [line.strip() for line in str(err).strip().splitlines()]
-    return (lines[1] if len(lines) > 1 else lines[0])[:200]
-
-
-def initial_weights(args: argparse.Namespace, config: Mapping[str, Any]) -> Optional[str]:
-    """`--checkpoint`, else the config's `pretrained` (None when neither is set)."""
-    return args.checkpoint or config["pretrained"] or None
-
-
-def load_weights(model: nn.Module, location: str, *, trust: bool = False,
-                 config_source: Optional[str] = None) -> None:
-    """Load a BLIP/TESTA checkpoint (path, URL or hf:// id) and print its load report (in
-    full when keys are missing or unexpected for no known reason, else its summary line).
-    A URL is downloaded by the first process of each node while the others wait; when it
-    fails, every process stops with its error. Weights whose shapes the model of
-    `config_source` (the config file given) does not have are an error naming both."""
-    problem = None
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        try:
-            local_file(location)
-        except CheckpointError as err:
-            problem = str(err)
-    problems = [found for found in gather_objects(problem) if found is not None]
-    if problems:
-        raise CheckpointError(problems[0])
-    try:
-        report = load_checkpoint(model, location, trust=trust)
-    except ShapeMismatchError as err:
-        if config_source is None:
-            raise
-        raise ConfigError(f"{config_source}: builds a model that does not fit the weights of "
-                          f"{err}; leave out --config to use the checkpoint's own") from None
-    log(str(report) if report.needs_attention() else report.summary())
 
 
 # the loop ----------------------------------------------------------------------------

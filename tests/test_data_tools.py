@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import datasets
+from datasets import compression
 from datasets import synthetic as generator
 from datasets.decoders import open_reader
 from tools import make_synthetic
@@ -136,7 +137,7 @@ def test_compress_videos(backend, synthetic, tmp_path, capsys):
     args = ["--input", source, "--output", output, "--fps", "4", "--short-side", "64", "--duration", "3",
             "--workers", "2", "--backend", backend]
     assert compress_videos.main(args) == 0
-    assert compress_videos.find_videos(output) == ["a.mp4", os.path.join("sub", "b.mp4"), "video-c.mp4"]
+    assert compression.find_videos(output) == ["a.mp4", os.path.join("sub", "b.mp4"), "video-c.mp4"]
     reader = open_reader(os.path.join(output, "sub", "b.mp4"), None)
     assert reader.get([0]).shape == (1, 64, 64, 3) and round(reader.fps) == 4
     assert reader.num_frames == 12
@@ -147,8 +148,8 @@ def test_compress_videos(backend, synthetic, tmp_path, capsys):
 
 
 def test_compress_output_sizes():
-    settings = compress_videos.Settings(fps=None, size=None, short_side=224, duration=None, backend="pyav")
-    assert compress_videos.output_size(1280, 720, settings) == (398, 224)
-    assert compress_videos.output_size(720, 1280, settings) == (224, 398)
-    square = compress_videos.Settings(fps=6, size=224, short_side=None, duration=None, backend="pyav")
-    assert compress_videos.output_size(1280, 720, square) == (224, 224)
+    settings = compression.Settings(fps=None, size=None, short_side=224, duration=None, backend="pyav")
+    assert compression.output_size(1280, 720, settings) == (398, 224)
+    assert compression.output_size(720, 1280, settings) == (224, 398)
+    square = compression.Settings(fps=6, size=224, short_side=None, duration=None, backend="pyav")
+    assert compression.output_size(1280, 720, square) == (224, 224)

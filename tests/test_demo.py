@@ -134,7 +134,7 @@ def test_a_damaged_settings_file_is_one_line(tmp_path, text, problem):
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / make_synthetic.SETTINGS_FILE).write_text(text)
     with pytest.raises(SystemExit) as refused:
-        demo.ensure_dataset(demo.QUICK_SET, tmp_path / "set")
+        demo.main(["--quick", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "out")])
     message = str(refused.value.code)
     assert message.startswith(f"error: {tmp_path / 'set' / 'settings.json'}: {problem}")
     assert "\n" not in message

@@ -406,7 +406,7 @@ import torch
 from torch import nn
 from engine.distributed import init_distributed
 from engine.run import script_errors
-from engine.train import load_weights
+from engine.checkpoints import load_weights
 with script_errors():
     init_distributed(torch.device("cpu"), timeout_minutes=10)
     load_weights(nn.Linear(2, 2), sys.argv[1])
