@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 
 from engine.output_dir import LOCK_FILE, OutputDir, taken
-from helpers import REPO_ROOT, write_gray_video
+from helpers import write_gray_video
 from utils import ConfigError
 
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import make_shards  # noqa: E402
-import make_synthetic  # noqa: E402
+from tools import make_shards, make_synthetic
 
 
 def content(folder: Path) -> dict:

@@ -16,8 +16,7 @@ from datasets.shards import ShardedPretrainDataset, plan_epoch, samples_per_slot
 from helpers import REPO_ROOT, free_port, write_config, write_gray_video
 from utils import ConfigError
 
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import make_shards  # noqa: E402
+from tools import make_shards
 
 NUM_CLIPS = 23
 

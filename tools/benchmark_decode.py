@@ -29,7 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
-import compress_videos  # noqa: E402  (tools/ is on sys.path when this file runs as a script)
 from datasets.sample_clips import frame_differences, sample_clips  # noqa: E402
 from datasets.decoders import READERS  # noqa: E402
 from datasets.video import read_frames  # noqa: E402
@@ -130,9 +129,10 @@ def main(argv=None) -> None:
         bunny = next(path for path in sample_clips() if path.endswith("bigbuckbunny.mp4"))
         long_video = os.path.join(raw_folder, "long.mp4")
         looped_video(bunny, long_video, args.loops)
-        compress_videos.main(["--input", raw_folder, "--output", compressed_folder, "--fps",
-                              str(args.compress_fps), "--short-side", str(args.size),
-                              "--workers", "1"])
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compress_videos.py"),
+                        "--input", raw_folder, "--output", compressed_folder, "--fps",
+                        str(args.compress_fps), "--short-side", str(args.size), "--workers", "1"],
+                       check=True)
         rates: dict[str, list[float]] = {}  # decoder -> clips/s of every row
         print(f"clips per second per core ({args.size}x{args.size}, 'rand' sampling over the whole "
               f"video, {args.repeats} clips after one warm-up):")
