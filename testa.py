@@ -229,8 +229,10 @@ class VideoText:
         return TextEmbeddings(*encode_texts(self.model, texts), texts)
 
     def similarity(self, videos: VideoEmbeddings, texts: TextEmbeddings) -> torch.Tensor:
-        """Cosine similarities `[V, T]`."""
-        return videos.features @ texts.features.t()
+        """Cosine similarities `[V, T]`, in float32 (or wider) also inside the wrapper's
+        autocast, as the evaluation computes them."""
+        with torch.autocast(self.precision.device_type, enabled=False):
+            return videos.features @ texts.features.t()
 
     @inference
     def matching_logits(self, videos: VideoEmbeddings, texts: TextEmbeddings,
@@ -282,7 +284,7 @@ class VideoText:
                              f"with the model that made it ({index.checkpoint})")
         videos = index.videos.to(self.reader.device)
         texts = self.embed_paragraphs(paragraphs)
-        scores = texts.features @ videos.features.t()  # [T, V] similarities
+        scores = self.similarity(videos, texts).t()  # [T, V]
         if videos.tokens is not None:
             num_texts, num_videos = scores.shape
             candidates = scores.topk(min(self.config["k_test"], num_videos), dim=1).indices  # [T, K]

@@ -147,7 +147,8 @@ def test_rerank_scores_as_the_evaluation_in_bounded_forwards(tiny_config, captio
     torch.manual_seed(0)
     config = tiny_config(k_test=2, k_test_batch_size=2)
     model = build_retrieval_model(config).double().eval()
-    api = testa.VideoText(model, config, None, torch.device("cpu"))
+    api = testa.VideoText(model, config, None, torch.device("cpu"),
+                          build_precision("none", torch.device("cpu")))
     generator = torch.Generator().manual_seed(3)
     lengths = torch.tensor([17, 9, 12, 17, 5])
     mask = (torch.arange(17)[None] < lengths[:, None]).long()  # [5, 17], as adaptive pads

@@ -71,8 +71,11 @@ def test_index_save_load_and_search_from_the_command_line(checkpoint, folder, tm
         == expected
     loaded = testa.VideoIndex.load(index_path)
     results = model.search(loaded, PARAGRAPHS, k=2)
+    # where the model runs in bfloat16 (native on this CPU), the index's batches and the
+    # fresh ones round differently: a few bf16 units (2^-8 relative) of a score near 1
+    tolerance = dict(atol=1e-2, rtol=0) if model.precision.dtype is torch.bfloat16 else {}
     torch.testing.assert_close(torch.tensor([score for _, score in results[0]]),
-                               scores[0].sort(descending=True).values[:2])
+                               scores[0].sort(descending=True).values[:2], **tolerance)
 
 
 def test_a_features_only_index_cannot_be_reranked(checkpoint, folder):

@@ -153,7 +153,8 @@ def print_row(row: Dict[str, float], header: bool) -> None:
 
 
 def main(argv=None) -> List[Dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--videos", type=int, nargs="+", default=[500, 1000, 2000, 4000],
                         help="number of videos (one paragraph each), one measurement per number")
     parser.add_argument("--k-test", type=int, default=16, help="candidates per video and text")
