@@ -133,6 +133,26 @@ def random_video(batch: int, frames: int, seed: int = 1, size: int = 64):
     return torch.randn(batch, 3, frames, size, size, generator=generator, dtype=torch.float64)
 
 
+# local HTTP servers on 127.0.0.1 (a free port each) -----------------------------------
+class Quiet:
+    """A request handler mixin that logs nothing."""
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(handler) -> tuple:
+    """(server, its URL) of `handler` on 127.0.0.1, serving in a daemon thread."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def stop(httpd) -> None:
+    httpd.shutdown()
+    httpd.server_close()
+
+
 class BodyServer:
     """`bodies[raw request path]` on http://127.0.0.1:PORT (a free port), each with a
     `mode`: `ok` (with its length), `nolength` (no Content-Length, connection closed after
@@ -143,7 +163,7 @@ class BodyServer:
         self.bodies, self.modes, self.requests = {}, {}, []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(Quiet, BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.0"
 
             def do_GET(self):
@@ -161,19 +181,12 @@ class BodyServer:
                 self.end_headers()
                 self.wfile.write(body[:len(body) // 2] if mode in ("cut", "short") else body)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = serve(Handler)
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop(self.httpd)
 
 
-# a file server on 127.0.0.1 ----------------------------------------------------------
 class Server:
     """Files of `root` on http://127.0.0.1:PORT/, counting the GET requests of each path;
     `truncate` paths announce their full length but send half. Files carry the headers of
@@ -186,7 +199,7 @@ class Server:
         self.requests, self.truncate = [], set()
         server = self
 
-        class Handler(SimpleHTTPRequestHandler):
+        class Handler(Quiet, SimpleHTTPRequestHandler):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, directory=str(root), **kwargs)
 
@@ -207,14 +220,8 @@ class Server:
                     self.send_header("ETag", f'"{hashlib.sha256(served.read_bytes()).hexdigest()}"')
                 super().end_headers()
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = serve(Handler)
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop(self.httpd)
 
