@@ -90,8 +90,8 @@ class MomentumVideoTextModel(nn.Module):
         `[K, N]` or None, text `[K, S]`) pairs: the video-grounded encoder with `[ENC]`
         first, ITM head on its first output. One video against K texts: tokens `[1, N, D]`
         and mask `[1, N]`; each layer's cross-attention then projects the video's tokens
-        to keys and values once, and its attention products broadcast them over the K
-        texts (what re-ranking does; the scores equal those of K copies of the video)."""
+        to keys and values once and attends with the K texts' queries as one block of
+        rows (what re-ranking does; the scores equal those of K copies of the video)."""
         input_ids = with_first_token(input_ids, self.tokenizer.enc_token_id)
         grounded = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds,
                                    video_mask)

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
+import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from transformers import BertTokenizer
 from transformers.models.blip.modeling_blip_text import (BlipTextAttention, BlipTextConfig,
@@ -374,7 +375,41 @@ def encode_grounded(encoder: BlipTextModel, input_ids: torch.Tensor,
     """Video-grounded mode: every layer cross-attends to the video tokens `[B, N, D]`
     (those of `video_mask [B, N]` only, if given); `[B, S]` -> hidden states `[B, S, W]`.
     One video for all B texts: `video_embeds [1, N, D]` and `video_mask [1, N]`, which
-    every layer projects to keys and values once (the attention products broadcast them).
-    Callers put `[ENC]` first."""
+    goes through `encode_grounded_one_video`. Callers put `[ENC]` first."""
+    if len(video_embeds) == 1 < len(input_ids):
+        return encode_grounded_one_video(encoder, input_ids, attention_mask, video_embeds,
+                                         video_mask)
     return encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=video_embeds,
                    encoder_attention_mask=video_mask).last_hidden_state
+
+
+def encode_grounded_one_video(encoder: BlipTextModel, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor, video_embeds: torch.Tensor,
+                              video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`encode_grounded` of K texts `[K, S]` against one video `[1, N, D]` (mask `[1, N]`),
+    layer by layer with the tower's own modules: self-attention as `BlipTextLayer` runs
+    it, then cross-attention with the video projected to keys and values once and the K
+    texts folded into the query rows, so that each attention product is one `[K*S, N]`
+    matrix product per head instead of K small ones over broadcast keys; then the
+    layer's feed-forward. The same numbers as `encoder(...)` with the video copied K times."""
+    num_texts, num_words = input_ids.shape
+    heads = encoder.config.num_attention_heads
+
+    def split_heads(states: torch.Tensor) -> torch.Tensor:  # [1, L, W] -> [1, H, L, W / H]
+        return states.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    # additive padding mask of the texts' self-attention, as BlipTextModel builds it
+    text_bias = ((1.0 - attention_mask[:, None, None, :].to(encoder.dtype))
+                 * torch.finfo(encoder.dtype).min)  # [K, 1, 1, S]
+    video_keep = None if video_mask is None else video_mask[:, None, None, :].bool()  # [1, 1, 1, N]
+    hidden = encoder.embeddings(input_ids=input_ids)  # [K, S, W]
+    for layer in encoder.encoder.layer:
+        attended = layer.attention(hidden, attention_mask=text_bias)[0]  # [K, S, W]
+        cross = layer.crossattention.self
+        query = split_heads(cross.query(attended).reshape(1, num_texts * num_words, -1))
+        context = F.scaled_dot_product_attention(  # [1, H, K*S, d]
+            query, split_heads(cross.key(video_embeds)), split_heads(cross.value(video_embeds)),
+            attn_mask=video_keep, dropout_p=cross.dropout.p if cross.training else 0.0)
+        context = context.transpose(1, 2).reshape(num_texts, num_words, -1)  # [K, S, W]
+        hidden = layer.feed_forward_chunk(layer.crossattention.output(context, attended))
+    return hidden

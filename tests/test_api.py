@@ -147,8 +147,8 @@ def test_rerank_scores_as_the_evaluation_in_bounded_forwards(tiny_config, captio
     torch.manual_seed(0)
     config = tiny_config(k_test=2, k_test_batch_size=2)
     model = build_retrieval_model(config).double().eval()
-    api = testa.VideoText(model, config, None, torch.device("cpu"),
-                          build_precision("none", torch.device("cpu")))
+    cpu_precision = build_precision("none", torch.device("cpu"))
+    api = testa.VideoText(model, config, None, torch.device("cpu"), cpu_precision)
     generator = torch.Generator().manual_seed(3)
     lengths = torch.tensor([17, 9, 12, 17, 5])
     mask = (torch.arange(17)[None] < lengths[:, None]).long()  # [5, 17], as adaptive pads
@@ -158,17 +158,19 @@ def test_rerank_scores_as_the_evaluation_in_bounded_forwards(tiny_config, captio
     texts = api.embed_paragraphs(captions + ["a red circle moves left", "a car drives at night"])
     texts.features = texts.features.double()
 
-    sizes = []  # (video batch, text batch) of every grounded forward
-    hook = model.text_encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: sizes.append((kwargs["encoder_hidden_states"].shape[0],
-                                                   args[0].shape[0])), with_kwargs=True)
+    cross = model.text_encoder.encoder.layer[0].crossattention.self
+    keys, queries = [], []  # video batch of each key projection, text batch of each query's
+    hooks = [cross.key.register_forward_pre_hook(lambda module, args: keys.append(len(args[0]))),
+             cross.query.register_forward_pre_hook(
+                 lambda module, args: queries.append(len(args[0])))]
     v2t, t2v = api.rerank(videos, texts)
-    hook.remove()
-    assert sizes and all(video == 1 and text <= 2 for video, text in sizes)
+    for hook in hooks:
+        hook.remove()
+    assert keys and set(keys) == {1} and len(queries) == len(keys) and max(queries) <= 2
 
     sims = videos.features @ texts.features.t()  # [5, 6]
     top_v2t, top_t2v = candidate_masks(sims, 2)
-    run = Run(config, tmp_path, torch.device("cpu"), build_precision("none", torch.device("cpu")))
+    run = Run(config, tmp_path, torch.device("cpu"), cpu_precision)
     scores = rerank(model, run, sims, top_v2t | top_t2v, torch.arange(5), videos.tokens, mask,
                     texts.input_ids, texts.attention_mask, 2)
     evaluation_v2t, evaluation_t2v = protocol_scores(scores, top_v2t, top_t2v)

@@ -108,13 +108,16 @@ def test_rerank_computes_cross_attention_keys_once_per_video_and_scores_as_per_p
                           [1, 0]])  # video 0 has 4 texts: two chunks of 2 at batch size 3
     shared = match_logits(model, pairs, tokens, video_mask, input_ids, attention_mask, 3)
 
-    sizes = []  # (video batch, text batch) of every grounded forward
-    hook = model.text_encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: sizes.append((kwargs["encoder_hidden_states"].shape[0],
-                                                   args[0].shape[0])), with_kwargs=True)
+    cross = model.text_encoder.encoder.layer[0].crossattention.self
+    keys, queries = [], []  # video batch of each key projection, text batch of each query's
+    hooks = [cross.key.register_forward_pre_hook(lambda module, args: keys.append(len(args[0]))),
+             cross.query.register_forward_pre_hook(
+                 lambda module, args: queries.append(len(args[0])))]
     match_logits(model, pairs, tokens, video_mask, input_ids, attention_mask, 3)
-    hook.remove()
-    assert sorted(sizes) == [(1, 2), (1, 2), (1, 2), (1, 3)]  # one video per forward
+    for hook in hooks:
+        hook.remove()
+    assert keys == [1, 1, 1, 1]  # keys of one video per forward
+    assert sorted(queries) == [2, 2, 2, 3]  # for all texts of its chunk
 
     with torch.no_grad():
         alone = torch.stack([model.itm_logits(

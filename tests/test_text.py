@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from models.text import (build_text_config, build_text_decoder, build_text_encoder,
-                         build_tokenizer, encode_grounded, encode_text_only,
-                         tie_decoder_to_encoder)
+                         build_tokenizer, encode_grounded, encode_grounded_one_video,
+                         encode_text_only, tie_decoder_to_encoder)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MED_CONFIG = str(REPO_ROOT / "configs" / "med_config.json")
@@ -274,6 +274,31 @@ def test_cross_attention_ignores_masked_encoder_states(tiny_text_config):
             torch.testing.assert_close(tower_output(padded, padded_mask), expected,
                                        rtol=0, atol=1e-10)
             assert not torch.allclose(tower_output(padded, None), expected)
+
+
+@pytest.mark.parametrize("video_padding", [False, True])
+def test_grounded_encoding_of_one_video_is_transformers_on_its_copies(tiny_text_config,
+                                                                      video_padding):
+    """K texts against one video (`encode_grounded_one_video`, texts folded into the
+    cross-attention's query rows) give, at every position, the float64 hidden states of
+    transformers' own forward with the video copied K times, within 1e-12; texts of
+    different lengths (padded), the video's padded tokens masked or none."""
+    torch.manual_seed(0)
+    encoder = build_text_encoder(tiny_text_config).double().eval()
+    input_ids = torch.randint(1000, 30000, (5, 9))
+    lengths = torch.tensor([9, 3, 6, 9, 1])
+    text_mask = (torch.arange(9)[None] < lengths[:, None]).long()  # [5, 9]
+    video = torch.randn(1, 11, 64, dtype=torch.float64)
+    video_mask = torch.tensor([[1] * 8 + [0] * 3]) if video_padding else None
+    with torch.no_grad():
+        folded = encode_grounded_one_video(encoder, input_ids, text_mask, video, video_mask)
+        copies = encoder(input_ids, attention_mask=text_mask,
+                         encoder_hidden_states=video.expand(5, -1, -1),
+                         encoder_attention_mask=None if video_mask is None
+                         else video_mask.expand(5, -1)).last_hidden_state
+    assert folded.shape == copies.shape == (5, 9, 64)
+    assert (folded - copies).abs().max().item() <= 1e-12
+    assert torch.equal(encode_grounded(encoder, input_ids, text_mask, video, video_mask), folded)
 
 
 def test_tied_decoder_shares_everything_but_self_attention(tiny_text_config):
