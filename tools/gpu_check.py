@@ -33,7 +33,8 @@ from engine.config import load_config  # noqa: E402
 from engine.precision import Precision  # noqa: E402
 from engine.run import Run  # noqa: E402
 from models.timing import peak_tflops  # noqa: E402
-from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, rerank  # noqa: E402
+from models.video_encoder import cat_token_batches  # noqa: E402
+from tasks.retrieval import RETRIEVAL_SCHEMA, candidate_masks, encode_texts, rerank  # noqa: E402
 from utils import with_defaults  # noqa: E402
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,14 +139,11 @@ def evaluation_row(config: dict, videos: int, dtype: torch.dtype, runs: int, dev
                 features.append(feature.float())
                 tokens.append(token)
                 masks.append(mask)
-            text = [model.encode_text(paragraphs[start:start + 256]) for start in range(0, videos, 256)]
-        video_feat = torch.cat(features)
-        text_feat, ids, attention = (torch.cat(parts) for parts in zip(*text))
-        sims = video_feat @ text_feat.float().t()  # [V, T]
+            text_feat, ids, attention = encode_texts(model, paragraphs)
+        sims = torch.cat(features) @ text_feat.t()  # [V, T]
         v2t, t2v = candidate_masks(sims, config["k_test"])
-        rerank(model, evaluation, sims, v2t | t2v, torch.arange(videos), torch.cat(tokens),
-               None if masks[0] is None else torch.cat(masks), ids, attention,
-               config["k_test_batch_size"])
+        rerank(model, evaluation, sims, v2t | t2v, torch.arange(videos),
+               *cat_token_batches(tokens, masks), ids, attention, config["k_test_batch_size"])
     return measure(run, videos, runs, device)
 
 
