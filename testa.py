@@ -374,10 +374,9 @@ class VideoQA:
         return [answer_list[index] for index in ranked.best.tolist()]
 
 
-# what `load` gives for each registered task: the model it builds and its wrapper (a
+# what `load` gives for a task's `served_as`: the model it builds and its wrapper (a
 # pre-training checkpoint is served by the retrieval model: its captioning decoder goes unused)
-SERVED_AS = {"retrieval": (build_retrieval_model, VideoText),
-             "pretraining": (build_retrieval_model, VideoText),
+SERVED_AS = {"video_text": (build_retrieval_model, VideoText),
              "videoqa": (build_videoqa_model, VideoQA)}
 
 
@@ -421,7 +420,7 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
                          f"pass config= (e.g. a configs/*.yaml)")
     # the checkpoint holds the text towers: no text_init (a path of the training machine)
     config = with_defaults({**config, "text_init": None}, task.schema, checkpoint)
-    build_model, served_as = SERVED_AS[task.name]
+    build_model, served_as = SERVED_AS[task.served_as]
     model = build_model(config)
     report = load_checkpoint(model, checkpoint, trust=trust, trust_option=TRUST_OPTION)
     device = torch.device(device)

@@ -1,10 +1,11 @@
 """Data pipeline: decord video decoding, the paper's datasets, and their loaders.
 
-`build_datasets(config)` returns `(train, val, test)` for `config["dataset"]` (None for a split not
-asked for: an evaluation reads only the test split's files); every dataset has a
-`collate_fn` (videos batched as `[B, 3, T, H, W]`) and `summary()` of its bad data.
+Each dataset has a builder `(config, splits) -> (train, val, test)` (None for a split not
+asked for: an evaluation reads only the test split's files); the tasks map their dataset
+names to them (`Task.datasets`) and `build_splits` runs one with its checks. Every dataset
+has a `collate_fn` (videos batched as `[B, 3, T, H, W]`) and `summary()` of its bad data.
 """
-from typing import Sequence
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 from .annotations import DataError
 from .base import SPLITS, ClipDataset
@@ -27,27 +28,27 @@ def build_pretrain_splits(config: dict, splits: Sequence[str] = SPLITS):
     return (build_sharded_dataset if from_shards else build_pretrain_dataset)(config), None, None
 
 
-# dataset name -> the builder of its (train, val, test) splits
-BUILDERS = {**{name: build_retrieval_datasets for name in RETRIEVAL_READERS},
-            "activitynet_qa": build_videoqa_datasets, "pretrain_video": build_pretrain_splits}
-DATASETS = tuple(BUILDERS)
+Splits = Tuple[Optional[ClipDataset], Optional[ClipDataset], Optional[ClipDataset]]
+SplitsBuilder = Callable[[Mapping, Sequence[str]], Splits]  # (config, splits) -> (train, val, test)
 
 
-def build_datasets(config: dict, splits: Sequence[str] = SPLITS):
-    """(train, val, test) datasets of `config["dataset"]`, None for a split outside `splits`
-    (whose files are then not read); pre-training gives (train, None, None).
+def build_splits(builders: Mapping[str, SplitsBuilder], config: Mapping,
+                 splits: Sequence[str] = SPLITS) -> Splits:
+    """(train, val, test) datasets of `config["dataset"]`, built by its entry in `builders`
+    (dataset name -> builder), None for a split outside `splits` (whose files are then not
+    read); pre-training gives (train, None, None).
 
     An annotation file that is not valid JSON (or CSV, text, a plain-data pickle), has the wrong
     shape, or leaves a split with no usable record or no decodable video raises DataError
     naming the file; bad records inside a good file are skipped and counted instead.
     """
     name = config["dataset"]
-    if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if name not in builders:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(builders)}")
     unknown = [split for split in splits if split not in SPLITS]
     if unknown:
         raise ValueError(f"unknown splits {unknown}; expected some of {', '.join(SPLITS)}")
-    built = BUILDERS[name](config, splits)
+    built = builders[name](config, splits)
     for dataset in built:
         if dataset is not None:
             dataset.check_usable()
@@ -66,8 +67,9 @@ def summarize(*datasets) -> str:
 
 
 __all__ = [
-    "DATASETS", "SPLITS", "ClipDataset", "DataError", "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset",
-    "ShardedPretrainDataset", "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset", "build_datasets",
+    "SPLITS", "ClipDataset", "Splits", "SplitsBuilder", "DataError", "PretrainDataset", "RETRIEVAL_READERS", "RetrievalEvalDataset", "RetrievalTrainDataset",
+    "ShardedPretrainDataset", "VideoDecodeError", "VideoQAEvalDataset", "VideoQATrainDataset",
+    "build_pretrain_splits", "build_retrieval_datasets", "build_splits", "build_videoqa_datasets",
     "create_loader", "load_video", "pre_caption", "pre_question", "read_frames",
     "sample_frame_indices", "summarize",
 ]

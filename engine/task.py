@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datasets import build_datasets
+from datasets import SPLITS, Splits, SplitsBuilder, build_splits
 from engine.optim import LRSchedule
 from utils import Settings
 
@@ -23,10 +23,14 @@ class Task:
     script: the entry script that runs it.
     schema: the settings its config may set (a composition of settings groups).
     build_model(config) -> the model it trains.
+    datasets: its dataset names (the `dataset` setting's choices) -> the builders of their
+        (train, val, test) splits; a dataset name belongs to one task, so a checkpoint whose
+        config names only its dataset finds its task (`tasks.task_of_dataset`).
+    served_as: what `testa.load` gives for its checkpoints, a key of `testa.SERVED_AS` (the
+        model it builds and the wrapper around it): "video_text" (embeddings, similarities,
+        re-ranking) or "videoqa" (answers).
     make_losses(train_model, run, train_loader) -> the LossFn of a training step.
     schedule(config) -> the learning-rate schedule.
-    build_datasets(config, splits) -> (train, val, test) datasets (None for a split it lacks
-        or that is not in `splits`).
     decay_norms_and_biases: False exempts biases and LayerNorm weights from weight decay.
     evaluate(model, loader, run, split) -> metrics (also printed and written by it), or
         None for no evaluation.
@@ -41,9 +45,15 @@ class Task:
     build_model: Callable[[Mapping[str, Any]], nn.Module]
     make_losses: Callable[[nn.Module, Any, DataLoader], LossFn]
     schedule: Callable[[Mapping[str, Any]], LRSchedule]
-    build_datasets: Callable[[Mapping[str, Any], Sequence[str]], Tuple] = build_datasets
+    datasets: Mapping[str, SplitsBuilder]
+    served_as: str
     decay_norms_and_biases: bool = True
     evaluate: Optional[Callable[[nn.Module, DataLoader, Any, str], Dict[str, float]]] = None
     best_metric: Optional[str] = None
     epoch_checkpoint: Optional[str] = None
     outputs: Tuple[str, ...] = ()
+
+    def build_datasets(self, config: Mapping[str, Any], splits: Sequence[str] = SPLITS) -> Splits:
+        """(train, val, test) datasets of `config["dataset"]`, None for a split it lacks or
+        that is not in `splits` (`datasets.build_splits`)."""
+        return build_splits(self.datasets, config, splits)

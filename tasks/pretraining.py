@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from datasets import build_pretrain_splits
 from datasets.pretrain import PRETRAIN_DATA_SETTINGS
 from engine.logs import LOG_SETTINGS
 from engine.optim import OPTIM_SETTINGS, WARMUP_SETTINGS, ramped_alpha, warmup_schedule
@@ -26,9 +27,10 @@ from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import CAPTION_SETTINGS, Setting, Settings, compose
 
 ALPHA_RAMP_EPOCHS = 2
+DATASETS = {"pretrain_video": build_pretrain_splits}
 PRETRAINING_SETTINGS = Settings(title="Pre-training task", module=__name__, settings={
     "dataset": Setting(str, "pretrain_video", "the pre-training data reader",
-                       choices=("pretrain_video",)),
+                       choices=tuple(DATASETS)),
     "batch_size": Setting(int, meaning="clips per process and step", min=1),
 })
 PRETRAIN_SCHEMA: Settings = compose(
@@ -51,5 +53,5 @@ def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> L
 
 
 TASK = Task("pretraining", "pretrain.py", PRETRAIN_SCHEMA, build_pretrain_model, make_losses,
-            warmup_schedule, decay_norms_and_biases=False,
+            warmup_schedule, DATASETS, served_as="video_text", decay_norms_and_biases=False,
             epoch_checkpoint="checkpoint_{epoch:02d}.pth")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datasets import RETRIEVAL_READERS
+from datasets import RETRIEVAL_READERS, build_retrieval_datasets
 from datasets.base import FINETUNE_DATA_SETTINGS
 from engine.logs import LOG_SETTINGS, format_metrics, log, progress
 from engine.optim import OPTIM_SETTINGS, finetune_schedule, ramped_alpha
@@ -35,10 +35,11 @@ from utils import CAPTION_SETTINGS, Setting, Settings, compose
 TEXT_BATCH_SIZE = 256
 BEST_METRIC = "t2v_r_mean"  # the reference keeps the checkpoint best at text-to-video retrieval
 NOT_RERANKED = -100.0
+DATASETS = {name: build_retrieval_datasets for name in RETRIEVAL_READERS}
 
 RETRIEVAL_SETTINGS = Settings(title="Retrieval task", module=__name__, settings={
     "dataset": Setting(str, meaning="the retrieval dataset (DATASETS.md)",
-                       choices=tuple(RETRIEVAL_READERS)),
+                       choices=tuple(DATASETS)),
     "k_test": Setting(int, 128, "candidates per video and per text re-scored by the matching "
                       "head", min=1),
     "k_test_batch_size": Setting(int, 64, "candidate pairs of one video re-scored per forward",
@@ -277,5 +278,5 @@ def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> L
 
 
 TASK = Task("retrieval", "train_retrieval.py", RETRIEVAL_SCHEMA, build_retrieval_model, make_losses,
-            finetune_schedule, evaluate=evaluate_split, best_metric=BEST_METRIC,
-            outputs=("score_test_t2v.npy", "submission.zip"))
+            finetune_schedule, DATASETS, served_as="video_text", evaluate=evaluate_split,
+            best_metric=BEST_METRIC, outputs=("score_test_t2v.npy", "submission.zip"))

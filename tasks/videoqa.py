@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from datasets import build_videoqa_datasets
 from datasets.base import FINETUNE_DATA_SETTINGS
 from engine.logs import LOG_SETTINGS, log, progress, write_json
 from engine.optim import OPTIM_SETTINGS, finetune_schedule
@@ -25,9 +26,10 @@ from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import QUESTION_SETTINGS, Setting, Settings, compose
 
 BEST_METRIC = "accuracy"
+DATASETS = {"activitynet_qa": build_videoqa_datasets}
 
 VIDEOQA_SETTINGS = Settings(title="VideoQA task", module=__name__, settings={
-    "dataset": Setting(str, meaning="the VideoQA dataset", choices=("activitynet_qa",)),
+    "dataset": Setting(str, meaning="the VideoQA dataset", choices=tuple(DATASETS)),
     "inference": Setting(str, "rank", "answers ranked from the answer list, or generated",
                          choices=("rank", "generate")),
     "k_test": Setting(int, 128, "answers re-scored by full likelihood (inference: rank)", min=1),
@@ -111,5 +113,5 @@ def make_losses(train_model: nn.Module, run: Run, train_loader: DataLoader) -> L
 
 
 TASK = Task("videoqa", "train_videoqa.py", VIDEOQA_SCHEMA, build_videoqa_model, make_losses,
-            finetune_schedule, evaluate=evaluate_split, best_metric=BEST_METRIC,
-            outputs=("*_answers.json",))
+            finetune_schedule, DATASETS, served_as="videoqa", evaluate=evaluate_split,
+            best_metric=BEST_METRIC, outputs=("*_answers.json",))

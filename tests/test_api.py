@@ -14,7 +14,7 @@ from ruamel.yaml import YAML
 import testa
 import train_retrieval
 from engine import precision
-from datasets import build_datasets, load_video, read_frames
+from datasets import load_video, read_frames
 from datasets.base import stack_clips
 from engine.precision import build_precision
 from engine.run import Run
@@ -22,6 +22,7 @@ from engine.saving import model_checkpoint, save_checkpoint
 from models import build_retrieval_model, build_videoqa_model
 from helpers import read_metrics, run_script
 from tools import demo
+from tasks import build_datasets
 from tasks.retrieval import candidate_masks, itm_eval, protocol_scores, rerank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-import datasets
 from datasets import compression
 from datasets import synthetic as generator
 from datasets.decoders import open_reader
+from tasks import build_datasets
 from tools import make_synthetic
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
@@ -110,9 +110,9 @@ def test_synthetic_qa_format_and_loaders(synthetic):
         assert all(len(a["answer"].split()) == 1 and isinstance(a["type"], int) for a in answers)
     config = {"video_root": os.path.join(synthetic, "videos"), "ann_root": ann, "num_frm_train": 8,
               "num_frm_test": 8, "image_size": 64, "max_words": 64, "max_question_len": 35}
-    train, val, test = datasets.build_datasets(dict(config, dataset="retrieval_activitynet"))
+    train, val, test = build_datasets(dict(config, dataset="retrieval_activitynet"))
     assert (len(train), len(val), len(test)) == (8, 2, 2)
-    train, val, test = datasets.build_datasets(dict(config, dataset="activitynet_qa"))
+    train, val, test = build_datasets(dict(config, dataset="activitynet_qa"))
     assert (len(train), len(val), len(test)) == (40, 5, 5)
     assert train[0][0].shape == (8, 3, 64, 64) and "no bad data" in train.summary()
 

@@ -19,6 +19,7 @@ from datasets.transforms import (CLIP_MEAN, CLIP_STD, TemporalRandAugment, norma
                                  random_square_crop)
 from datasets.video import frame_range, load_video, read_frames, sample_frame_indices
 from helpers import GRAY_STEP, write_gray_video
+from tasks import build_datasets
 
 
 def frame_numbers(clip: torch.Tensor) -> list[int]:
@@ -272,7 +273,7 @@ def test_queryd_pickle_and_lists(tmp_path, videos):
     link(videos["long"], video_root / "video-a")        # the name as listed, no extension
     link(videos["short"], video_root / "video-b.mp4")   # or with .mp4 after compression
     link(videos["long"], video_root / "video-c")
-    train, val, test = datasets.build_datasets(config)
+    train, val, test = build_datasets(config)
     assert train.text == ["a man walks . he sits down", "a dog runs ."]
     assert train.video == [str(video_root / "video-a"), str(video_root / "video-b.mp4")]
     assert test.text == ["cats", "a man walks . he sits down"] and test.txt2video == [0, 1]
@@ -310,7 +311,7 @@ def test_didemo_jsonl_records_share_videos(tmp_path, videos):
         (ann / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     link(videos["long"], video_root / "c1.mp4")
     link(videos["short"], video_root / "c2.mp4")
-    train, val, test = datasets.build_datasets(config)
+    train, val, test = build_datasets(config)
     assert train.text == ["the girl in red dances.", "a car passes", "music plays"]
     assert train.txt2video == [0, 1, 0] and len(train) == 3
     assert test.video2txt == [[0, 2], [1]] and len(test) == 2
@@ -333,7 +334,7 @@ def test_activitynet_paragraphs_and_test_uses_val(tmp_path, videos):
     })
     link(videos["long"], video_root / "v_a.mp4")
     link(videos["short"], video_root / "v_b.mp4")
-    train, val, test = datasets.build_datasets(config)
+    train, val, test = build_datasets(config)
     assert train.text == ["a man walks. he sits down"]
     assert val.text == test.text == ["one. two three four five six", "again."]
     assert test.video == [str(video_root / "v_b.mp4"), str(video_root / "v_a.mp4")]
@@ -353,7 +354,7 @@ def test_datasets_decode_through_pyav_where_decord_is_missing(tmp_path, videos, 
     link(videos["short"], video_root / "v_b.mp4")
 
     def test_batches():
-        _, _, test = datasets.build_datasets(config)
+        _, _, test = build_datasets(config)
         return [video for video, _ in datasets.create_loader(test, 2, num_workers=1, train=False,
                                                                 distributed=False)]
 
@@ -378,7 +379,7 @@ def test_cache_clips_decodes_each_video_once(tmp_path, videos):
         "val": [{"video": "v_a.mp4", "caption": ["one."]}]})
     video = tmp_path / "videos" / "v_a.mp4"
     video.write_bytes(open(videos["long"], "rb").read())
-    train, val, _ = datasets.build_datasets(config)
+    train, val, _ = build_datasets(config)
     first_clip, first_val = train[0][0], val[0][0]
     video.unlink()  # a second decode would now fail and be counted
     assert torch.equal(train[1][0], first_clip) and torch.equal(val[0][0], first_val)
@@ -393,7 +394,7 @@ def test_cache_clips_refuses_random_sampling(tmp_path, videos):
     link(videos["long"], tmp_path / "videos" / "v_a.mp4")
     with pytest.raises(ValueError, match="retrieval_activitynet/train: cache_clips needs a deterministic "
                                          "frame sampling, not the random 'rand'"):
-        datasets.build_datasets(config)
+        build_datasets(config)
 
 
 def write_csv(path, rows, fields) -> None:
@@ -418,7 +419,7 @@ def test_condensed_movies_csv_splits(tmp_path, videos):
     link(videos["short"], video_root / "m2.mp4")  # compressed to .mp4
     link(videos["long"], video_root / "m3.mkv")
     link(videos["short"], video_root / "m4.mkv")
-    train, val, test = datasets.build_datasets(config)
+    train, val, test = build_datasets(config)
     assert train.text == ["rick meets ilsa, again.", "the end"]
     assert val.video == [str(video_root / "m2.mp4")] and test.text == ["a duel"]
     assert train[0][0].shape == (4, 3, 16, 16)
@@ -442,7 +443,7 @@ def test_activitynet_qa_items_and_answer_list(tmp_path, videos):
         write_qa(ann, split, questions, answers)
     link(videos["long"], video_root / "v_x.mp4")
     link(videos["short"], video_root / "v_y.webm")  # .webm when there is no .mp4
-    train, val, test = datasets.build_datasets(config)
+    train, val, test = build_datasets(config)
     video, question, item_answers, weights = train[0]
     assert video.shape == (4, 3, 16, 16)
     assert question == "what is he the" and item_answers == ["running"] and weights == [0.2]
@@ -463,7 +464,7 @@ def test_repeated_answers_weigh_more(tmp_path, videos):
     for split in ("train", "val", "test"):
         write_qa(ann, split, questions, answers)
     link(videos["long"], video_root / "v_x.mp4")
-    train, _, test = datasets.build_datasets(config)
+    train, _, test = build_datasets(config)
     assert train[0][2:] == (["red", "blue"], [pytest.approx(0.4), pytest.approx(0.2)])
     assert test.answers_by_qid == {7: "red"}
 
@@ -479,7 +480,7 @@ def test_pretrain_video_and_image_records(tmp_path, videos):
                                       {"path": "cat.jpg", "caption": "A Cat!"}]))
     config = base_config(tmp_path, "pretrain_video", train_file=[str(train_file)], video_root=str(tmp_path),
                          frm_sampling_strategy="headtail", num_frm_train=4)
-    train, val, test = datasets.build_datasets(config)
+    train, val, test = build_datasets(config)
     assert val is None and test is None and train.captions == ["a video", "a cat"]
     torch.manual_seed(0)
     video, caption = train[0]
@@ -489,7 +490,7 @@ def test_pretrain_video_and_image_records(tmp_path, videos):
     assert all(torch.equal(image_clip[0], image_clip[t]) for t in range(4))
     assert train.collate_fn([train[0], train[1]])[0].shape == (2, 3, 4, 16, 16)
     with pytest.raises(ValueError, match="video_resize"):
-        datasets.build_datasets(dict(config, video_resize=8))
+        build_datasets(dict(config, video_resize=8))
 
 
 def test_pretrain_cache_clips_and_crop_without_randaugment(tmp_path, videos):
@@ -500,7 +501,7 @@ def test_pretrain_cache_clips_and_crop_without_randaugment(tmp_path, videos):
     video.write_bytes(open(videos["long"], "rb").read())
     train_file.write_text(json.dumps([{"path": "v_a.mp4", "caption": "first"},
                                       {"path": "v_a.mp4", "caption": "second"}]))
-    train, _, _ = datasets.build_datasets(config)
+    train, _, _ = build_datasets(config)
     clip, caption = train[0]
     video.unlink()  # a second decode would now fail and be counted
     assert caption == "first" and train.num_decode_failures == 0
@@ -514,12 +515,12 @@ def test_pretrain_cache_clips_and_crop_without_randaugment(tmp_path, videos):
 
 def test_unknown_dataset_is_named():
     with pytest.raises(ValueError, match="'retrieval_msrvtt'"):
-        datasets.build_datasets({"dataset": "retrieval_msrvtt"})
+        build_datasets({"dataset": "retrieval_msrvtt"})
 
 
 def test_missing_annotation_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.jsonl: annotation file not found"):
-        datasets.build_datasets(base_config(tmp_path, "retrieval_didemo"))
+        build_datasets(base_config(tmp_path, "retrieval_didemo"))
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path, videos):
@@ -534,7 +535,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, videos):
         (ann / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     link(videos["long"], video_root / "good.mp4")
     link(videos["short"], video_root / "other.mp4")
-    train, _, test = datasets.build_datasets(config)
+    train, _, test = build_datasets(config)
     assert test.text == ["ok one", "ok two"] and test.txt2video == [0, 1] and test.video2txt == [[0], [1]]
     assert train.issues.skipped == {"missing video": 1, "empty caption": 1, "malformed annotation": 1}
     assert train.summary() == ("retrieval_didemo/train: 3 records skipped at build (1 empty caption, "
@@ -552,7 +553,7 @@ def corrupt_activitynet(tmp_path, videos) -> dict:
 
 
 def test_corrupt_video_does_not_stop_an_epoch(tmp_path, videos):
-    train, val, _ = datasets.build_datasets(corrupt_activitynet(tmp_path, videos))
+    train, val, _ = build_datasets(corrupt_activitynet(tmp_path, videos))
     loader = datasets.create_loader(train, batch_size=2, num_workers=2, train=True, distributed=False)
     seen = [batch for batch in loader]
     assert len(seen) == 2 and all(batch[0].shape == (2, 3, 4, 16, 16) for batch in seen)
@@ -576,7 +577,7 @@ def test_create_loader_seeded_shuffle_and_sequential_eval(tmp_path, videos):
     write_activitynet(ann, {"train": records, "val": records})
     for i in range(5):
         link(videos["short"], video_root / f"v_{i}.mp4")
-    train, val, _ = datasets.build_datasets(config)
+    train, val, _ = build_datasets(config)
 
     def order(seed):
         return [batch[2].tolist() for batch in datasets.create_loader(train, 2, 0, True, False, seed=seed)]
@@ -592,7 +593,7 @@ def test_create_loader_distributed_sampler(tmp_path, videos):
     records = [{"video": "v_0.mp4", "caption": ["clip"]}]
     write_activitynet(tmp_path / "ann", {"train": records, "val": records})
     link(videos["short"], tmp_path / "videos" / "v_0.mp4")
-    _, val, _ = datasets.build_datasets(config)
+    _, val, _ = build_datasets(config)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         loader = datasets.create_loader(val, 1, 0, train=False, distributed=True)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import datasets
 import train_retrieval
 from datasets.loader import EpochSampler
 from datasets.shards import shuffled_positions, worker_batches
 from engine.logs import RunRecords
 from helpers import REPO_ROOT, run_script, write_config, write_gray_video
+from tasks import build_datasets
 
 TRAIN_VIDEOS = 24  # 12 steps an epoch at 2 clips a step
 
@@ -139,7 +139,7 @@ def test_items_draw_alike_whichever_worker_reads_them_and_differ_by_epoch(tmp_pa
     config = dict(dataset="retrieval_activitynet", video_root=str(data[1]), ann_root=str(data[0]),
                   num_frm_train=4, num_frm_test=4, image_size=32, max_words=16,
                   frm_sampling_strategy="rand", augment=True)
-    train, _, _ = datasets.build_datasets(config)
+    train, _, _ = build_datasets(config)
     clips = {}
     for workers in (0, 2):
         train.seed_items(11)
@@ -166,7 +166,7 @@ def test_a_shard_epoch_resumed_part_way_yields_the_rest_of_the_uninterrupted_one
               "video_resize": 32, "max_words": 16, "batch_size": 2, "num_workers": 2, "seed": 3,
               "shuffle_buffer": 4, "frm_sampling_strategy": "rand",
               "train_shards": str(tmp_path / "shards" / "train-{000000..000003}.tar")}
-    dataset, _, _ = datasets.build_datasets(config)
+    dataset, _, _ = build_datasets(config)
 
     def batches(start_batches: int) -> list:
         dataset.set_epoch(1, start=2 * start_batches)

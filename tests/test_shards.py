@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from datasets import DataError, build_datasets
+from datasets import DataError
 from datasets.issues import DataIssues
 from datasets.shards import ShardedPretrainDataset, plan_epoch, samples_per_slot, shard_name
 from helpers import REPO_ROOT, free_port, write_config, write_gray_video
+from tasks import build_datasets
 from utils import ConfigError
 
 from tools import make_shards

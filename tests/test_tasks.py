@@ -8,10 +8,9 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
-import datasets
 import testa
 from engine.saving import model_checkpoint, save_checkpoint
-from tasks import TASKS, task_of_dataset
+from tasks import DATASETS, TASKS, task_of_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,9 +22,9 @@ def test_every_registered_task_resolves(name, tiny_config):
     script = importlib.import_module(Path(task.script).stem)
     assert script.TASK is task  # the entry script runs the registered task
     choices = task.schema["dataset"].choices
-    assert choices and set(choices) <= set(datasets.DATASETS)
+    assert choices and tuple(choices) == tuple(task.datasets)  # every choice has its builder
     assert all(task_of_dataset(dataset) is task for dataset in choices)
-    assert name in testa.SERVED_AS
+    assert task.served_as in testa.SERVED_AS
     assert callable(task.make_losses) and callable(task.schedule)
     assert (task.evaluate is None) == (task.best_metric is None)
     model = task.build_model(tiny_config())
@@ -35,8 +34,9 @@ def test_every_registered_task_resolves(name, tiny_config):
 def test_every_dataset_has_one_task():
     owners = {dataset: [name for name, task in TASKS.items()
                         if dataset in task.schema["dataset"].choices]
-              for dataset in datasets.DATASETS}
+              for dataset in DATASETS}
     assert all(len(names) == 1 for names in owners.values()), owners
+    assert all(DATASETS[dataset].name == names[0] for dataset, names in owners.items())
     with pytest.raises(ValueError, match="no task reads the dataset 'retrieval_msrvtt'"):
         task_of_dataset("retrieval_msrvtt")
 

