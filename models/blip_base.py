@@ -36,6 +36,13 @@ class MomentumVideoTextModel(nn.Module):
     """Video encoder, text encoder, projections, ITM head, temperature, momentum towers."""
 
     momentum_towers = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+    # its top-level parts -> what they are for (load reports say why a file's copy goes
+    # unused by a model without the part)
+    part_roles = {"visual_encoder": "video encoder", "text_encoder": "text encoder",
+                  "vision_proj": "contrastive projection", "text_proj": "contrastive projection",
+                  "itm_head": "video-text matching head", "temp": "contrastive temperature",
+                  **{f"{tower}_m": f"momentum copy of {tower} (used only in training with "
+                                   "distillation)" for tower in momentum_towers}}
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()

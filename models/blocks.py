@@ -70,6 +70,10 @@ def live_key_bias(live: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class Block(nn.Module):
     """One encoder block: attention, TESTA aggregation, MLP."""
 
+    # parameters only some configs create -> what they are for (load reports)
+    optional_parameters = {"temporal_scaling": "learned per-frame scaling of pre-training; "
+                                               "this config has learnable_temporal_scaling off"}
+
     def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0,
                  attention_type: str = "divided_space_time",
                  learnable_temporal_scaling: bool = False, aggregation: str = "geometry",

@@ -1,28 +1,45 @@
 """What loading a checkpoint did (`LoadReport`), in one line or in full, telling the keys
 that are missing or unexpected for a known reason (parts another task's model has, video
-layers an image checkpoint lacks) from the others."""
+layers an image checkpoint lacks) from the others.
+
+What a part is for comes from the models' own declarations: `part_roles` (a model's
+top-level parts) and `optional_parameters` (parameters only some configs create), class
+attributes read from every `nn.Module` class that declares them.
+"""
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from torch import nn
+
 # missing keys that image (BLIP) checkpoints cannot provide: new layers keep their init
 EXPECTED_MISSING = re.compile(r"\.(temporal_fc\.(weight|bias)|temporal_scaling|time_embed)$")
-TEMPORAL_SCALING = re.compile(r"\.temporal_scaling$")
 DDP_PREFIX = "module."
-# what the parts a model may lack are for, to say why the file's copy goes unused
-PART_ROLES = {"text_decoder": "captioning/answer decoder",
-              "temporal_scaling": "learned per-frame scaling of pre-training; this config has "
-                                  "learnable_temporal_scaling off",
-              "itm_head": "video-text matching head",
-              "vision_proj": "contrastive projection", "text_proj": "contrastive projection",
-              "temp": "contrastive temperature"}
+UNDECLARED_ROLE = "part of another task's model"  # a part no model class declares
 
 
 def part_of(key: str) -> str:
     """The top-level module a state-dict key belongs to (`visual_encoder`, `itm_head`, ...)."""
     return key.split(".")[0]
+
+
+def declared(attribute: str) -> Dict[str, str]:
+    """name -> role, from the `attribute` mapping of every `nn.Module` class that declares
+    one itself (a name two classes give different roles gets both, joined by ' or ')."""
+    roles: Dict[str, List[str]] = {}
+    seen, pending = set(), [nn.Module]
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        pending += cls.__subclasses__()
+        for name, role in vars(cls).get(attribute, {}).items():
+            if role not in roles.setdefault(name, []):
+                roles[name].append(role)
+    return {name: " or ".join(sorted(found)) for name, found in roles.items()}
 
 
 @dataclass
@@ -60,21 +77,25 @@ class LoadReport:
     def other_missing(self) -> List[str]:
         return [key for key in self.missing if not EXPECTED_MISSING.search(key)]
 
-    def _unused_as(self, key: str) -> Optional[str]:
+    def _unused_as(self, key: str, optional: Dict[str, str]) -> Optional[str]:
         """What an unexpected key is, when it is expected to go unused: a part this model
-        does not have, or a temporal_scaling this model's config turned off."""
+        does not have, or one of the `optional` parameters its config does not create."""
         if part_of(key) not in self.model_parts:
             return part_of(key)
-        return "temporal_scaling" if TEMPORAL_SCALING.search(key) else None
+        name = key.rsplit(".", 1)[-1]
+        return name if name in optional else None
 
     @property
     def unused_parts(self) -> Dict[str, int]:
         """Parts of the file's model that this model does not use -> their tensor count."""
-        return dict(Counter(filter(None, map(self._unused_as, self.unexpected))))
+        optional = declared("optional_parameters")
+        return dict(Counter(filter(None, (self._unused_as(key, optional)
+                                          for key in self.unexpected))))
 
     @property
     def other_unexpected(self) -> List[str]:
-        return [key for key in self.unexpected if self._unused_as(key) is None]
+        optional = declared("optional_parameters")
+        return [key for key in self.unexpected if self._unused_as(key, optional) is None]
 
     def needs_attention(self) -> bool:
         """Keys missing or unexpected for no known reason."""
@@ -126,17 +147,13 @@ class LoadReport:
                 lines.append(f"  {title}:")
                 lines += [f"    {entry}" for entry in _group_keys(keys)]
         if self.unused_parts:
+            roles = {**declared("part_roles"), **declared("optional_parameters")}
             lines.append(f"  unexpected, expected: parts a {self.model_kind} model does not use:")
-            lines += [f"    {part} ({count} tensor{'s' * (count != 1)}): {_role(part)}"
+            lines += [f"    {part} ({count} tensor{'s' * (count != 1)}): "
+                      f"{roles.get(part, UNDECLARED_ROLE)}"
                       for part, count in self.unused_parts.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
-
-
-def _role(part: str) -> str:
-    if part.endswith("_m"):
-        return f"momentum copy of {part[:-2]} (used only in training with distillation)"
-    return PART_ROLES.get(part, "part of another task's model")
 
 
 def _group_keys(keys: List[str], max_lines_per_module: int = 8) -> List[str]:

@@ -24,6 +24,7 @@ class PretrainModel(MomentumVideoTextModel):
     """
 
     kind = "pre-training"  # how load reports name it
+    part_roles = {**MomentumVideoTextModel.part_roles, "text_decoder": "captioning decoder"}
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)

@@ -30,6 +30,9 @@ class VideoQAModel(nn.Module):
     `generate_answers` for inference."""
 
     kind = "VideoQA"  # how load reports name it
+    # its top-level parts -> what they are for (load reports)
+    part_roles = {"visual_encoder": "video encoder", "text_encoder": "text encoder",
+                  "text_decoder": "answer decoder"}
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()

@@ -15,7 +15,7 @@ import torch
 
 import train_retrieval
 from engine.saving import model_checkpoint, remove_stale_temporaries, save_checkpoint
-from models import build_pretrain_model, build_retrieval_model, load_checkpoint
+from models import build_pretrain_model, build_retrieval_model, build_videoqa_model, load_checkpoint
 from helpers import REPO_ROOT, BodyServer, Server, read_metrics, run_script, tiny_config
 from models import CheckpointError, hub
 
@@ -174,6 +174,41 @@ def test_temporal_scaling_of_pretraining_is_expected_unused(tmp_path):
     assert report.unused_parts["temporal_scaling"] == blocks
     assert not report.needs_attention()
     assert "temporal_scaling (4 tensors): learned per-frame scaling of pre-training" in str(report)
+
+
+def test_videoqa_report_names_the_roles_the_models_declare(tmp_path):
+    """A VideoQA model lacks the retrieval heads and momentum towers of a pre-training
+    checkpoint; the report tells what each is for from the classes' `part_roles`."""
+    pretrained = tmp_path / "pretrain.pth"
+    save_checkpoint(str(pretrained), model_checkpoint(build_pretrain_model(tiny_model_config()),
+                                                      {}, epoch=0))
+    report = load_checkpoint(build_videoqa_model(tiny_model_config(max_question_len=8)),
+                             str(pretrained))
+    assert set(report.unused_parts) == {"vision_proj", "text_proj", "itm_head", "temp",
+                                        "visual_encoder_m", "vision_proj_m", "text_encoder_m",
+                                        "text_proj_m"}
+    assert not report.needs_attention()
+    text = str(report)
+    assert "    itm_head (2 tensors): video-text matching head" in text
+    assert "    temp (1 tensor): contrastive temperature" in text
+    assert "    vision_proj_m (2 tensors): momentum copy of vision_proj" in text
+
+
+class ProbeModel(torch.nn.Module):
+    """A model of another task, declaring what its extra part is for."""
+    part_roles = {"body": "shared layer", "probe_head": "linear probe of the features"}
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.probe_head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)
+
+
+def test_a_part_is_explained_by_the_class_that_declares_it(tmp_path):
+    source = ProbeModel()
+    probe = write_state(tmp_path / "probe.pth", source.state_dict())
+    report = load_checkpoint(torch.nn.ModuleDict({"body": torch.nn.Linear(2, 2)}), str(probe))
+    assert report.unused_parts == {"probe_head": 2} and not report.needs_attention()
+    assert "    probe_head (2 tensors): linear probe of the features" in str(report)
 
 
 def test_unexplained_keys_get_the_full_report(weights, tmp_path):
