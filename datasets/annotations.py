@@ -10,7 +10,8 @@ import json
 import os
 import pickle
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 from .issues import DataIssues
 
@@ -54,6 +55,19 @@ def load_json(path: str) -> Any:
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} "
                         f"column {error.colno})") from None
+
+
+def load_json_object(path: Path, name: Optional[str] = None) -> dict:
+    """The JSON object in the file `path`; DataError in one line starting with `name` (by
+    default the path) when it is unreadable, not JSON or not an object."""
+    name = name or str(path)
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{name}: not readable JSON ({err})") from None
+    if not isinstance(found, dict):
+        raise DataError(f"{name}: expected a JSON object, got {type(found).__name__}")
+    return found
 
 
 def json_type(value: Any) -> str:

@@ -23,7 +23,7 @@ from typing import Optional
 import av
 import numpy as np
 
-from .annotations import DataError
+from .annotations import DataError, load_json_object
 
 SHAPE_COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 90, 230), "yellow": (240, 220, 30),
@@ -258,12 +258,7 @@ def check_stamp(folder: Path, settings: GenerationSettings) -> bool:
     stamp = folder / SETTINGS_FILE
     wanted = settings.stamp()
     if stamp.is_file():
-        try:
-            found = json.loads(stamp.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise DataError(f"{stamp}: not readable JSON ({err})") from None
-        if not isinstance(found, dict):
-            raise DataError(f"{stamp}: expected a JSON object of settings, got {type(found).__name__}")
+        found = load_json_object(stamp)
         if found == wanted:
             return True
         differences = ", ".join(f"{key} {found.get(key)!r} instead of {value!r}"

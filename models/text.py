@@ -6,7 +6,6 @@ when called without video tokens, video-grounded when given them) and
 those of the original BLIP "med" BERT, so BLIP and TESTA checkpoints load as they are.
 """
 import inspect
-import json
 import logging
 import os
 import socket
@@ -23,6 +22,7 @@ from transformers.models.blip.modeling_blip_text import (BlipTextAttention, Blip
                                                          BlipTextLMHeadModel, BlipTextModel,
                                                          BlipTextSelfAttention)
 
+from datasets.annotations import load_json_object
 from models.bert_init import init_from_bert
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import NONE, Setting, Settings, unknown_key_problem, value_problem, with_defaults
@@ -214,14 +214,7 @@ def _read_med_config(path: str) -> dict:
     candidates = [Path(path)] if Path(path).is_absolute() else [Path(path), REPO_ROOT / path]
     for candidate in candidates:
         if candidate.is_file():
-            try:
-                med = json.loads(candidate.read_text())
-            except (OSError, UnicodeDecodeError, ValueError) as err:
-                raise ValueError(f"med_config {candidate}: not readable JSON ({err})") from None
-            if not isinstance(med, dict):
-                raise ValueError(f"med_config {candidate}: expected a JSON object, got "
-                                 f"{type(med).__name__}")
-            return med
+            return load_json_object(candidate, f"med_config {candidate}")
     raise FileNotFoundError(f"med_config {path!r} not found (looked at "
                             f"{', '.join(str(c) for c in candidates)})")
 

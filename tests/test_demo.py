@@ -129,7 +129,7 @@ def test_make_pretrain_list_joins_each_videos_paragraph(tmp_path):
 
 
 @pytest.mark.parametrize("text, problem", [("{damaged", "not readable JSON"),
-                                           ("[1, 2]", "expected a JSON object of settings")])
+                                           ("[1, 2]", "expected a JSON object, got list")])
 def test_a_damaged_settings_file_is_one_line(tmp_path, text, problem):
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / make_synthetic.SETTINGS_FILE).write_text(text)
