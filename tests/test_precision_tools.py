@@ -112,6 +112,10 @@ def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
     assert report["dtype"] == "fp32,bf16"
     assert report["seconds"] == {"fp32": report["seconds_fp32"], "bf16": report["seconds_bf16"]}
     assert report["dtype_speedup"] == round(report["seconds_fp32"] / report["seconds_bf16"], 3)
+    gemm_ratio = report["gemm_gflops"]["bf16"] / report["gemm_gflops"]["fp32"]
+    assert report["gemm_ratio"] == round(gemm_ratio, 3)
+    assert report["speedup_of_gemm_ratio"] == round(
+        report["seconds_fp32"] / report["seconds_bf16"] / gemm_ratio, 3)
     flops = 2e9 * count(encoder_config(
         load_config(str(config)), None, True), decimals=None)["gmacs"]
     for dtype in ("fp32", "bf16"):

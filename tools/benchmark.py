@@ -30,7 +30,10 @@ see the same load of other processes (`models.timing.encoder_gemms`). `gemm_gflo
 is the best rate of a few large bias-free products at the same dtype, measured after
 the timing (`models.timing.gemm_gflops`): an upper bound that a loaded machine
 understates or overstates. `--compare-dtype` times float32 and bfloat16 alternately
-and gives each of these keys one value per dtype. `--compile` wraps the encoder in
+and gives each of these keys one value per dtype, with `dtype_speedup` (float32 seconds
+over bfloat16 seconds), `gemm_ratio` (the two dtypes' `gemm_gflops`) and
+`speedup_of_gemm_ratio` (the first over the second: 1 when bfloat16 speeds the whole
+encoder up as much as its linear layers). `--compile` wraps the encoder in
 `torch.compile` (static shapes: fixed-r aggregation) and reports the first call's
 `compile_seconds` apart from the timed runs.
 `--profile` adds one profiled forward per dtype, its time summed by op class.
@@ -281,8 +284,11 @@ def main(argv=None) -> dict:
             if key in results[0]:
                 report[key] = dict(zip(dtype_names, (result[key] for result in results)))
         if results[0]["seconds"]:
+            speedup = results[0]["seconds"] / results[1]["seconds"]
+            gemm_ratio = results[1]["gemm_gflops"] / results[0]["gemm_gflops"]
             report.update(seconds_fp32=results[0]["seconds"], seconds_bf16=results[1]["seconds"],
-                          dtype_speedup=round(results[0]["seconds"] / results[1]["seconds"], 3))
+                          dtype_speedup=round(speedup, 3), gemm_ratio=round(gemm_ratio, 3),
+                          speedup_of_gemm_ratio=round(speedup / gemm_ratio, 3))
     for name, result in zip(names, results):
         line = (f"{name:>15}: {result['gmacs']:8.1f} GMACs  tokens {result['tokens_in']:>6} -> "
                 f"{result['tokens_out']:<6} seconds {result['seconds']}  peak_mem_mb {result['peak_mem_mb']}")
@@ -297,7 +303,9 @@ def main(argv=None) -> dict:
     if "speedup" in report:
         print(f"{'speedup':>15}: {report['speedup']:.2f}x")
     if "dtype_speedup" in report:
-        print(f"{'bf16 speedup':>15}: {report['dtype_speedup']:.2f}x")
+        print(f"{'bf16 speedup':>15}: {report['dtype_speedup']:.2f}x = "
+              f"{report['speedup_of_gemm_ratio']:.2f} of the linear layers' "
+              f"{report['gemm_ratio']:.2f}x")
     if args.profile and args.runs:
         print_profile(results, names)
     if args.json:
