@@ -3,7 +3,6 @@ the selection and merge on a hand-made case, the relevance against transformers'
 attention weights, the re-ranking path (keys and values merged per text) against the
 straightforward one (tokens merged, then the encoder per pair) in float64, off and k = all
 tokens against today's computation, the config errors, training with it on, and the API."""
-from pathlib import Path
 
 import pytest
 import torch
