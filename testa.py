@@ -39,6 +39,7 @@ from datasets.base import video_batch
 from datasets.video import VideoDecodeError, read_test_frames
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models import LoadReport, read_checkpoint
+from models.text_guided import TokenSelection
 from models.video_encoder import cat_token_batches
 from engine.config import load_config
 from engine.precision import AMP_DTYPES, Precision, build_precision
@@ -244,20 +245,29 @@ class VideoText:
                             texts.attention_mask, self.config["k_test_batch_size"])
 
     def rerank(self, videos: VideoEmbeddings, texts: TextEmbeddings, *,
-               k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               k: Optional[int] = None, text_guided_k: Optional[int] = None,
+               text_guided_rule: str = "text") -> Tuple[torch.Tensor, torch.Tensor]:
         """The evaluation protocol's scores: (v2t `[V, T]`, t2v `[T, V]`). The `k` (default:
         the config's `k_test`) best texts of each video by similarity, and the `k` best
         videos of each text, score `match logit + similarity`; all other pairs -100.
         Scored as the evaluation scores them (`tasks.retrieval.pair_scores`): pairs
-        grouped by video, at most the config's `k_test_batch_size` per forward."""
+        grouped by video, at most the config's `k_test_batch_size` per forward.
+        `text_guided_k`: each pair's matching head attends to that many of the video's
+        tokens, chosen by `text_guided_rule` (docs/text_guided.md); default: the config's
+        `text_guided_k`."""
         if k is not None:
             checked_positive("k", k)
         if videos.tokens is None:
             raise ValueError("videos: embedded with keep_tokens=False, so they cannot be re-ranked")
+        selection = None
+        if text_guided_k is not None:
+            selection = TokenSelection(text_guided_k, text_guided_rule)
+            selection.check_tokens(videos.tokens.shape[1], videos.mask)
         sims = self.similarity(videos, texts)
         v2t, t2v = candidate_masks(sims, self.config["k_test"] if k is None else k)
         scores = pair_scores(self.model, sims, (v2t | t2v).nonzero(), videos.tokens, videos.mask,
-                             texts.input_ids, texts.attention_mask, self.config["k_test_batch_size"])
+                             texts.input_ids, texts.attention_mask, self.config["k_test_batch_size"],
+                             selection=selection)
         return protocol_scores(scores, v2t, t2v)
 
 

@@ -186,7 +186,14 @@ def importance_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, 
                         reserved: int, protect_first: bool,
                         share_over_patches: bool) -> Optional[SubsetMerge]:
     """Merge the r least important tokens (attention received) into their most similar kept token."""
-    r = min(r, max_reduction(metric.shape[-2], reserved))
+    return merge_least_important(metric, importance, min(r, max_reduction(metric.shape[-2], reserved)),
+                                 protect_first=protect_first, share_over_patches=share_over_patches)
+
+
+def merge_least_important(metric: torch.Tensor, importance: torch.Tensor, r: int, *,
+                          protect_first: bool, share_over_patches: bool) -> Optional[SubsetMerge]:
+    """`importance_matching` without the cap on r: any r below the token count (the
+    text-guided selection of models/text_guided.py keeps as few as one token)."""
     if r <= 0:
         return None
     with torch.no_grad(), _full_precision(metric) as metric:

@@ -17,6 +17,7 @@ from models.collectives import (all_gather_with_grad, all_reduce_max, concat_all
 from models.text import (TEXT_SETTINGS, build_text_config, build_text_encoder,
                          build_tokenizer, encode_grounded, encode_text_only, tokenize,
                          with_first_token)
+from models.text_guided import TokenSelection, selection_of
 from models.video_encoder import (VIDEO_ENCODER_SETTINGS, build_video_encoder, pad_tokens,
                                   pool_tokens)
 from utils import CAPTION_SETTINGS, NUMBER, Setting, Settings, with_defaults
@@ -52,6 +53,7 @@ class MomentumVideoTextModel(nn.Module):
         embed_dim = config["embed_dim"]
         self.max_words = config["max_words"]
         self.momentum = config["momentum"]
+        self.text_guided = selection_of(config)  # None: every pair attends to all tokens
 
         self.visual_encoder = build_video_encoder(config)
         self.text_encoder = build_text_encoder(text_config, config["text_init"])
@@ -91,17 +93,19 @@ class MomentumVideoTextModel(nn.Module):
         return text_feat, input_ids, attention_mask
 
     def itm_logits(self, video_embeds: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, video_mask: Optional[torch.Tensor] = None
-                   ) -> torch.Tensor:
+                   attention_mask: torch.Tensor, video_mask: Optional[torch.Tensor] = None,
+                   selection: Optional[TokenSelection] = None) -> torch.Tensor:
         """Match scores `[K, 2]` of K (video tokens `[K, N, D]` with their content mask
         `[K, N]` or None, text `[K, S]`) pairs: the video-grounded encoder with `[ENC]`
         first, ITM head on its first output. One video against K texts: tokens `[1, N, D]`
         and mask `[1, N]`; each layer's cross-attention then projects the video's tokens
         to keys and values once and attends with the K texts' queries as one block of
-        rows (what re-ranking does; the scores equal those of K copies of the video)."""
+        rows (what re-ranking does; the scores equal those of K copies of the video).
+        `selection`: the text-guided token selection of each pair (default: the config's
+        `text_guided_k`, `self.text_guided`)."""
         input_ids = with_first_token(input_ids, self.tokenizer.enc_token_id)
         grounded = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds,
-                                   video_mask)
+                                   video_mask, selection or self.text_guided)
         return self.itm_head(grounded[:, 0])
 
     def clamp_temperature(self) -> None:

@@ -24,6 +24,9 @@ from transformers.models.blip.modeling_blip_text import (BlipTextAttention, Blip
 
 from datasets.annotations import load_json_object
 from models.bert_init import init_from_bert
+from models.cost import count, encoder_config
+from models.text_guided import (RULES, TokenSelection, choose_tokens, merge_per_text,
+                                relevance_of, select_tokens)
 from models.video_encoder import VIDEO_ENCODER_SETTINGS
 from utils import NONE, Setting, Settings, unknown_key_problem, value_problem, with_defaults
 
@@ -37,6 +40,12 @@ TEXT_SETTINGS = Settings(title="Text towers", module=__name__, settings={
                            "override, e.g. {hidden_size: 64}"),
     "text_init": Setting((str, NONE), None, "BERT weights for the text towers (file or Hugging "
                          "Face folder), for training without a BLIP checkpoint"),
+    "text_guided_k": Setting((int, NONE), None, "video tokens each (text, video) pair of ITM and "
+                             "the VideoQA question encoder cross-attends to, the others merged "
+                             "into them (docs/text_guided.md); null: all", min=1),
+    "text_guided_rule": Setting(str, "text", "how text_guided_k ranks the tokens: by the text's "
+                                "first-layer cross-attention, or by similarity alone (control)",
+                                choices=RULES),
 })
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # bert-base-uncased's vocab.txt, byte for byte (models/vocab/README.md): no hub or cache needed
@@ -82,6 +91,25 @@ def text_config_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
         problems.append(f"hidden_size {text_config['hidden_size']} is not divisible by "
                         f"num_attention_heads {text_config['num_attention_heads']}")
     return ("text_config", f"text_config: {'; '.join(problems)}") if problems else None
+
+
+@TEXT_SETTINGS.check
+def text_guided_problem(config: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
+    """Why `text_guided_k` cannot reduce the video encoder's tokens (adaptive aggregation
+    pads them; more than the fewest tokens the encoder gives at the training or test frame
+    count), as ("text_guided_k", problem), or None."""
+    k = config["text_guided_k"]
+    if k is None:
+        return None
+    if config.get("testa_threshold") is not None:
+        return "text_guided_k", ("text_guided_k needs fixed aggregation (testa_threshold: null): "
+                                 "adaptive aggregation pads the videos' tokens")
+    frames = {config.get(key) for key in ("num_frames", "num_frm_train", "num_frm_test")} - {None}
+    tokens = min(count(encoder_config(config, n, True))["tokens_out"] for n in frames)
+    if k > tokens:
+        return "text_guided_k", (f"text_guided_k {k} is more than the {tokens} tokens the video "
+                                 f"encoder gives a video")
+    return None
 
 
 # tokenizer ---------------------------------------------------------------------------
@@ -295,27 +323,38 @@ def encode_text_only(encoder: BlipTextModel, input_ids: torch.Tensor,
 
 def encode_grounded(encoder: BlipTextModel, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, video_embeds: torch.Tensor,
-                    video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    video_mask: Optional[torch.Tensor] = None,
+                    selection: Optional[TokenSelection] = None) -> torch.Tensor:
     """Video-grounded mode: every layer cross-attends to the video tokens `[B, N, D]`
     (those of `video_mask [B, N]` only, if given); `[B, S]` -> hidden states `[B, S, W]`.
     One video for all B texts: `video_embeds [1, N, D]` and `video_mask [1, N]`, which
-    goes through `encode_grounded_one_video`. Callers put `[ENC]` first."""
+    goes through `encode_grounded_one_video`. With a `selection`, each text attends to
+    the k tokens it selects (models/text_guided.py). Callers put `[ENC]` first."""
+    if selection is not None:
+        selection.check_tokens(video_embeds.shape[1], video_mask)
     if len(video_embeds) == 1 < len(input_ids):
         return encode_grounded_one_video(encoder, input_ids, attention_mask, video_embeds,
-                                         video_mask)
+                                         video_mask, selection)
+    if selection is not None:
+        video_embeds = select_tokens(selection, encoder, input_ids, attention_mask, video_embeds)
     return encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=video_embeds,
                    encoder_attention_mask=video_mask).last_hidden_state
 
 
 def encode_grounded_one_video(encoder: BlipTextModel, input_ids: torch.Tensor,
                               attention_mask: torch.Tensor, video_embeds: torch.Tensor,
-                              video_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              video_mask: Optional[torch.Tensor] = None,
+                              selection: Optional[TokenSelection] = None) -> torch.Tensor:
     """`encode_grounded` of K texts `[K, S]` against one video `[1, N, D]` (mask `[1, N]`),
     layer by layer with the tower's own modules: self-attention as `BlipTextLayer` runs
     it, then cross-attention with the video projected to keys and values once and the K
     texts folded into the query rows, so that each attention product is one `[K*S, N]`
     matrix product per head instead of K small ones over broadcast keys; then the
-    layer's feed-forward. The same numbers as `encoder(...)` with the video copied K times."""
+    layer's feed-forward. The same numbers as `encoder(...)` with the video copied K times.
+    With a `selection`, the tokens are chosen per text at the first layer and each
+    layer's projected keys and values are merged per text (`merge_per_text`), which
+    equals projecting each text's merged tokens; the attention is then one `[S, k]`
+    product per text and head."""
     num_texts, num_words = input_ids.shape
     heads = encoder.config.num_attention_heads
 
@@ -327,13 +366,26 @@ def encode_grounded_one_video(encoder: BlipTextModel, input_ids: torch.Tensor,
                  * torch.finfo(encoder.dtype).min)  # [K, 1, 1, S]
     video_keep = None if video_mask is None else video_mask[:, None, None, :].bool()  # [1, 1, 1, N]
     hidden = encoder.embeddings(input_ids=input_ids)  # [K, S, W]
-    for layer in encoder.encoder.layer:
+    merge = None
+    for depth, layer in enumerate(encoder.encoder.layer):
         attended = layer.attention(hidden, attention_mask=text_bias)[0]  # [K, S, W]
         cross = layer.crossattention.self
-        query = split_heads(cross.query(attended).reshape(1, num_texts * num_words, -1))
-        context = F.scaled_dot_product_attention(  # [1, H, K*S, d]
-            query, split_heads(cross.key(video_embeds)), split_heads(cross.value(video_embeds)),
-            attn_mask=video_keep, dropout_p=cross.dropout.p if cross.training else 0.0)
+        keys, values = cross.key(video_embeds), cross.value(video_embeds)  # [1, N, W]
+        dropout = cross.dropout.p if cross.training else 0.0
+        if selection is None:
+            query = split_heads(cross.query(attended).reshape(1, num_texts * num_words, -1))
+            context = F.scaled_dot_product_attention(  # [1, H, K*S, d]
+                query, split_heads(keys), split_heads(values), attn_mask=video_keep,
+                dropout_p=dropout)
+        else:
+            if depth == 0:
+                relevance = relevance_of(selection, encoder, input_ids, attention_mask,
+                                         video_embeds, attended, keys)  # [K, N]
+                merge = choose_tokens(selection, video_embeds, relevance)
+            keys, values = (merge_per_text(merge, t, num_texts) for t in (keys, values))
+            context = F.scaled_dot_product_attention(  # [K, H, S, d] over [K, H, k, d]
+                split_heads(cross.query(attended)), split_heads(keys), split_heads(values),
+                dropout_p=dropout)
         context = context.transpose(1, 2).reshape(num_texts, num_words, -1)  # [K, S, W]
         hidden = layer.feed_forward_chunk(layer.crossattention.output(context, attended))
     return hidden

@@ -13,6 +13,7 @@ from torch import nn
 from models.text import (TEXT_SETTINGS, build_text_config, build_text_decoder,
                          build_text_encoder, build_tokenizer, encode_grounded, tokenize,
                          with_first_token)
+from models.text_guided import selection_of
 from models.video_encoder import VIDEO_ENCODER_SETTINGS, build_video_encoder
 from utils import QUESTION_SETTINGS, with_defaults
 
@@ -41,6 +42,7 @@ class VideoQAModel(nn.Module):
         self.tokenizer = build_tokenizer(config["text_encoder"])
         text_config = build_text_config(config, self.tokenizer)
         self.max_question_len = config["max_question_len"]
+        self.text_guided = selection_of(config)  # None: every question attends to all tokens
         self.visual_encoder = build_video_encoder(config)
         self.text_encoder = build_text_encoder(text_config, config["text_init"])
         self.text_decoder = build_text_decoder(text_config, config["text_init"])
@@ -49,13 +51,14 @@ class VideoQAModel(nn.Module):
     def encode_questions(self, video: torch.Tensor, questions: Sequence[str]
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
         """video `[B, 3, T, H, W]`, B questions -> (question states `[B, Sq, W]` from the
-        video-grounded encoder with `[ENC]` first, question mask `[B, Sq]`)."""
+        video-grounded encoder with `[ENC]` first, question mask `[B, Sq]`); with
+        `text_guided_k` each question attends to the k tokens it selects."""
         video_embeds, video_mask = self.visual_encoder.forward_with_mask(video)
         input_ids, attention_mask = tokenize(self.tokenizer, questions, video.device,
                                              max_length=self.max_question_len)
         input_ids = with_first_token(input_ids, self.tokenizer.enc_token_id)
         states = encode_grounded(self.text_encoder, input_ids, attention_mask, video_embeds,
-                                 video_mask)
+                                 video_mask, self.text_guided)
         return states, attention_mask
 
     def tokenize_answers(self, answers: Sequence[str], device: torch.device

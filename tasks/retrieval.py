@@ -29,6 +29,7 @@ from models.blip_base import MOMENTUM_SETTINGS
 from models.collectives import all_reduce_sum
 from models.retrieval import RETRIEVAL_MODEL_SETTINGS, build_retrieval_model
 from models.text import TEXT_SETTINGS
+from models.text_guided import TokenSelection
 from models.video_encoder import VIDEO_ENCODER_SETTINGS, cat_token_batches
 from utils import CAPTION_SETTINGS, Setting, Settings, compose
 
@@ -158,7 +159,8 @@ def match_logits(model: nn.Module, pairs: torch.Tensor, video_tokens: torch.Tens
                  video_masks: Optional[torch.Tensor], text_ids: torch.Tensor,
                  text_mask: torch.Tensor, batch_size: int, *,
                  video_rows: Optional[torch.Tensor] = None,
-                 autocast: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+                 autocast: Callable[[], ContextManager] = nullcontext,
+                 selection: Optional[TokenSelection] = None) -> torch.Tensor:
     """The matching head's "match" logit `[P]` (float32 or wider, on the texts' device) of
     (video, text) index pairs `[P, 2]`.
 
@@ -169,7 +171,8 @@ def match_logits(model: nn.Module, pairs: torch.Tensor, video_tokens: torch.Tens
     go in once, `[1, N, D]`, so each layer's cross-attention projects them to keys and
     values once for all of those texts (`itm_logits`), and memory stays bounded by
     `batch_size` whatever the number of pairs. The tokens may live on the CPU; one
-    video's at a time goes to the texts' device.
+    video's at a time goes to the texts' device. `selection`: text-guided token selection
+    (default: the model's `text_guided_k`); the keys and values are then merged per text.
     """
     device = text_ids.device
     scored, values = [], []
@@ -184,7 +187,8 @@ def match_logits(model: nn.Module, pairs: torch.Tensor, video_tokens: torch.Tens
         for chunk in group.tensor_split(-(-len(group) // batch_size)):  # even chunks <= batch_size
             text = pairs[chunk, 1].to(device)
             with autocast():
-                match = model.itm_logits(tokens, text_ids[text], text_mask[text], mask)  # [K, 2]
+                match = model.itm_logits(tokens, text_ids[text], text_mask[text], mask,
+                                         selection)  # [K, 2]
             scored.append(chunk)
             values.append(match[:, 1])
     if not values:
@@ -199,11 +203,13 @@ def pair_scores(model: nn.Module, sims: torch.Tensor, pairs: torch.Tensor,
                 video_tokens: torch.Tensor, video_masks: Optional[torch.Tensor],
                 text_ids: torch.Tensor, text_mask: torch.Tensor, batch_size: int, *,
                 video_rows: Optional[torch.Tensor] = None,
-                autocast: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+                autocast: Callable[[], ContextManager] = nullcontext,
+                selection: Optional[TokenSelection] = None) -> torch.Tensor:
     """`itm_logit[:, 1] + sim` of the (video, text) pairs `[P, 2]` in a matrix like sims
     `[V, T]`, 0 elsewhere (the other arguments as for `match_logits`)."""
     logits = match_logits(model, pairs, video_tokens, video_masks, text_ids, text_mask,
-                          batch_size, video_rows=video_rows, autocast=autocast)
+                          batch_size, video_rows=video_rows, autocast=autocast,
+                          selection=selection)
     video, text = pairs.unbind(1)
     scores = torch.zeros_like(sims)
     scores[video, text] = logits.to(sims) + sims[video, text]
