@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from models.aggregation import SubsetMerge, merge_least_important
 
 RULES = ("text", "similarity")
+MATCHING_BYTES = 64 * 2**20  # float32 token features the matching of a chunk of texts holds
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,23 @@ def choose_tokens(selection: TokenSelection, video_embeds: torch.Tensor,
                   relevance: torch.Tensor) -> Optional[SubsetMerge]:
     """The merge keeping the `selection.k` most relevant tokens (`relevance [K, N]`) of the
     videos `[K or 1, N, D]`, class token (position 0) included, the others merged into
-    their most similar kept token by cosine of the token features; None when k is all."""
+    their most similar kept token by cosine of the token features; None when k is all.
+    Texts go in chunks: the matching holds float32 features `[chunk, N, D]`, which for
+    all K texts of one video at 96 frames would be about 1 GB."""
     num_texts, num_tokens = relevance.shape
-    metric = video_embeds.expand(num_texts, -1, -1)  # [K, N, D]
-    return merge_least_important(metric, relevance, num_tokens - selection.k,
-                                 protect_first=True, share_over_patches=False)
+    chunk = max(1, MATCHING_BYTES // (num_tokens * video_embeds.shape[-1] * 4))
+    merges = []
+    for start in range(0, num_texts, chunk):
+        rows = slice(start, start + chunk)
+        texts = relevance[rows]  # [c, N]
+        videos = video_embeds[rows] if len(video_embeds) > 1 else video_embeds
+        merges.append(merge_least_important(videos.expand(len(texts), -1, -1), texts,
+                                            num_tokens - selection.k, protect_first=True,
+                                            share_over_patches=False))
+    if merges[0] is None or len(merges) == 1:
+        return merges[0]
+    return SubsetMerge(*(torch.cat(indices) for indices in zip(
+        *((merge.keep_idx, merge.src_idx, merge.dst_idx) for merge in merges))))
 
 
 def relevance_of(selection: TokenSelection, encoder, input_ids: torch.Tensor,

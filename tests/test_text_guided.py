@@ -13,6 +13,7 @@ from engine.precision import build_precision
 from models import build_retrieval_model, build_videoqa_model
 from models.text import (build_text_config, build_text_encoder, build_tokenizer,
                          encode_grounded, encode_grounded_one_video)
+from models import text_guided
 from models.text_guided import (TokenSelection, attention_relevance, choose_tokens,
                                 first_layer_queries, relevance_of, select_tokens,
                                 similarity_relevance)
@@ -51,6 +52,20 @@ def test_keeps_the_k_most_relevant_and_merges_the_rest_into_their_most_similar_k
     assert torch.allclose(merged, expected, rtol=0, atol=1e-15)
     assert size.flatten().tolist() == [1.0, 2.0, 2.0]
     assert choose_tokens(TokenSelection(5), tokens, relevance) is None  # k = all: nothing merges
+
+
+@pytest.mark.parametrize("videos", [1, 7])
+def test_texts_matched_in_chunks_choose_as_all_at_once(monkeypatch, videos):
+    """The matching runs over chunks of texts to bound its memory; a chunk of one text
+    (the smallest bound) gives the indices of matching all seven texts at once."""
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(videos, 12, 4, generator=generator, dtype=torch.float64)
+    relevance = torch.rand(7, 12, generator=generator, dtype=torch.float64)
+    whole = choose_tokens(TokenSelection(4), tokens, relevance)
+    monkeypatch.setattr(text_guided, "MATCHING_BYTES", 1)
+    chunked = choose_tokens(TokenSelection(4), tokens, relevance)
+    for name in ("keep_idx", "src_idx", "dst_idx"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
 
 
 def test_similarity_relevance_is_minus_the_closest_neighbour():
