@@ -105,10 +105,12 @@ def main(argv=None) -> None:
     parser.add_argument("--compress-fps", type=float, default=6,
                         help="frame rate of the tools/compress_videos.py copy")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the clips")
-    parser.add_argument("--videos", type=int, default=64, help="synthetic videos for the loader")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--batch-size", type=int, default=4, help="clips per batch")
-    parser.add_argument("--loader-frames", type=int, default=32, help="frames per clip in the loader")
+    loader = parser.add_argument_group("the DataLoader row (synthetic videos through the "
+                                       "training pipeline)")
+    loader.add_argument("--videos", type=int, default=64, help="synthetic videos for the loader")
+    loader.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    loader.add_argument("--batch-size", type=int, default=4, help="clips per batch")
+    loader.add_argument("--loader-frames", type=int, default=32, help="frames per clip in the loader")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core: the decoders use one thread each already
     decoders = installed_decoders()

@@ -81,9 +81,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     parser.add_argument("--seconds", type=float, default=60.0,
-                        help="how long to iterate after the first batch (default: 60)")
-    parser.add_argument("--num-frm", type=int, default=4, help="frames per clip (default: 4)")
-    parser.add_argument("--size", type=int, default=224, help="crop size (default: 224)")
+                        help="how long to iterate after the first batch")
+    parser.add_argument("--num-frm", type=int, default=4, help="frames per clip")
+    parser.add_argument("--size", type=int, default=224, help="crop size")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args(argv)
     if args.workers < 1:
