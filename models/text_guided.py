@@ -81,21 +81,34 @@ def attention_relevance(cross, attended: torch.Tensor, keys: torch.Tensor,
     `[K or 1, N, W]` (already projected), averaged over the words of `attention_mask [K, S]`."""
     query = cross.query(attended).unflatten(-1, (heads, -1)).transpose(1, 2)  # [K, H, S, d]
     keys = keys.unflatten(-1, (heads, -1)).transpose(1, 2)  # [K or 1, H, N, d]
-    scores = query @ keys.transpose(-1, -2) / query.shape[-1] ** 0.5  # [K, H, S, N]
-    full = torch.promote_types(scores.dtype, torch.float32)  # bfloat16 under autocast
-    attention = scores.softmax(dim=-1, dtype=full).mean(dim=1)  # [K, S, N]
-    words = attention_mask.to(attention)[:, :, None]  # [K, S, 1]
-    return (attention * words).sum(dim=1) / words.sum(dim=1)  # [K, N]
+    num_texts, _, num_words, _ = query.shape
+    # texts in chunks: the float32 attention of one text is [H, S, N] (15 MB at 96 frames)
+    chunk = max(1, MATCHING_BYTES // (heads * num_words * keys.shape[2] * 4))
+    relevance = []
+    for start in range(0, num_texts, chunk):
+        rows = slice(start, start + chunk)
+        chunk_keys = keys[rows] if len(keys) > 1 else keys
+        scores = query[rows] @ chunk_keys.transpose(-1, -2) / query.shape[-1] ** 0.5  # [c, H, S, N]
+        full = torch.promote_types(scores.dtype, torch.float32)  # bfloat16 under autocast
+        attention = scores.softmax(dim=-1, dtype=full).mean(dim=1)  # [c, S, N]
+        words = attention_mask[rows].to(attention)[:, :, None]  # [c, S, 1]
+        relevance.append((attention * words).sum(dim=1) / words.sum(dim=1))  # [c, N]
+    return torch.cat(relevance)
 
 
 def similarity_relevance(video_embeds: torch.Tensor) -> torch.Tensor:
     """Relevance `[B, N]` without a text: minus each token's highest cosine similarity to
-    another token of its video `[B, N, D]`."""
-    tokens = F.normalize(video_embeds.to(torch.promote_types(video_embeds.dtype, torch.float32)),
-                         dim=-1)
-    cosine = tokens @ tokens.transpose(-1, -2)  # [B, N, N]
-    cosine.diagonal(dim1=-2, dim2=-1).fill_(-2.0)  # a token is not its own neighbour
-    return -cosine.max(dim=-1).values
+    another token of its video `[B, N, D]`. Videos go in chunks whose float32 cosine
+    matrices `[c, N, N]` stay near `MATCHING_BYTES` (one video at 96 frames is 92 MB)."""
+    num_tokens = video_embeds.shape[1]
+    chunk = max(1, MATCHING_BYTES // (num_tokens * num_tokens * 4))
+    relevance = []
+    for videos in video_embeds.split(chunk):
+        tokens = F.normalize(videos.to(torch.promote_types(videos.dtype, torch.float32)), dim=-1)
+        cosine = tokens @ tokens.transpose(-1, -2)  # [c, N, N]
+        cosine.diagonal(dim1=-2, dim2=-1).fill_(-2.0)  # a token is not its own neighbour
+        relevance.append(-cosine.max(dim=-1).values)
+    return torch.cat(relevance)
 
 
 def choose_tokens(selection: TokenSelection, video_embeds: torch.Tensor,
@@ -159,10 +172,19 @@ def merge_per_text(merge: Optional[SubsetMerge], projected: torch.Tensor, num_te
                    ) -> torch.Tensor:
     """One video's projected keys or values `[1, N, W]` -> each text's merged ones
     `[K, k, W]` (all N when `merge` is None)."""
-    projected = projected.expand(num_texts, -1, -1)  # [K, N, W], a view
     if merge is None:
-        return projected
-    return merge.merge(projected, projected.new_ones(num_texts, projected.shape[1], 1))[0]
+        return projected.expand(num_texts, -1, -1)  # [K, N, W], a view
+    # texts in chunks: a text's merge gathers its N - k merged rows `[N - k, W]` first
+    num_tokens, width = projected.shape[1:]
+    chunk = max(1, MATCHING_BYTES // (num_tokens * width * projected.element_size()))
+    merged = []
+    for start in range(0, num_texts, chunk):
+        rows = slice(start, start + chunk)
+        part = SubsetMerge(merge.keep_idx[rows], merge.src_idx[rows], merge.dst_idx[rows])
+        count = len(part.keep_idx)
+        merged.append(part.merge(projected.expand(count, -1, -1),
+                                 projected.new_ones(count, num_tokens, 1))[0])
+    return torch.cat(merged)  # [K, k, W]
 
 
 def cross_attention_macs(num_words: int, num_tokens: int, width: int, vision_width: int,

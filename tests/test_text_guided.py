@@ -68,15 +68,24 @@ def test_texts_matched_in_chunks_choose_as_all_at_once(monkeypatch, videos):
         assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
 
 
-def test_similarity_relevance_is_minus_the_closest_neighbour():
+def test_similarity_relevance_is_minus_the_closest_neighbour(monkeypatch):
     tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 1.0]]], dtype=torch.float64)
     expected = -torch.tensor([[0.5 ** 0.5, 1.0, 1.0, 0.5 ** 0.5]], dtype=torch.float64)
     assert torch.allclose(similarity_relevance(tokens), expected, rtol=0, atol=1e-15)
+    three = torch.cat([tokens, tokens.flip(1), 2 * tokens])  # [3, 4, 2]
+    monkeypatch.setattr(text_guided, "MATCHING_BYTES", 1)  # one video per chunk
+    assert torch.allclose(similarity_relevance(three),
+                          torch.cat([expected, expected.flip(1), expected]), rtol=0, atol=1e-15)
 
 
-def test_text_relevance_is_the_first_cross_attention_layers_attention(encoder):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_text_relevance_is_the_first_cross_attention_layers_attention(encoder, monkeypatch,
+                                                                      chunked):
     """The rule `text`'s relevance = transformers' own first-layer cross-attention weights
-    (`output_attentions`), averaged over heads and over each text's words."""
+    (`output_attentions`), averaged over heads and over each text's words; the same when
+    the texts go one per chunk (the bound on its memory at its smallest)."""
+    if chunked:
+        monkeypatch.setattr(text_guided, "MATCHING_BYTES", 1)
     input_ids, text_mask = texts_of(4)
     video = torch.randn(4, TOKENS, 64, dtype=torch.float64)
     with torch.no_grad():
@@ -113,6 +122,18 @@ def test_rerank_path_merges_keys_and_values_as_merging_the_tokens_first(encoder,
         assert (folded - off).abs().max().item() <= 1e-12
     else:
         assert (folded - off).abs().max().item() > 1e-6
+
+
+def test_rerank_path_in_chunks_of_one_text_gives_the_same_hidden_states(encoder, monkeypatch):
+    """The memory bound (texts merged and matched in chunks) changes no number."""
+    input_ids, text_mask = texts_of(5)
+    video = torch.randn(1, TOKENS, 64, dtype=torch.float64)
+    selection = TokenSelection(4, "text")
+    with torch.no_grad():
+        whole = encode_grounded_one_video(encoder, input_ids, text_mask, video, None, selection)
+        monkeypatch.setattr(text_guided, "MATCHING_BYTES", 1)
+        chunked = encode_grounded_one_video(encoder, input_ids, text_mask, video, None, selection)
+    assert torch.equal(chunked, whole)
 
 
 def test_the_rules_differ_in_the_relevance_only(encoder):
