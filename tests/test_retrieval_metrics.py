@@ -105,7 +105,8 @@ class KnownScoresModel(torch.nn.Module):
         index = video[:, 0].long()
         return self.video_feat[index], index.float()[:, None, None], None  # tokens [B, 1, 1]
 
-    def itm_logits(self, video_tokens, input_ids, attention_mask, video_mask=None):
+    def itm_logits(self, video_tokens, input_ids, attention_mask, video_mask=None, selection=None):
+        assert selection is None  # the known scores are those of every token
         match = ITM[video_tokens[:, 0, 0].long(), input_ids[:, 1]]
         return torch.stack([-match, match], dim=1)
 
