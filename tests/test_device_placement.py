@@ -26,10 +26,15 @@ def on_meta_default(step) -> None:
         step()
 
 
-@pytest.mark.parametrize("testa_threshold", [None, 0.5])
-def test_retrieval_training_step_makes_no_tensor_off_the_inputs_device(testa_threshold):
+# fixed and adaptive aggregation, and text-guided selection with both rules
+SETTINGS = [{}, {"testa_threshold": 0.5}, {"text_guided_k": 4},
+            {"text_guided_k": 4, "text_guided_rule": "similarity"}]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_retrieval_training_step_makes_no_tensor_off_the_inputs_device(settings):
     torch.manual_seed(0)
-    model = build_retrieval_model(tiny_config(testa_threshold=testa_threshold))
+    model = build_retrieval_model(tiny_config(**settings))
     video, idx = tiny_video(4), torch.arange(4)
     for _ in range(3):  # the queues fill and wrap (queue_size 8, batch 4)
         on_meta_default(lambda: sum(model(video, CAPTIONS, 0.4, idx)).backward())
@@ -43,9 +48,10 @@ def test_pretraining_step_makes_no_tensor_off_the_inputs_device():
     on_meta_default(lambda: sum(model(video, CAPTIONS, 0.4)).backward())
 
 
-def test_videoqa_training_and_answer_ranking_make_no_tensor_off_the_inputs_device():
+@pytest.mark.parametrize("settings", [{}, {"text_guided_k": 4}])
+def test_videoqa_training_and_answer_ranking_make_no_tensor_off_the_inputs_device(settings):
     torch.manual_seed(0)
-    model = build_videoqa_model(tiny_config())
+    model = build_videoqa_model(tiny_config(**settings))
     video, weights = tiny_video(4), torch.full((5,), 0.5)
     answers = ["a dog", "red", "two people", "on the sofa", "a cat"]
     on_meta_default(lambda: model(video, QUESTIONS, answers, weights, [2, 1, 1, 1]).backward())
@@ -71,10 +77,10 @@ class PrecollatedLoader:
         return len(self.batches)
 
 
-@pytest.mark.parametrize("testa_threshold", [None, 0.5])
-def test_retrieval_evaluation_makes_no_tensor_off_the_inputs_device(testa_threshold, tmp_path):
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_retrieval_evaluation_makes_no_tensor_off_the_inputs_device(settings, tmp_path):
     torch.manual_seed(0)
-    config = tiny_config(testa_threshold=testa_threshold, k_test=2, k_test_batch_size=3)
+    config = tiny_config(**settings, k_test=2, k_test_batch_size=3)
     model = build_retrieval_model(config).eval()
     loader = PrecollatedLoader(tiny_video(4), CAPTIONS, batch_size=3)
     run = Run(config, tmp_path, torch.device("cpu"), build_precision("none", torch.device("cpu")))
