@@ -2,7 +2,7 @@
 reason on a machine without CUDA): each task trained and evaluated on CUDA in bf16 and in
 fp16 with loss scaling, against the same run on the CPU in float32; a checkpoint moved
 from the GPU to the CPU and back; a one-process NCCL run; the attention kernel that ran;
-the peak memory the log reports.
+the peak memory the log reports; text-guided selection choosing as on the CPU.
 
 Tolerances: the first step's losses are computed from the same weights and the same
 batch on both devices (no dropout in these towers), so they differ only by the autocast
@@ -141,6 +141,31 @@ def test_float32_on_cuda_merges_the_same_tokens_as_the_cpu():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert gpu_tokens.shape == cpu_tokens.shape
     torch.testing.assert_close(gpu_tokens, cpu_tokens, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["text", "similarity"])
+def test_text_guided_matching_on_cuda_selects_as_the_cpu(rule):
+    """Text-guided selection (`text_guided_k`) in float32 with TF32 off: one video against
+    its texts (keys and values merged per text) and every pair alone give the CPU's
+    matching logits on CUDA, so the same tokens were kept and merged."""
+    torch.manual_seed(0)
+    model = build_retrieval_model(tiny_config(text_guided_k=4, text_guided_rule=rule)).eval()
+    video = torch.randn(2, 3, 4, 32, 32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            logits = []
+            for device in ("cpu", "cuda"):
+                model.to(device)
+                _, tokens, _ = model.encode_video(video.to(device))
+                _, ids, mask = model.encode_text(CAPTIONS)
+                one_video = model.itm_logits(tokens[:1], ids, mask)  # [K, 2]
+                per_pair = model.itm_logits(tokens[:1].expand(len(ids), -1, -1), ids, mask)
+                logits.append(torch.cat([one_video, per_pair]).cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_moves_from_gpu_to_cpu_and_back(task_configs, tmp_path):
