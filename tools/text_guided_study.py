@@ -15,8 +15,10 @@ For every setting of `SETTINGS` (off; the control `similarity` and the rule `tex
   tokens'; and a picture of the kept tokens for a few pairs;
 - with `--train`, per seed of `--seeds`: retrieval fine-tuned from `--base` for
   `--epochs` with the setting on (train_retrieval.py), VideoQA trained from scratch with
-  it (configs/demo_videoqa.yaml, train_videoqa.py, `--qa-epochs`); test metrics with
-  standard errors over the seeds. Runs that finished are reused (`--runs`).
+  it (configs/demo_videoqa.yaml, train_videoqa.py, `--qa-epochs`, `--qa-settings`); test
+  metrics with standard errors over the seeds and the paired differences. Runs in
+  `--runs` are reused when finished with the same settings and continued when stopped, so
+  separate invocations (e.g. `--epochs 0` for VideoQA alone) can share the work.
 Writes `<out>/text_guided_study.json`, `<out>/text_guided_study.png` and
 `<out>/text_guided_kept.png`.
 """
@@ -31,6 +33,7 @@ from typing import Dict, List, Sequence
 import matplotlib
 import numpy as np
 import torch
+from ruamel.yaml import YAML
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -72,15 +75,38 @@ def selection_of(name: str):
 
 
 def train(task: str, overrides: dict, data: Path, out: Path) -> Dict[str, float]:
-    """One run of `task`'s demo config with `overrides`, unless `out` holds a finished one;
-    its test metrics."""
+    """One run of `task`'s demo config with `overrides` in `out`, its test metrics. A
+    finished run there is reused when its config has the same values, a stopped one is
+    continued (--resume) or, stopped before its first checkpoint, started again."""
+    overrides = {"video_root": str(data / "videos"), "ann_root": str(data / "annotations"),
+                 **overrides}
     metrics = out / "test_metrics.json"
+    if (out / "config.yaml").is_file():
+        saved = YAML(typ="safe").load((out / "config.yaml").read_text())
+        for key, value in overrides.items():
+            if saved.get(key) != value:
+                raise SystemExit(f"error: {out}: a run with {key}={saved.get(key)!r}, not "
+                                 f"{value!r}; remove the folder or pass another --runs")
     if not metrics.is_file():
-        opts = [f"video_root={data / 'videos'}", f"ann_root={data / 'annotations'}"]
-        opts += [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+        restart = ["--resume"] if (out / "checkpoint_last.pth").is_file() else ["--overwrite"]
+        opts = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
         main = train_retrieval.main if task == "retrieval" else train_videoqa.main
-        main(["--config", str(CONFIGS[task]), "--output_dir", str(out), "--opts", *opts])
+        main(["--config", str(CONFIGS[task]), "--output_dir", str(out), *restart, "--opts", *opts])
     return json.loads(metrics.read_text())["metrics"]
+
+
+def run_metrics(args, task: str, name: str, seed: int) -> Dict[str, float]:
+    """The test metrics of `task` trained with setting `name` and `seed`: retrieval
+    fine-tuned from --base for --epochs, VideoQA from scratch for --qa-epochs."""
+    overrides = {**SETTINGS[name], "seed": seed}
+    if task == "retrieval":
+        overrides.update(pretrained=str(args.base), max_epoch=args.epochs, init_lr=args.lr,
+                         min_lr=args.lr / 2)
+    else:
+        overrides["max_epoch"] = args.qa_epochs
+    metrics = train(task, overrides, args.data if task == "retrieval" else args.qa_data,
+                    args.runs / task / f"{name}_seed{seed}")
+    return {key: float(metrics[key]) for key in (RECALLS if task == "retrieval" else ["accuracy"])}
 
 
 def mean_and_se(values: Sequence[float]) -> Dict[str, float]:
@@ -251,9 +277,9 @@ def draw(summary: dict, out_png: Path) -> None:
     """R@1 per setting at re-ranking of --base, the trained runs' R@1 and VideoQA accuracy
     (with --train), and the event shares."""
     panels = [("rerank", "t2v_r1", "text-to-video R@1 (%), --base re-ranked")]
-    if "trained" in summary:
-        panels += [("retrieval", "t2v_r1", "text-to-video R@1 (%), fine-tuned"),
-                   ("videoqa", "accuracy", "VideoQA accuracy (%), trained")]
+    panels += [(task, metric, label) for task, metric, label in (
+        ("retrieval", "t2v_r1", "text-to-video R@1 (%), fine-tuned"),
+        ("videoqa", "accuracy", "VideoQA accuracy (%), trained")) if task in summary.get("trained", {})]
     figure, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4.2))
     for axis, (group, metric, label) in zip(axes, panels):
         results = summary["rerank"] if group == "rerank" else summary["trained"][group]
@@ -280,40 +306,30 @@ def draw(summary: dict, out_png: Path) -> None:
 
 
 def train_runs(args) -> dict:
-    """Every setting and seed trained (retrieval fine-tuned from --base, VideoQA from
-    scratch): test metrics per run, their means with standard errors over the seeds, and
-    the text rule's paired differences to off and to the control."""
-    runs = {"retrieval": {}, "videoqa": {}}
-    for name in args.settings:
-        for task in runs:
-            runs[task][name] = {}
-        for seed in args.seeds:
-            common = {**SETTINGS[name], "seed": seed}
-            retrieval = train("retrieval", {**common, "pretrained": str(args.base),
-                                            "max_epoch": args.epochs, "init_lr": args.lr,
-                                            "min_lr": args.lr / 2},
-                              args.data, args.runs / "retrieval" / f"{name}_seed{seed}")
-            runs["retrieval"][name][seed] = {key: float(retrieval[key]) for key in RECALLS}
-            if args.qa_epochs:
-                videoqa = train("videoqa", {**common, "max_epoch": args.qa_epochs}, args.qa_data,
-                                args.runs / "videoqa" / f"{name}_seed{seed}")
-                runs["videoqa"][name][seed] = {"accuracy": float(videoqa["accuracy"])}
-            print(name, seed, json.dumps(runs["retrieval"][name][seed]),
-                  json.dumps(runs["videoqa"][name].get(seed)), flush=True)
-    runs = {task: task_runs for task, task_runs in runs.items() if any(task_runs.values())}
+    """Every setting and seed trained (retrieval with --settings, VideoQA with
+    --qa-settings): test metrics per run, their means with standard errors over the seeds,
+    and the text rule's paired differences (seed by seed) to off and to the control."""
+    settings = {"retrieval": args.settings if args.epochs else [],
+                "videoqa": args.qa_settings if args.qa_epochs else []}
+    runs = {task: {name: {} for name in names} for task, names in settings.items() if names}
+    for seed in args.seeds:  # seed by seed: a study stopped early has whole seeds
+        for task, by_name in runs.items():
+            for name, by_seed in by_name.items():
+                by_seed[seed] = run_metrics(args, task, name, seed)
+                print(task, name, "seed", seed, json.dumps(by_seed[seed]), flush=True)
     trained = {task: {name: {metric: mean_and_se([r[metric] for r in by_seed.values()])
                              for metric in next(iter(by_seed.values()))}
                       for name, by_seed in task_runs.items()}
                for task, task_runs in runs.items()}
     differences = {}
-    for name in args.settings:
+    for name in dict.fromkeys([*args.settings, *args.qa_settings]):
         control = name.replace("text_", "similarity_")
         for other in ("off", control) if name.startswith("text_") else ():
-            if other in args.settings:
-                differences[f"{name} - {other}"] = {
-                    f"{task}_{metric}": paired_difference(runs[task], metric, name, other)
-                    for task, metric in (("retrieval", "t2v_r1"), ("retrieval", "v2t_r1"),
-                                         ("videoqa", "accuracy")) if task in runs}
+            pairs = {f"{task}_{metric}": paired_difference(runs[task], metric, name, other)
+                     for task, task_runs in runs.items() if {name, other} <= task_runs.keys()
+                     for metric in (["t2v_r1", "v2t_r1"] if task == "retrieval" else ["accuracy"])}
+            if pairs:
+                differences[f"{name} - {other}"] = pairs
     return {**trained, "differences": differences, "runs": runs}
 
 
@@ -333,7 +349,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--train", action="store_true",
                         help="also train every setting and seed (minutes per run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=2, help="retrieval fine-tuning epochs")
+    parser.add_argument("--qa-settings", nargs="+", choices=list(SETTINGS),
+                        help="the settings of the VideoQA runs (default: --settings)")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="retrieval fine-tuning epochs (0: no retrieval runs)")
     parser.add_argument("--qa-epochs", type=int, default=4,
                         help="VideoQA training epochs (0: no VideoQA runs)")
     parser.add_argument("--lr", type=float, default=2e-4, help="retrieval fine-tuning init_lr")
@@ -341,6 +360,7 @@ def main(argv=None) -> dict:
                         help="test videos whose sentences measure the kept tokens")
     parser.add_argument("--overwrite", action="store_true", help="replace the files in --out")
     args = parser.parse_args(argv)
+    args.qa_settings = args.qa_settings or args.settings
     output = OutputDir(args.out, FILES, overwrite=args.overwrite, flag="--out",
                        hint="pass --overwrite to replace them, or another --out")
     try:
