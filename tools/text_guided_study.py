@@ -342,15 +342,18 @@ def main(argv=None) -> dict:
                         help="the demo's retrieval set (tools/make_synthetic.py)")
     parser.add_argument("--qa-data", type=Path, default=Path("data/synthetic_qa"),
                         help="the VideoQA demo's set (configs/demo_videoqa.yaml says how to make it)")
-    parser.add_argument("--out", type=Path, default=Path("output/text_guided_study"))
+    parser.add_argument("--out", type=Path, default=Path("output/text_guided_study"),
+                        help="folder of the JSON and the plots")
     parser.add_argument("--runs", type=Path, default=Path("output/text_guided_study/runs"),
                         help="where --train's runs go (and are reused from)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="settings compared: at re-ranking, and in training with --train")
     parser.add_argument("--train", action="store_true",
                         help="also train every setting and seed (minutes per run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds of --train (standard errors over them)")
     parser.add_argument("--qa-settings", nargs="+", choices=list(SETTINGS),
-                        help="the settings of the VideoQA runs (default: --settings)")
+                        help="the settings of the VideoQA runs (none given: those of --settings)")
     parser.add_argument("--epochs", type=int, default=1,
                         help="retrieval fine-tuning epochs (0: no retrieval runs)")
     parser.add_argument("--qa-epochs", type=int, default=4,
