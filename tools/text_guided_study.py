@@ -340,28 +340,29 @@ def main(argv=None) -> dict:
                         help="retrieval checkpoint of configs/demo_retrieval.yaml")
     parser.add_argument("--data", type=Path, default=Path("data/synthetic"),
                         help="the demo's retrieval set (tools/make_synthetic.py)")
-    parser.add_argument("--qa-data", type=Path, default=Path("data/synthetic_qa"),
-                        help="the VideoQA demo's set (configs/demo_videoqa.yaml says how to make it)")
     parser.add_argument("--out", type=Path, default=Path("output/text_guided_study"),
                         help="folder of the JSON and the plots")
-    parser.add_argument("--runs", type=Path, default=Path("output/text_guided_study/runs"),
-                        help="where --train's runs go (and are reused from)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files in --out")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
                         help="settings compared: at re-ranking, and in training with --train")
-    parser.add_argument("--train", action="store_true",
-                        help="also train every setting and seed (minutes per run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="training seeds of --train (standard errors over them)")
-    parser.add_argument("--qa-settings", nargs="+", choices=list(SETTINGS),
-                        help="the settings of the VideoQA runs (none given: those of --settings)")
-    parser.add_argument("--epochs", type=int, default=1,
-                        help="retrieval fine-tuning epochs (0: no retrieval runs)")
-    parser.add_argument("--qa-epochs", type=int, default=4,
-                        help="VideoQA training epochs (0: no VideoQA runs)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="retrieval fine-tuning init_lr")
     parser.add_argument("--event-videos", type=int, default=100,
                         help="test videos whose sentences measure the kept tokens")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files in --out")
+    training = parser.add_argument_group("training every setting (--train)")
+    training.add_argument("--train", action="store_true",
+                          help="also train every setting and seed (minutes per run)")
+    training.add_argument("--runs", type=Path, default=Path("output/text_guided_study/runs"),
+                          help="where the runs go (and are reused from)")
+    training.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                          help="training seeds (standard errors over them)")
+    training.add_argument("--epochs", type=int, default=1,
+                          help="retrieval fine-tuning epochs (0: no retrieval runs)")
+    training.add_argument("--lr", type=float, default=2e-4, help="retrieval fine-tuning init_lr")
+    training.add_argument("--qa-data", type=Path, default=Path("data/synthetic_qa"),
+                          help="the VideoQA demo's set (configs/demo_videoqa.yaml says how to make it)")
+    training.add_argument("--qa-settings", nargs="+", choices=list(SETTINGS),
+                          help="the settings of the VideoQA runs (none given: those of --settings)")
+    training.add_argument("--qa-epochs", type=int, default=4,
+                          help="VideoQA training epochs (0: no VideoQA runs)")
     args = parser.parse_args(argv)
     args.qa_settings = args.qa_settings or args.settings
     output = OutputDir(args.out, FILES, overwrite=args.overwrite, flag="--out",
