@@ -171,6 +171,21 @@ def event_shares(api: testa.VideoText, data: Path, names: Sequence[str], videos:
     return {name: mean_and_se(values) for name, values in shares.items()}
 
 
+def trained_event_shares(args, names: Sequence[str]) -> Dict[str, dict]:
+    """`event_shares` of each seed's retrieval model fine-tuned with setting `name` (its
+    best checkpoint, float32), the per-model means averaged over the seeds with their
+    standard error; `all_tokens` over the same models."""
+    per_seed = {name: [] for name in (*names, "all_tokens")}
+    for name in names:
+        for seed in args.seeds:
+            api = testa.load(args.runs / "retrieval" / f"{name}_seed{seed}" / "checkpoint_best.pth",
+                             amp="none")
+            shares = event_shares(api, args.data, [name], args.event_videos)
+            per_seed[name].append(shares[name]["mean"])
+            per_seed["all_tokens"].append(shares["all_tokens"]["mean"])
+    return {name: mean_and_se(values) for name, values in per_seed.items()}
+
+
 @torch.no_grad()
 def draw_kept(api: testa.VideoText, data: Path, pairs: Sequence[tuple], names: Sequence[str],
               out_png: Path) -> None:
@@ -391,6 +406,11 @@ def main(argv=None) -> dict:
         summary["trained"] = train_runs(args)
         print("trained", json.dumps({k: v for k, v in summary["trained"].items() if k != "runs"}),
               flush=True)
+        if args.epochs:
+            summary["trained"]["event_share"] = trained_event_shares(
+                args, [n for n in args.settings if n != "off"])
+            print("event share, fine-tuned", json.dumps(summary["trained"]["event_share"]),
+                  flush=True)
 
     try:
         with taken(output):
