@@ -380,8 +380,8 @@ def encode_grounded_one_video(encoder: BlipTextModel, input_ids: torch.Tensor,
         else:
             if depth == 0:
                 relevance = relevance_of(selection, encoder, input_ids, attention_mask,
-                                         video_embeds, attended, keys)  # [K, N]
-                merge = choose_tokens(selection, video_embeds, relevance)
+                                         video_embeds, attended, keys)  # [K or 1, N]
+                merge = choose_tokens(selection, video_embeds, relevance, num_texts)
             keys, values = (merge_per_text(merge, t, num_texts) for t in (keys, values))
             context = F.scaled_dot_product_attention(  # [K, H, S, d] over [K, H, k, d]
                 split_heads(cross.query(attended)), split_heads(keys), split_heads(values),

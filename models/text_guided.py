@@ -24,7 +24,7 @@ merges the projections per text (`merge_per_text`), which equals merging the tok
 first and running the encoder per pair.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from models.aggregation import SubsetMerge, merge_least_important
 
 RULES = ("text", "similarity")
-MATCHING_BYTES = 64 * 2**20  # float32 token features the matching of a chunk of texts holds
+MATCHING_BYTES = 64 * 2**20  # what the selection of a chunk of texts (or videos) holds at once
+
+
+def chunks(count: int, bytes_each: int) -> List[slice]:
+    """Slices over `count` rows (texts or videos) of about `MATCHING_BYTES` each, at
+    `bytes_each` per row (one row at least)."""
+    size = max(1, MATCHING_BYTES // bytes_each)
+    return [slice(start, start + size) for start in range(0, count, size)]
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,9 @@ def attention_relevance(cross, attended: torch.Tensor, keys: torch.Tensor,
     query = cross.query(attended).unflatten(-1, (heads, -1)).transpose(1, 2)  # [K, H, S, d]
     keys = keys.unflatten(-1, (heads, -1)).transpose(1, 2)  # [K or 1, H, N, d]
     num_texts, _, num_words, _ = query.shape
-    # texts in chunks: the float32 attention of one text is [H, S, N] (15 MB at 96 frames)
-    chunk = max(1, MATCHING_BYTES // (heads * num_words * keys.shape[2] * 4))
     relevance = []
-    for start in range(0, num_texts, chunk):
-        rows = slice(start, start + chunk)
+    # texts in chunks: the float32 attention of one text is [H, S, N] (15 MB at 96 frames)
+    for rows in chunks(num_texts, heads * num_words * keys.shape[2] * 4):
         chunk_keys = keys[rows] if len(keys) > 1 else keys
         scores = query[rows] @ chunk_keys.transpose(-1, -2) / query.shape[-1] ** 0.5  # [c, H, S, N]
         full = torch.promote_types(scores.dtype, torch.float32)  # bfloat16 under autocast
@@ -101,9 +106,9 @@ def similarity_relevance(video_embeds: torch.Tensor) -> torch.Tensor:
     another token of its video `[B, N, D]`. Videos go in chunks whose float32 cosine
     matrices `[c, N, N]` stay near `MATCHING_BYTES` (one video at 96 frames is 92 MB)."""
     num_tokens = video_embeds.shape[1]
-    chunk = max(1, MATCHING_BYTES // (num_tokens * num_tokens * 4))
     relevance = []
-    for videos in video_embeds.split(chunk):
+    for rows in chunks(len(video_embeds), num_tokens * num_tokens * 4):
+        videos = video_embeds[rows]
         tokens = F.normalize(videos.to(torch.promote_types(videos.dtype, torch.float32)), dim=-1)
         cosine = tokens @ tokens.transpose(-1, -2)  # [c, N, N]
         cosine.diagonal(dim1=-2, dim2=-1).fill_(-2.0)  # a token is not its own neighbour
@@ -112,17 +117,24 @@ def similarity_relevance(video_embeds: torch.Tensor) -> torch.Tensor:
 
 
 def choose_tokens(selection: TokenSelection, video_embeds: torch.Tensor,
-                  relevance: torch.Tensor) -> Optional[SubsetMerge]:
-    """The merge keeping the `selection.k` most relevant tokens (`relevance [K, N]`) of the
-    videos `[K or 1, N, D]`, class token (position 0) included, the others merged into
-    their most similar kept token by cosine of the token features; None when k is all.
-    Texts go in chunks: the matching holds float32 features `[chunk, N, D]`, which for
-    all K texts of one video at 96 frames would be about 1 GB."""
-    num_texts, num_tokens = relevance.shape
-    chunk = max(1, MATCHING_BYTES // (num_tokens * video_embeds.shape[-1] * 4))
+                  relevance: torch.Tensor, num_texts: Optional[int] = None
+                  ) -> Optional[SubsetMerge]:
+    """The merge, for each of `num_texts` texts (default: a row of relevance each),
+    keeping the `selection.k` most relevant tokens (`relevance [K or 1, N]`) of the videos
+    `[K or 1, N, D]`, class token (position 0) included, the others merged into their most
+    similar kept token by cosine of the token features; None when k is all. One row of
+    relevance for one video (the text-agnostic rule) is one choice, matched once and
+    shared by all the texts. Texts go in chunks: the matching holds float32 features
+    `[chunk, N, D]`, which for all K texts of one video at 96 frames would be about 1 GB."""
+    num_rows, num_tokens = relevance.shape
+    num_texts = num_rows if num_texts is None else num_texts
+    if num_rows < num_texts:
+        merge = choose_tokens(selection, video_embeds, relevance)
+        return None if merge is None else SubsetMerge(*(
+            indices.expand(num_texts, -1, -1)
+            for indices in (merge.keep_idx, merge.src_idx, merge.dst_idx)))
     merges = []
-    for start in range(0, num_texts, chunk):
-        rows = slice(start, start + chunk)
+    for rows in chunks(num_texts, num_tokens * video_embeds.shape[-1] * 4):
         texts = relevance[rows]  # [c, N]
         videos = video_embeds[rows] if len(video_embeds) > 1 else video_embeds
         merges.append(merge_least_important(videos.expand(len(texts), -1, -1), texts,
@@ -138,13 +150,13 @@ def relevance_of(selection: TokenSelection, encoder, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, video_embeds: torch.Tensor,
                  attended: Optional[torch.Tensor] = None,
                  first_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Relevance `[K, N]` of the video tokens `[K or 1, N, D]` to the K texts by the
-    selection's rule; `attended` (the first layer's query states) and `first_keys` (its
+    """Relevance of the video tokens `[K or 1, N, D]` by the selection's rule: `[K, N]` to
+    the K texts (rule `text`), or `[K or 1, N]`, one row per video (rule `similarity`,
+    blind to the texts); `attended` (the first layer's query states) and `first_keys` (its
     keys of the video) are reused where the caller has them."""
-    num_texts = input_ids.shape[0]
     with torch.no_grad():
         if selection.rule == "similarity":
-            return similarity_relevance(video_embeds).expand(num_texts, -1)
+            return similarity_relevance(video_embeds)
         cross = encoder.encoder.layer[0].crossattention.self
         if attended is None:
             attended = first_layer_queries(encoder, input_ids, attention_mask)
@@ -161,7 +173,7 @@ def select_tokens(selection: TokenSelection, encoder, input_ids: torch.Tensor,
     `[K or 1, N, D]` (one per text, or one for all): the straightforward path."""
     num_texts, num_tokens = input_ids.shape[0], video_embeds.shape[1]
     relevance = relevance_of(selection, encoder, input_ids, attention_mask, video_embeds)
-    merge = choose_tokens(selection, video_embeds, relevance)
+    merge = choose_tokens(selection, video_embeds, relevance, num_texts)
     tokens = video_embeds.expand(num_texts, -1, -1)
     if merge is None:
         return tokens
@@ -176,10 +188,8 @@ def merge_per_text(merge: Optional[SubsetMerge], projected: torch.Tensor, num_te
         return projected.expand(num_texts, -1, -1)  # [K, N, W], a view
     # texts in chunks: a text's merge gathers its N - k merged rows `[N - k, W]` first
     num_tokens, width = projected.shape[1:]
-    chunk = max(1, MATCHING_BYTES // (num_tokens * width * projected.element_size()))
     merged = []
-    for start in range(0, num_texts, chunk):
-        rows = slice(start, start + chunk)
+    for rows in chunks(num_texts, num_tokens * width * projected.element_size()):
         part = SubsetMerge(merge.keep_idx[rows], merge.src_idx[rows], merge.dst_idx[rows])
         count = len(part.keep_idx)
         merged.append(part.merge(projected.expand(count, -1, -1),

@@ -145,7 +145,7 @@ def test_the_rules_differ_in_the_relevance_only(encoder):
     for rule in ("text", "similarity"):
         selection = TokenSelection(4, rule)
         relevance = relevance_of(selection, encoder, input_ids, text_mask, video)
-        expected = choose_tokens(selection, video, relevance)
+        expected = choose_tokens(selection, video, relevance, 6)
         merged = select_tokens(selection, encoder, input_ids, text_mask, video)
         tokens = video.expand(6, -1, -1)
         assert torch.equal(merged, expected.merge(tokens, tokens.new_ones(6, TOKENS, 1))[0])

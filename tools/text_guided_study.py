@@ -141,7 +141,7 @@ def kept_frames(api: testa.VideoText, clip: torch.Tensor, sentences: List[str],
     input_ids, mask = model.tokenize([pre_caption(s, model.max_words) for s in sentences])
     input_ids = with_first_token(input_ids, model.tokenizer.enc_token_id)
     relevance = relevance_of(selection, model.text_encoder, input_ids, mask, tokens)
-    merge = choose_tokens(selection, tokens, relevance)
+    merge = choose_tokens(selection, tokens, relevance, len(sentences))
     every = torch.arange(tokens.shape[1]).expand(len(sentences), -1)[..., None]  # k = all
     kept = (every if merge is None else merge.keep_idx)[:, 1:, 0]  # [K, k-1], no class token
     frame_token = (kept - 1) % frame_source.shape[0]  # tokens are laid out (patch, frame)
