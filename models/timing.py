@@ -70,7 +70,8 @@ def time_alternately(steps: List[Callable[[], None]], runs: int) -> List[float]:
     return [statistics.median(s) for s in samples]
 
 
-def _rss_peak_mb() -> float:
+def rss_peak_mb() -> float:
+    """This process's peak resident set (VmHWM), MB."""
     # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak
     # across fork + exec.
     with open("/proc/self/status") as status:
@@ -80,18 +81,41 @@ def _rss_peak_mb() -> float:
     raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
-def _current_rss_mb() -> float:
+def current_rss_mb() -> float:
+    """This process's resident set now, MB."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def in_fresh_process(target: Callable, *args):
+    """`target(*args, queue)` in a spawned process, and what it put on `queue`. Large
+    blocks there come straight from mmap and go back to the system when freed, so the
+    child's peak resident set follows its live tensors instead of malloc's cached arenas."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # the child starts with this environment
+    try:
+        child.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"the measuring process failed (exit code {child.exitcode})")
+    return queue.get(timeout=60)
 
 
 def _peak_memory_child(config: dict, dtype: torch.dtype, train: bool, threads: int,
                        video: Optional[torch.Tensor], batch: int, queue) -> None:
     torch.set_num_threads(threads)
     encoder, video = build(config, "cpu", dtype, train, video, batch)
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     step(encoder, video, train)
-    queue.put(_rss_peak_mb() - baseline)
+    queue.put(rss_peak_mb() - baseline)
 
 
 def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool,
@@ -107,25 +131,8 @@ def peak_memory_mb(config: dict, device: str, dtype: torch.dtype, train: bool,
         del encoder, video
         torch.cuda.empty_cache()
         return round(peak / 2**20, 1)
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_peak_memory_child,
-                            args=(config, dtype, train, torch.get_num_threads(), video, batch, queue))
-    # Large blocks straight from mmap go back to the system when freed, so the child's
-    # peak resident set follows the live tensors instead of malloc's cached arenas.
-    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        child.start()
-    finally:
-        if previous is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"peak-memory child process failed (exit code {child.exitcode})")
-    return round(queue.get(timeout=60), 1)
+    return round(in_fresh_process(_peak_memory_child, config, dtype, train,
+                                  torch.get_num_threads(), video, batch), 1)
 
 
 def gemm_gflops(config: dict, device: str, dtype: torch.dtype, repeats: int = 3) -> float:

@@ -22,8 +22,6 @@ them, and two boolean masks).
 """
 import argparse
 import json
-import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ import testa  # noqa: E402
 from engine.precision import build_precision  # noqa: E402
 from engine.run import Run  # noqa: E402
 from models import build_retrieval_model  # noqa: E402
-from models.timing import _current_rss_mb, _rss_peak_mb  # noqa: E402
+from models.timing import current_rss_mb, in_fresh_process, rss_peak_mb  # noqa: E402
 from tasks.retrieval import evaluate  # noqa: E402
 
 # the small model: the video encoder keeps 1 + frames x 16 tokens of 64x64 frames
@@ -85,12 +83,12 @@ def evaluation_child(videos: int, k_test: int, batch_size: int, amp: str, thread
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as output_dir:
         run = Run(config, Path(output_dir), device, build_precision(amp, device))
-        baseline = _current_rss_mb()
+        baseline = current_rss_mb()
         reset_peak_rss()
         start = time.perf_counter()
         scores_v2t, scores_t2v = evaluate(model, loader, run)
         seconds = time.perf_counter() - start
-        peak = _rss_peak_mb() - baseline
+        peak = rss_peak_mb() - baseline
     pairs = int(((scores_v2t != -100) | (scores_t2v.t() != -100)).sum())
     tokens = 1 + config["num_frames"] * (config["image_size"] // config["patch_size"]) ** 2
     width, texts = config["vision_width"], len(loader.dataset.text)
@@ -117,33 +115,18 @@ def api_child(videos: int, tokens: int, width: int, k_test: int, batch_size: int
     embeddings = testa.VideoEmbeddings(features, torch.randn(videos, tokens, width,
                                                              generator=generator))
     texts = api.embed_paragraphs(RandomClips(videos, config).text)
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     reset_peak_rss()
     start = time.perf_counter()
     v2t, t2v = api.rerank(embeddings, texts)
     seconds = time.perf_counter() - start
-    peak = _rss_peak_mb() - baseline
+    peak = rss_peak_mb() - baseline
     pairs = int(((v2t != -100) | (t2v.t() != -100)).sum())
     queue.put(dict(videos=videos, texts=videos, pairs=pairs, tokens=tokens, width=width,
                    text_width=model.text_encoder.config.hidden_size,
                    text_layers=model.text_encoder.config.num_hidden_layers,
                    inputs_mb=round(embeddings.tokens.numel() * 4 / 2**20, 1),
                    seconds=round(seconds, 2), peak_mb=round(peak, 1)))
-
-
-def in_fresh_process(target, *args) -> Dict[str, float]:
-    """`target(*args, queue)` in a spawned process whose large allocations are returned to
-    the system when freed (so its peak resident set follows the live tensors); its result."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=target, args=(*args, queue))
-    child.start()  # with this process's environment, MALLOC_MMAP_THRESHOLD_ included
-    result = queue.get()
-    child.join()
-    if child.exitcode != 0:
-        raise SystemExit(f"benchmark_evaluation: the measuring process failed (exit code "
-                         f"{child.exitcode})")
-    return result
 
 
 def print_row(row: Dict[str, float], header: bool) -> None:
@@ -175,15 +158,18 @@ def main(argv=None) -> List[Dict[str, float]]:
         raise SystemExit("benchmark_evaluation: --videos, --k-test, --k-test-batch-size and "
                          "--threads must be 1 or more")
     threads = args.threads
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks straight from mmap
     rows = []
     for videos in args.videos:
-        if args.api:
-            rows.append(in_fresh_process(api_child, videos, args.tokens, args.width, args.k_test,
-                                         args.k_test_batch_size, args.tiny_text, threads))
-        else:
-            rows.append(in_fresh_process(evaluation_child, videos, args.k_test,
-                                         args.k_test_batch_size, args.amp, threads))
+        try:
+            if args.api:
+                rows.append(in_fresh_process(api_child, videos, args.tokens, args.width,
+                                             args.k_test, args.k_test_batch_size, args.tiny_text,
+                                             threads))
+            else:
+                rows.append(in_fresh_process(evaluation_child, videos, args.k_test,
+                                             args.k_test_batch_size, args.amp, threads))
+        except RuntimeError as err:
+            raise SystemExit(f"benchmark_evaluation: {err}") from None
         print_row(rows[-1], header=len(rows) == 1)
     if args.json:
         print(json.dumps(rows))
