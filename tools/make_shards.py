@@ -14,7 +14,6 @@ prints it). Records whose file is missing are skipped and counted; captions are 
 when training reads them.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ from datasets.retrieval import READERS  # noqa: E402
 from datasets.shards import MANIFEST  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.output_dir import OutputDir, taken  # noqa: E402
+from models.hub import file_sha256  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 Source = tuple[str, list[str]]  # (file, captions)
@@ -57,14 +57,6 @@ def retrieval_sources(config_path: str, split: str, issues: DataIssues) -> Itera
         path = first_existing(pair.videos)
         captions.setdefault(path or pair.videos[0], []).append(pair.text)
     yield from captions.items()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -93,7 +85,7 @@ class ShardWriter:
             return
         self.writer.close()
         self.shards.append({"name": self.path.name, "samples": self.samples,
-                            "bytes": self.path.stat().st_size, "sha256": sha256_of(self.path)})
+                            "bytes": self.path.stat().st_size, "sha256": file_sha256(self.path)})
         self.writer = None
 
 
