@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional
 
 from tqdm import tqdm
 
+from engine.signals import held_while_fetching
 from models.collectives import get_rank
 from utils import ConfigError, Setting, Settings
 
@@ -51,11 +52,13 @@ def set_progress_bar(mode: ProgressBar) -> None:
 
 
 def progress(iterable: Iterable, description: str, total: Optional[int] = None) -> Iterable:
-    """A tqdm bar on rank 0 (see `set_progress_bar`); the plain iterable elsewhere."""
+    """A tqdm bar on rank 0 (see `set_progress_bar`); the plain iterable elsewhere. Each
+    item is fetched with SIGTERM and SIGINT held (`held_while_fetching`): the loops over
+    DataLoaders go through here."""
     shown = get_rank() == 0 and (_progress_bar == "on"
                                  or (_progress_bar == "auto" and sys.stderr.isatty()))
-    return tqdm(iterable, desc=description, total=total, disable=not shown, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+    return held_while_fetching(tqdm(iterable, desc=description, total=total, disable=not shown,
+                                    file=sys.stderr, dynamic_ncols=True, leave=False))
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

@@ -2,11 +2,15 @@
 raise an exception in the main process, so that cleanup code runs (a checkpoint being
 written removes its temporary file) and a script ends with one line; DataLoader workers
 ignore them, since the process group's signal reaches them too and the main process shuts
-them down."""
+them down. While the main process takes a batch from the workers, a signal waits until the
+batch is in: raised in the middle of the hand-over, it would cut the connection over which a
+worker passes the batch's shared memory, and the worker would print a traceback."""
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -25,14 +29,34 @@ class SignalCatcher:
     def __init__(self, exception: Callable[[int], BaseException]):
         self.exception = exception
         self.signum: Optional[int] = None
+        self.holding = False
 
     def handle(self, signum: int, frame) -> None:
+        first = self.signum is None
         self.signum = signum
-        self.check()
+        if not (self.holding and first):  # a second signal raises even while held
+            self.check()
 
     def check(self) -> None:
         if self.signum is not None:
             raise self.exception(self.signum)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Within the block the first signal is recorded and raised when the block ends;
+        a second one raises at once (a second Ctrl-C when the block takes too long)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        self.check()
+
+
+def _installed_catcher() -> Optional[SignalCatcher]:
+    """The catcher whose handler SIGTERM has now, if any."""
+    catcher = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return catcher if isinstance(catcher, SignalCatcher) else None
 
 
 def _interrupted(signum: int) -> BaseException:
@@ -65,9 +89,9 @@ def signals_raise() -> Iterator[SignalCatcher]:
     script's catcher. Elsewhere, for signals with their default handling and on the main
     thread (where Python handles signals), SIGTERM raises SystemExit(143) and SIGINT
     KeyboardInterrupt; a handler the program set stays, and `check` never raises."""
-    installed = signal.getsignal(signal.SIGTERM)
-    if isinstance(getattr(installed, "__self__", None), SignalCatcher):
-        yield installed.__self__
+    installed = _installed_catcher()
+    if installed is not None:
+        yield installed
         return
     catcher = SignalCatcher(_as_by_default)
     defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
@@ -81,6 +105,26 @@ def signals_raise() -> Iterator[SignalCatcher]:
     finally:
         for signum in handled:
             signal.signal(signum, defaults[signum])
+
+
+def held_while_fetching(items: Iterable[T]) -> Iterator[T]:
+    """`items` (a DataLoader) with SIGTERM and SIGINT held while each item is fetched, where
+    a catcher is installed (`script_signals`, `signals_raise`); the signal is raised once the
+    item is in, between two items."""
+    iterator = iter(items)
+    while True:
+        catcher = _installed_catcher()
+        if catcher is None:
+            item = next(iterator, _END)
+        else:
+            with catcher.held():
+                item = next(iterator, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END = object()
 
 
 def ignore_signals_in_worker(worker_id: int) -> None:

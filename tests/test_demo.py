@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from datasets import DataError
-from datasets.synthetic import GenerationSettings, check_stamp
+from datasets.synthetic import SETTINGS_FILE, GenerationSettings, check_stamp
 from tools import demo, make_pretrain_list, make_synthetic
 
 RECALL_KEYS = ["t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10"]
@@ -132,7 +132,7 @@ def test_make_pretrain_list_joins_each_videos_paragraph(tmp_path):
                                            ("[1, 2]", "expected a JSON object, got list")])
 def test_a_damaged_settings_file_is_one_line(tmp_path, text, problem):
     (tmp_path / "set").mkdir()
-    (tmp_path / "set" / make_synthetic.SETTINGS_FILE).write_text(text)
+    (tmp_path / "set" / SETTINGS_FILE).write_text(text)
     with pytest.raises(SystemExit) as refused:
         demo.main(["--quick", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "out")])
     message = str(refused.value.code)

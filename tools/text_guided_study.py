@@ -33,7 +33,6 @@ from typing import Dict, List, Sequence
 import matplotlib
 import numpy as np
 import torch
-from ruamel.yaml import YAML
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,6 +47,7 @@ from datasets.base import video_batch  # noqa: E402
 from datasets.synthetic import first_event_keys, make_spec  # noqa: E402
 from datasets.video import TEST_STRATEGY, read_test_frames, sample_frame_indices  # noqa: E402
 from engine.output_dir import OutputDir, taken  # noqa: E402
+from engine.study import mean_and_se, paired_difference, summarise_seeds, train_or_reuse  # noqa: E402
 from models.text import with_first_token  # noqa: E402
 from models.text_guided import (TokenSelection, choose_tokens, cross_attention_macs,  # noqa: E402
                                 relevance_of)
@@ -74,50 +74,20 @@ def selection_of(name: str):
     return TokenSelection(overrides["text_guided_k"], overrides["text_guided_rule"])
 
 
-def train(task: str, overrides: dict, data: Path, out: Path) -> Dict[str, float]:
-    """One run of `task`'s demo config with `overrides` in `out`, its test metrics. A
-    finished run there is reused when its config has the same values, a stopped one is
-    continued (--resume) or, stopped before its first checkpoint, started again."""
-    overrides = {"video_root": str(data / "videos"), "ann_root": str(data / "annotations"),
-                 **overrides}
-    metrics = out / "test_metrics.json"
-    if (out / "config.yaml").is_file():
-        saved = YAML(typ="safe").load((out / "config.yaml").read_text())
-        for key, value in overrides.items():
-            if saved.get(key) != value:
-                raise SystemExit(f"error: {out}: a run with {key}={saved.get(key)!r}, not "
-                                 f"{value!r}; remove the folder or pass another --runs")
-    if not metrics.is_file():
-        restart = ["--resume"] if (out / "checkpoint_last.pth").is_file() else ["--overwrite"]
-        opts = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-        main = train_retrieval.main if task == "retrieval" else train_videoqa.main
-        main(["--config", str(CONFIGS[task]), "--output_dir", str(out), *restart, "--opts", *opts])
-    return json.loads(metrics.read_text())["metrics"]
-
-
 def run_metrics(args, task: str, name: str, seed: int) -> Dict[str, float]:
     """The test metrics of `task` trained with setting `name` and `seed`: retrieval
     fine-tuned from --base for --epochs, VideoQA from scratch for --qa-epochs."""
-    overrides = {**SETTINGS[name], "seed": seed}
+    data = args.data if task == "retrieval" else args.qa_data
+    overrides = {"video_root": str(data / "videos"), "ann_root": str(data / "annotations"),
+                 **SETTINGS[name], "seed": seed}
     if task == "retrieval":
         overrides.update(pretrained=str(args.base), max_epoch=args.epochs, init_lr=args.lr,
                          min_lr=args.lr / 2)
     else:
         overrides["max_epoch"] = args.qa_epochs
-    metrics = train(task, overrides, args.data if task == "retrieval" else args.qa_data,
-                    args.runs / task / f"{name}_seed{seed}")
+    main = train_retrieval.main if task == "retrieval" else train_videoqa.main
+    metrics = train_or_reuse(main, CONFIGS[task], overrides, args.runs / task / f"{name}_seed{seed}")
     return {key: float(metrics[key]) for key in (RECALLS if task == "retrieval" else ["accuracy"])}
-
-
-def mean_and_se(values: Sequence[float]) -> Dict[str, float]:
-    values = [float(v) for v in values]
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-    return {"mean": round(statistics.fmean(values), 3), "se": round(se, 3), "n": len(values)}
-
-
-def paired_difference(runs: dict, metric: str, a: str, b: str) -> Dict[str, float]:
-    """Mean and standard error over the seeds of metric(a) - metric(b), seed by seed."""
-    return mean_and_se([runs[a][seed][metric] - runs[b][seed][metric] for seed in runs[a]])
 
 
 # tokens kept for one sentence ------------------------------------------------------------
@@ -332,15 +302,14 @@ def train_runs(args) -> dict:
             for name, by_seed in by_name.items():
                 by_seed[seed] = run_metrics(args, task, name, seed)
                 print(task, name, "seed", seed, json.dumps(by_seed[seed]), flush=True)
-    trained = {task: {name: {metric: mean_and_se([r[metric] for r in by_seed.values()])
-                             for metric in next(iter(by_seed.values()))}
-                      for name, by_seed in task_runs.items()}
+    trained = {task: {name: summarise_seeds(by_seed) for name, by_seed in task_runs.items()}
                for task, task_runs in runs.items()}
     differences = {}
     for name in dict.fromkeys([*args.settings, *args.qa_settings]):
         control = name.replace("text_", "similarity_")
         for other in ("off", control) if name.startswith("text_") else ():
-            pairs = {f"{task}_{metric}": paired_difference(runs[task], metric, name, other)
+            pairs = {f"{task}_{metric}": paired_difference(runs[task][name], runs[task][other],
+                                                           metric)
                      for task, task_runs in runs.items() if {name, other} <= task_runs.keys()
                      for metric in (["t2v_r1", "v2t_r1"] if task == "retrieval" else ["accuracy"])}
             if pairs:
