@@ -1,7 +1,8 @@
 """Timing the video encoder: forwards (and training steps) timed alternately, the memory
 one step needs beyond the model and input, GEMM rates for a roofline (the encoder's own
 linear layers alone, timed in turn with the encoder, and the best of a few large matrix
-products), the GPUs' nominal peak rates, and the op classes of a profile table."""
+products), the rate of its attention kernel alone, the GPUs' nominal peak rates, and the
+op classes of a profile table."""
 import multiprocessing
 import os
 import resource
@@ -194,6 +195,30 @@ def encoder_gemms(config: dict, device: str, dtype: torch.dtype, tokens: Tuple[i
             else:
                 with torch.inference_mode():
                     torch.nn.functional.linear(x, weight, bias)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return run, float(flops)
+
+
+def encoder_attention(config: dict, device: str, dtype: torch.dtype, batch: int = 1
+                      ) -> Tuple[Callable[[], None], float]:
+    """The first block's attention alone, as the encoder runs it (inference): a step
+    running `F.scaled_dot_product_attention` at its temporal shape (each patch over the T
+    frames) and its spatial shape (each frame's patches and class token), and its FLOPs
+    (the two products, 4 x queries x keys x head width). Timed in turn with the encoder,
+    its rate says how far the attention kernel is from the linear layers' GEMM rate."""
+    heads, width = config["num_heads"], config["vision_width"]
+    frames, patches = config["num_frames"], (config["image_size"] // config["patch_size"]) ** 2
+    shapes = [(batch * patches, frames), (batch * frames, patches + 1)]  # (sequences, length)
+    inputs = [[torch.randn(sequences, heads, length, width // heads, device=device, dtype=dtype)
+               for _ in range(3)] for sequences, length in shapes]  # q, k, v
+    flops = sum(4 * sequences * heads * length * length * (width // heads)
+                for sequences, length in shapes)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for q, k, v in inputs:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     return run, float(flops)

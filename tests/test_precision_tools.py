@@ -11,7 +11,7 @@ from helpers import write_tiny_encoder_config
 from models import timing
 from models.aggregation import adaptive_matching, bipartite_matching, importance_matching
 from models.cost import count, encoder_config
-from models.timing import op_class, peak_tflops
+from models.timing import encoder_attention, op_class, peak_tflops
 from tools import benchmark, gpu_check
 
 
@@ -132,6 +132,26 @@ def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
         profile = report["profile"][dtype]
         assert set(profile) == {"GEMM", "attention", "merging", "norms/elementwise", "copies", "other"}
         assert profile["GEMM"] > 0 and profile["merging"] > 0
+        assert report["attention_gflops"][dtype] > 0
+
+
+def test_the_attention_reference_runs_the_first_blocks_shapes(monkeypatch):
+    config = {"num_heads": 2, "vision_width": 16, "num_frames": 3, "image_size": 32,
+              "patch_size": 16}
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v):
+        calls.append(tuple(q.shape))
+        return sdpa(q, k, v)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    run, flops = encoder_attention(config, "cpu", torch.float32, batch=2)
+    run()
+    # 4 patches of 8 channels (2 heads x 8); temporal: 2 x 4 tracks of 3 frames,
+    # spatial: 2 x 3 frames of 4 patches + the class token; 4 x queries x keys x head width
+    assert flops == 4 * (2 * 4) * 2 * 3 * 3 * 8 + 4 * (2 * 3) * 2 * 5 * 5 * 8  # 14208
+    assert calls == [(8, 2, 3, 8), (6, 2, 5, 8)]  # [sequences, heads, length, head width]
 
 
 def test_batch_reports_videos_per_second_and_per_video_cost(tmp_path, capsys):

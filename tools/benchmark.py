@@ -29,7 +29,10 @@ counts of its first and last blocks, timed in turn with the encoder runs, so tha
 see the same load of other processes (`models.timing.encoder_gemms`). `gemm_gflops_best`
 is the best rate of a few large bias-free products at the same dtype, measured after
 the timing (`models.timing.gemm_gflops`): an upper bound that a loaded machine
-understates or overstates. `--compare-dtype` times float32 and bfloat16 alternately
+understates or overstates. `attention_gflops` (forward only) is the rate of the attention
+kernel alone (`F.scaled_dot_product_attention` at the first block's temporal and spatial
+shapes, `models.timing.encoder_attention`), also timed in turn with the encoder: where it
+is far below `gemm_gflops`, attention bounds `peak_fraction` more than its FLOPs suggest. `--compare-dtype` times float32 and bfloat16 alternately
 and gives each of these keys one value per dtype, with `dtype_speedup` (float32 seconds
 over bfloat16 seconds), `gemm_ratio` (the two dtypes' `gemm_gflops`) and
 `speedup_of_gemm_ratio` (the first over the second: 1 when bfloat16 speeds the whole
@@ -65,8 +68,8 @@ from engine.config import load_config  # noqa: E402
 from engine.precision import cpu_bf16_problem  # noqa: E402
 from models import build_retrieval_model  # noqa: E402
 from models.cost import count, count_on_video, encoder_config  # noqa: E402
-from models.timing import (OP_CLASSES, build, encoder_gemms, gemm_gflops, op_class,  # noqa: E402
-                           peak_memory_mb, step, time_alternately)
+from models.timing import (OP_CLASSES, build, encoder_attention, encoder_gemms,  # noqa: E402
+                           gemm_gflops, op_class, peak_memory_mb, step, time_alternately)
 from tasks.retrieval import RETRIEVAL_SETTINGS, match_logits  # noqa: E402
 from utils import with_defaults  # noqa: E402
 
@@ -112,13 +115,18 @@ def measure(configs: List[dict], runs: int, device: str, dtypes: List[torch.dtyp
     # the GEMM reference of each dtype: the linear layers at the first and last blocks' tokens
     gemms = {dtype: encoder_gemms(configs[0], device, dtype, train=train, tokens=(
         batch * exact[0]["tokens_in"], batch * exact[0]["tokens_out"])) for dtype in dtypes}
-    seconds = time_alternately(steps + [run for run, _ in gemms.values()], runs)
-    gemm_rates = {dtype: flops / secs / 1e9 for (dtype, (_, flops)), secs
-                  in zip(gemms.items(), seconds[len(steps):])}
+    # and the attention kernel alone at the first block's shapes (inference)
+    attention = {} if train else {dtype: encoder_attention(configs[0], device, dtype, batch)
+                                  for dtype in dtypes}
+    references = [*gemms.values(), *attention.values()]
+    seconds = time_alternately(steps + [run for run, _ in references], runs)
+    rates = [flops / secs / 1e9 for (_, flops), secs in zip(references, seconds[len(steps):])]
+    gemm_rates = dict(zip(gemms, rates))
+    attention_rates = dict(zip(attention, rates[len(gemms):]))
     if profile_step:
         for result, (encoder, inputs) in zip(results, setups):
             result["profile"] = profile_by_class(encoder, inputs, train)
-    del setups, steps, gemms
+    del setups, steps, gemms, attention, references
     best = {dtype: gemm_gflops(configs[0], device, dtype) for dtype in dtypes}
     for index, (result, (config, dtype), secs) in enumerate(zip(results, pairs, seconds)):
         result["batch"] = batch
@@ -130,6 +138,8 @@ def measure(configs: List[dict], runs: int, device: str, dtypes: List[torch.dtyp
         result["gemm_gflops"] = round(gemm_rates[dtype], 3)
         result["peak_fraction"] = round(flops / secs / 1e9 / gemm_rates[dtype], 3)
         result["gemm_gflops_best"] = round(best[dtype], 3)
+        if dtype in attention_rates:
+            result["attention_gflops"] = round(attention_rates[dtype], 3)
     return results
 
 
@@ -280,7 +290,8 @@ def main(argv=None) -> dict:
     if args.compare_dtype:
         names = dtype_names
         for key in ("seconds", "videos_per_second", "peak_mem_mb", "achieved_gflops",
-                    "gemm_gflops", "gemm_gflops_best", "peak_fraction", "compile_seconds", "profile"):
+                    "gemm_gflops", "gemm_gflops_best", "attention_gflops", "peak_fraction",
+                    "compile_seconds", "profile"):
             if key in results[0]:
                 report[key] = dict(zip(dtype_names, (result[key] for result in results)))
         if results[0]["seconds"]:
@@ -297,6 +308,8 @@ def main(argv=None) -> dict:
                      f"  {result['achieved_gflops']} GFLOP/s = {result['peak_fraction']:.2f} of "
                      f"the {result['gemm_gflops']} GFLOP/s of its linear layers alone "
                      f"(best GEMM {result['gemm_gflops_best']})")
+            if "attention_gflops" in result:
+                line += f"; its attention kernel alone {result['attention_gflops']} GFLOP/s"
         if "compile_seconds" in result:
             line += f"  (compiled in {result['compile_seconds']} s)"
         print(line)
