@@ -1,6 +1,7 @@
 """The one rule for output folders, used by the scripts and the tools: check first
 (nothing is created or changed), take the folder only once every other check has passed,
-release it at the end.
+release it at the end. A tool that writes one file checks it the same way first
+(`check_output_file`): an existing file is replaced only when told to.
 
 Checking refuses a path that cannot be a writable folder, a folder holding results of an
 earlier run (files matching `outputs`) unless the run continues it (`resume`) or
@@ -129,6 +130,19 @@ class OutputDir:
         raise ConfigError(f"{where}: in use by another run (pid {owner.get('pid')} on "
                           f"{owner.get('host')}, {lock}); if no run is using the folder, "
                           f"delete that file")
+
+
+def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
+    """ConfigError in one line for a file a tool cannot write: a folder in the way, a file
+    already there (unless `overwrite`), a folder that cannot be created or written, or one
+    another live run has taken. Changes nothing."""
+    path = Path(path)
+    where = f"{flag}: {path}"
+    if path.is_dir():
+        raise ConfigError(f"{where}: a folder is in the way, not a file")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{where}: exists; pass --overwrite to replace it, or another {flag}")
+    OutputDir(path.absolute().parent, (), flag=flag).check()
 
 
 def release_held() -> None:

@@ -124,8 +124,13 @@ def test_make_pretrain_list_joins_each_videos_paragraph(tmp_path):
     assert out == tmp_path / "annotations" / "pretrain.json"
     assert json.loads(out.read_text()) == [{"path": "v_a.mp4", "caption": "one. two."},
                                            {"path": "v_b.mp4", "caption": "three."}]
+    with pytest.raises(SystemExit, match="pretrain.json: exists; pass --overwrite"):
+        make_pretrain_list.main(["--data", str(tmp_path), "--limit", "1"])
     with pytest.raises(SystemExit, match="val.json: not found"):
-        make_pretrain_list.main(["--data", str(tmp_path), "--split", "val"])
+        make_pretrain_list.main(["--data", str(tmp_path), "--split", "val", "--overwrite"])
+    assert len(json.loads(out.read_text())) == 2  # neither refused call changed the list
+    with pytest.raises(SystemExit, match="--limit must be 1 or more, got 0"):
+        make_pretrain_list.main(["--data", str(tmp_path), "--limit", "0", "--overwrite"])
 
 
 @pytest.mark.parametrize("text, problem", [("{damaged", "not readable JSON"),

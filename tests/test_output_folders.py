@@ -1,6 +1,7 @@
 """The one rule for output folders (engine/output_dir.py) and the tools that follow it:
 checks change nothing, a folder is taken only after them, earlier results are never
 replaced silently, a folder another live run holds is refused, the lock goes at the end."""
+import importlib
 import json
 import os
 import socket
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.output_dir import LOCK_FILE, OutputDir, taken
+from engine.output_dir import LOCK_FILE, OutputDir, check_output_file, taken
 from helpers import write_gray_video
 from utils import ConfigError
 
@@ -141,3 +142,43 @@ def test_make_shards_never_writes_over_shards(tmp_path):
     assert (out / "train-000000.tar").read_bytes() == b"shards of a killed run"
     make_shards.main(["--train_file", str(listing), "--out", str(out), "--prefix", "other"])
     assert sorted(os.listdir(out)) == ["manifest.json", "other-000000.tar", "train-000000.tar"]
+
+
+# single output files ------------------------------------------------------------------------
+def test_an_output_file_is_checked_without_changing_anything(tmp_path):
+    check_output_file(tmp_path / "new" / "deeper" / "table.csv", "--out", overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "table.csv").write_text("earlier")
+    with pytest.raises(ConfigError, match=r"^--out: .*table.csv: exists; pass --overwrite to "
+                                          r"replace it, or another --out$"):
+        check_output_file(tmp_path / "table.csv", "--out", overwrite=False)
+    check_output_file(tmp_path / "table.csv", "--out", overwrite=True)
+    assert (tmp_path / "table.csv").read_text() == "earlier"
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(ConfigError, match="a folder is in the way, not a file"):
+        check_output_file(tmp_path / "a_folder", "--out", overwrite=True)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="a_file: a file is in the way, not a folder"):
+        check_output_file(tmp_path / "a_file" / "table.csv", "--out", overwrite=False)
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("scaling", ["--config", "no/such/config.yaml", "--out-csv", "{file}"]),
+    ("scaling", ["--config", "no/such/config.yaml", "--out-csv", "{folder}/new.csv",
+                 "--out-png", "{file}"]),
+    ("visualize_aggregation", ["no/such/video.mp4", "--config", "no/such/config.yaml",
+                               "--out", "{file}"]),
+    ("make_pretrain_list", ["--data", "no/such/set", "--out", "{file}"]),
+])
+def test_tools_refuse_to_write_over_a_file_before_any_work(tmp_path, tool, argv):
+    earlier = tmp_path / "earlier.out"
+    earlier.write_text("earlier")
+    argv = [arg.format(file=earlier, folder=tmp_path) for arg in argv]
+    main = importlib.import_module(f"tools.{tool}").main
+    with pytest.raises(SystemExit) as refused:
+        main(argv)  # the config, video or set named would fail later: the check comes first
+    assert str(refused.value.code) == (f"error: {argv[argv.index(str(earlier)) - 1]}: {earlier}: "
+                                       f"exists; pass --overwrite to replace it, or another "
+                                       f"{argv[argv.index(str(earlier)) - 1]}")
+    assert earlier.read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.out"]

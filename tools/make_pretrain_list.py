@@ -14,6 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
 from datasets import DataError  # noqa: E402
 from datasets.synthetic import write_pretrain_list  # noqa: E402
+from engine.output_dir import check_output_file  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -25,11 +27,16 @@ def main(argv=None) -> Path:
                         help="which captions file to read (default: train)")
     parser.add_argument("--limit", type=int, help="only the first LIMIT videos (default: all)")
     parser.add_argument("--out", type=Path, help="default: DATA/annotations/pretrain.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing list")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"error: --limit must be 1 or more, got {args.limit}")
+    out = args.out or args.data / "annotations" / "pretrain.json"
     try:
-        return write_pretrain_list(args.data, args.split, args.limit, args.out)
-    except DataError as error:
-        raise SystemExit(f"error: {error}")
+        check_output_file(out, "--out", args.overwrite)
+        return write_pretrain_list(args.data, args.split, args.limit, out)
+    except (ConfigError, DataError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

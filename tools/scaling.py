@@ -40,7 +40,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
 from engine.config import load_config  # noqa: E402
+from engine.output_dir import check_output_file  # noqa: E402
 from models.scaling import CSV_FIELDS, SETTINGS, count_row, measure_rows, row_config  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 DEFAULT_FRAMES = (8, 16, 32, 64, 96, 128)
 
@@ -121,7 +123,14 @@ def main(argv=None) -> List[dict]:
     parser.add_argument("--out-csv", type=Path, default=Path("output/scaling.csv"),
                         help="the table of rows")
     parser.add_argument("--out-png", default="output/scaling.png", help="'' to draw nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
+    try:
+        check_output_file(args.out_csv, "--out-csv", args.overwrite)
+        if args.out_png:
+            check_output_file(Path(args.out_png), "--out-png", args.overwrite)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
     base = load_config(args.config)
     settings = [setting for setting in SETTINGS if setting.name in args.settings]

@@ -24,11 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
 from engine.config import load_config  # noqa: E402
+from engine.output_dir import check_output_file  # noqa: E402
 from models import build_video_encoder  # noqa: E402
 from models.encoder_weights import load_visual_encoder  # noqa: E402
 from models.video_encoder import VIDEO_ENCODER_SETTINGS  # noqa: E402
 from models.visualization import side_by_side, visualize_video  # noqa: E402
-from utils import with_defaults  # noqa: E402
+from utils import ConfigError, with_defaults  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -44,7 +45,12 @@ def main(argv=None) -> Path:
     parser.add_argument("--columns", type=int, default=8, help="frames per row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--out", default="output/aggregation.png", help="the image to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out image")
     args = parser.parse_args(argv)
+    try:
+        check_output_file(Path(args.out), "--out", args.overwrite)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
     config = load_config(args.config)
     if args.frames:
