@@ -1,5 +1,7 @@
 """Reading annotation files. A missing, unreadable or wrongly shaped file is an error (a
 one-line `DataError` naming the file); a bad record inside a good file is skipped and counted.
+A JSON object that gives a key twice is a bad record (json itself would keep the last value
+without a word), and a file whose top-level object does is an error.
 
 Caption pickles are read by an unpickler that builds plain containers, strings and numbers
 only: a pickle that names any other class or function is refused, never run.
@@ -9,6 +11,7 @@ import io
 import json
 import os
 import pickle
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -45,28 +48,58 @@ def utf8_text(path: str) -> Iterator[io.TextIOWrapper]:
             raise DataError(f"{path}: not UTF-8 text ({error.reason})") from None
 
 
+class RepeatedKeys(dict):
+    """A JSON object that gives a key more than once: the values json keeps (the last),
+    and `repeated`, the keys given twice or more."""
+
+    def __init__(self, pairs: list, repeated: list[str]):
+        super().__init__(pairs)
+        self.repeated = repeated
+
+    def problem(self) -> str:
+        return f"{', '.join(repr(key) for key in self.repeated)} given twice"
+
+
+def _json_object(pairs: list) -> dict:
+    """json's object_pairs_hook: a dict, or RepeatedKeys where a key repeats."""
+    found = dict(pairs)
+    if len(found) == len(pairs):
+        return found
+    return RepeatedKeys(pairs, sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1))
+
+
+def parse_json(text: str) -> Any:
+    """`json.loads` that marks objects giving a key twice (RepeatedKeys)."""
+    return json.loads(text, object_pairs_hook=_json_object)
+
+
 def load_json(path: str) -> Any:
     with utf8_text(path) as f:
         text = f.read()
     if not text.strip():
         raise DataError(f"{path}: the file is empty, expected JSON")
     try:
-        return json.loads(text)
+        found = parse_json(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} "
                         f"column {error.colno})") from None
+    if isinstance(found, RepeatedKeys):
+        raise DataError(f"{path}: the top-level object has {found.problem()}")
+    return found
 
 
 def load_json_object(path: Path, name: Optional[str] = None) -> dict:
     """The JSON object in the file `path`; DataError in one line starting with `name` (by
-    default the path) when it is unreadable, not JSON or not an object."""
+    default the path) when it is unreadable, not JSON, not an object or gives a key twice."""
     name = name or str(path)
     try:
-        found = json.loads(Path(path).read_text())
+        found = parse_json(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise DataError(f"{name}: not readable JSON ({err})") from None
     if not isinstance(found, dict):
         raise DataError(f"{name}: expected a JSON object, got {type(found).__name__}")
+    if isinstance(found, RepeatedKeys):
+        raise DataError(f"{name}: {found.problem()}")
     return found
 
 
@@ -79,6 +112,17 @@ def load_json_list(path: str) -> list:
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got a JSON {json_type(records)}")
     return records
+
+
+def iter_json_records(path: str, issues: DataIssues) -> Iterator[tuple[str, Any]]:
+    """(source, record) for each record of a JSON list file (source `path[position]`); a
+    record giving a key twice is skipped and counted."""
+    for position, record in enumerate(load_json_list(path)):
+        source = f"{path}[{position}]"
+        if isinstance(record, RepeatedKeys):
+            issues.skip("key given twice", f"{source} ({record.problem()})")
+            continue
+        yield source, record
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -109,19 +153,23 @@ def load_plain_pickle(path: str) -> Any:
 
 
 def iter_jsonl(path: str, issues: DataIssues) -> Iterator[tuple[str, dict]]:
-    """(source, record) for each JSON object line; malformed lines are skipped and counted."""
+    """(source, record) for each JSON object line; malformed lines and objects giving a key
+    twice are skipped and counted."""
     with utf8_text(path) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             source = f"{path}:{line_number}"
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except json.JSONDecodeError:
                 issues.skip("malformed annotation", source)
                 continue
             if not isinstance(record, dict):
                 issues.skip("malformed annotation", source)
+                continue
+            if isinstance(record, RepeatedKeys):
+                issues.skip("key given twice", f"{source} ({record.problem()})")
                 continue
             yield source, record
 

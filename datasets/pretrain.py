@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as F
 
 from utils import CAPTION_SETTINGS, FRAME_SETTINGS, NONE, ConfigError, Setting, Settings, with_defaults
 
-from .annotations import load_json_list, string_fields
+from .annotations import iter_json_records, string_fields
 from .base import (FINETUNE_DATA_SETTINGS, ClipDataset, clip_cache_problem, stack_clips,
                    with_clip_cache)
 from .issues import DataIssues
@@ -69,8 +69,7 @@ class PretrainDataset(ClipDataset):
         captions: list[str] = []
         video: list[str] = []
         for train_file in train_files:
-            for position, record in enumerate(load_json_list(issues.reading(train_file))):
-                source = f"{train_file}[{position}]"
+            for source, record in iter_json_records(issues.reading(train_file), issues):
                 fields = string_fields(record, "path", "caption")
                 if fields is None:
                     issues.skip("malformed annotation", source)

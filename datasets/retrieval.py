@@ -7,7 +7,7 @@ import torch
 
 from utils import CAPTION_SETTINGS, FRAME_SETTINGS, with_defaults
 
-from .annotations import (DataError, first_existing, iter_csv, iter_jsonl, load_json_list,
+from .annotations import (DataError, first_existing, iter_csv, iter_json_records, iter_jsonl,
                           load_plain_pickle, require_file, string_fields, utf8_text)
 from .base import (FINETUNE_DATA_SETTINGS, SPLITS, ClipDataset, ClipTransform, build_splits,
                    stack_clips, with_clip_cache)
@@ -82,8 +82,7 @@ def read_activitynet(ann_root: str, video_root: str, split: str, issues: DataIss
     """`{split}.json`: a JSON list of `{"video": "v_xxx.mp4", "caption": [sentences]}`."""
     path = issues.reading(os.path.join(ann_root, f"{split}.json"))
     pairs = []
-    for position, record in enumerate(load_json_list(path)):
-        source = f"{path}[{position}]"
+    for source, record in iter_json_records(path, issues):
         video = record.get("video") if isinstance(record, dict) else None
         sentences = record.get("caption") if isinstance(record, dict) else None
         if isinstance(video, str) and isinstance(sentences, str):

@@ -27,7 +27,6 @@ reported like a bad file (`DataIssues`) and replaced by the worker's previous go
 (by its next one when no sample is good yet), so the number of items stays put.
 """
 import io
-import json
 import os
 import random
 from itertools import islice
@@ -39,7 +38,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .annotations import DataError, load_json
+from .annotations import DataError, RepeatedKeys, load_json, parse_json
 from .base import item_rng
 from .issues import DataIssues
 from .pretrain import VIDEO_SUFFIXES, PretrainDataset, pretrain_data_config, read_image
@@ -264,9 +263,11 @@ class ShardedPretrainDataset(IterableDataset):
         if "__missing__" in sample:
             raise BadSample(f"{where}: sample missing ({sample['__missing__']})")
         try:
-            meta = json.loads(sample["json"])
+            meta = parse_json(sample["json"])
         except (KeyError, ValueError, TypeError):
             raise BadSample(f"{where}: no readable JSON") from None
+        if isinstance(meta, RepeatedKeys):
+            raise BadSample(f"{where}: the JSON has {meta.problem()}")
         captions = meta.get("captions") if isinstance(meta, dict) else None
         if (not isinstance(captions, list) or not captions
                 or not all(isinstance(caption, str) for caption in captions)):

@@ -8,7 +8,7 @@ import torch
 
 from utils import FRAME_SETTINGS, QUESTION_SETTINGS, with_defaults
 
-from .annotations import first_existing, load_json_list, string_fields
+from .annotations import first_existing, iter_json_records, string_fields
 from .base import (FINETUNE_DATA_SETTINGS, SPLITS, ClipDataset, ClipTransform, build_splits,
                    stack_clips, with_clip_cache)
 from .issues import DataIssues
@@ -35,10 +35,10 @@ def _is_question_id(value) -> bool:
 def read_answers(path: str, issues: DataIssues) -> dict:
     """`{split}_a.json`: question_id -> answers, from `{"answer", "question_id", "type"}` records."""
     answers = defaultdict(list)
-    for position, record in enumerate(load_json_list(path)):
+    for source, record in iter_json_records(path, issues):
         qid = record.get("question_id") if isinstance(record, dict) else None
         if string_fields(record, "answer") is None or not _is_question_id(qid):
-            issues.skip("malformed annotation", f"{path}[{position}]")
+            issues.skip("malformed annotation", source)
             continue
         answers[qid].append(record["answer"])
     return answers
@@ -60,8 +60,7 @@ class VideoQADataset(ClipDataset):
         self.questions: list[Question] = []
         video: list[str] = []
         video_index: dict[str, int] = {}
-        for position, record in enumerate(load_json_list(question_path)):
-            source = f"{question_path}[{position}]"
+        for source, record in iter_json_records(question_path, issues):
             fields = string_fields(record, "question", "video_name")
             qid = record.get("question_id") if isinstance(record, dict) else None
             if fields is None or not _is_question_id(qid):

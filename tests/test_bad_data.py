@@ -66,6 +66,10 @@ TWO_MALFORMED = [{"video": "v_a.mp4"}, {"video": 3, "caption": ["a clip."]}]
     ([{"video": "v_x.mp4", "caption": ["gone."]}, {"video": "v_y.mp4", "caption": ["gone too."]}],
      "the train split has no usable record (2 missing video)"),
     ([{"video": "v_a.mp4", "caption": ["  "]}], "the train split has no usable record (1 empty caption)"),
+    # json would keep the last "video" without a word
+    ('[{"video": "v_a.mp4", "caption": ["a clip."], "video": "v_b.mp4"}]',
+     "the train split has no usable record (1 key given twice)"),
+    ('{"video": "v_a.mp4", "video": "v_b.mp4"}', "the top-level object has 'video' given twice"),
 ])
 def test_bad_train_file_is_one_line_before_training(tmp_path, video, train, problem):
     ann, videos = retrieval_root(tmp_path, video, train)

@@ -122,18 +122,20 @@ def test_bad_samples_are_counted_and_replaced_so_the_epoch_keeps_its_length(clip
         {"0.mp4": good, "0.json": caption(0)},
         {"1.mp4": b"not a video", "1.json": caption(1)},        # does not decode
         {"2.mp4": good, "2.json": b'{"captions": []}'},           # no caption
-        {"3.mp4": good, "3.json": caption(3)}])
+        {"3.mp4": good, "3.json": caption(3)},
+        {"5.mp4": good, "5.json": b'{"captions": ["one"], "captions": ["other"]}'}])  # twice
     write_shard(tmp_path / "b.tar", [{"4.mp4": good, "4.json": caption(4)}])  # manifest says 3
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": [
-        {"name": "a.tar", "samples": 4}, {"name": "b.tar", "samples": 3}]}))
+        {"name": "a.tar", "samples": 5}, {"name": "b.tar", "samples": 3}]}))
     dataset, _, _ = build_datasets(config_of(tmp_path, train_shards=[str(tmp_path / "a.tar"),
                                                                        str(tmp_path / "b.tar")],
-                                             batch_size=7, shuffle_buffer=1))
+                                             batch_size=8, shuffle_buffer=1))
     items = list(dataset.slot_items(0))
-    assert len(items) == len(dataset) == 7
-    assert dataset.num_decode_failures == 4  # one undecodable, one captionless, two missing
+    assert len(items) == len(dataset) == 8
+    # one undecodable, one captionless, one with a key given twice, two missing
+    assert dataset.num_decode_failures == 5
     assert {caption for _, caption in items} == {"clip 0", "clip 3", "clip 4"}
-    assert "4 videos failed to decode (previous sample used)" in dataset.summary()
+    assert "5 videos failed to decode (previous sample used)" in dataset.summary()
 
 
 def test_the_config_names_exactly_one_source_and_shards_the_manifest_knows(shards, clips):

@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 import webdataset as wds  # noqa: E402
 
-from datasets.annotations import first_existing, load_json_list, string_fields  # noqa: E402
+from datasets.annotations import first_existing, iter_json_records, string_fields  # noqa: E402
 from datasets.issues import DataIssues  # noqa: E402
 from datasets.retrieval import READERS  # noqa: E402
 from datasets.shards import MANIFEST  # noqa: E402
@@ -40,10 +40,10 @@ Source = tuple[str, list[str]]  # (file, captions)
 def pretrain_sources(train_files: Iterable[str], video_root: str,
                      issues: DataIssues) -> Iterator[Source]:
     for train_file in train_files:
-        for position, record in enumerate(load_json_list(issues.reading(train_file))):
+        for source, record in iter_json_records(issues.reading(train_file), issues):
             fields = string_fields(record, "path", "caption")
             if fields is None:
-                issues.skip("malformed annotation", f"{train_file}[{position}]")
+                issues.skip("malformed annotation", source)
                 continue
             yield os.path.join(video_root, fields[0]), [fields[1]]
 
