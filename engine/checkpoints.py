@@ -84,8 +84,8 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     """Restore model, optimizer and loss scaler from output_dir/checkpoint_last.pth, and
     where the epoch it was written in stands (`TrainState.progress`, this rank's). A
     part-way checkpoint must fit the run: as many processes, the same batch size, and
-    for tar shards (cut into ranges per loader worker) as many workers. log.jsonl loses
-    the step records from there on, which the resumed run writes again."""
+    for tar shards (cut into ranges per loader worker) as many workers. (`fit` then drops
+    the run's records from there on, which the resumed run writes again.)"""
     path = run.output_dir / LAST_CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from "
@@ -106,7 +106,6 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     if position is None:
         log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {checkpoint['epoch']} "
             f"done, best {state.best_metric:.4g} at epoch {state.best_epoch}")
-        run.records.drop_steps_from(state.epoch, 0)
         return state
     cut_for = {"process(es)": (position["world_size"], run.world_size),
                "clips per batch": (position["batch_size"], train_loader.batch_size)}
@@ -121,7 +120,6 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
                                    own["samples_seen"], own["rng"])
     log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {position['epoch']} at "
         f"step {position['step']}, best {state.best_metric:.4g} at epoch {state.best_epoch}")
-    run.records.drop_steps_from(position["epoch"], position["step"])
     return state
 
 

@@ -109,11 +109,12 @@ class RunRecords:
         self.output_dir = Path(output_dir)
         self.started, self.start_time = time.perf_counter(), utc_now()
         self.written: List[Dict[str, Any]] = []  # this run's records, for the summary
-        self.writer = None
+        self.writer = None  # TensorBoard's, made at the first record (see `continue_from`)
+        self.writer_class, self.purge_step = None, None
         if tensorboard:  # every rank checks the import, so all stop alike without it
             writer_class = summary_writer_class()
             if get_rank() == 0:
-                self.writer = writer_class(str(self.output_dir / TENSORBOARD_DIR))
+                self.writer_class = writer_class
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append `record` (with a `kind`) to log.jsonl; with TensorBoard, its numbers at
@@ -121,8 +122,11 @@ class RunRecords:
         if get_rank() != 0:
             return
         record = self._append(record)
-        if self.writer is None:
+        if self.writer_class is None:
             return
+        if self.writer is None:
+            self.writer = self.writer_class(str(self.output_dir / TENSORBOARD_DIR),
+                                            purge_step=self.purge_step)
         x = record.get("global_step", record.get("epoch", 0))
         for name, value in record.items():
             if name not in INDEX_FIELDS and _is_number(value):
@@ -136,10 +140,17 @@ class RunRecords:
         self.written.append(record)
         return record
 
+    def continue_from(self, epoch: int, step: int, global_step: int) -> None:
+        """A resumed run continues at `step` of `epoch` (`global_step`) and writes the
+        stopped run's later steps again: they leave log.jsonl (`drop_steps_from`), and
+        TensorBoard hides the stopped run's events from `global_step` on (the writer's
+        `purge_step`), so every step keeps one record. Call before the first record."""
+        self.purge_step = global_step
+        self.drop_steps_from(epoch, step)
+
     def drop_steps_from(self, epoch: int, step: int) -> None:
-        """Remove from log.jsonl the step records at or after `step` of `epoch` (rank 0): a
-        resumed run continues there and writes them again, so every global_step keeps one
-        record. The file is replaced atomically."""
+        """Remove from log.jsonl the step records at or after `step` of `epoch` (rank 0).
+        The file is replaced atomically."""
         path = self.output_dir / LOG_FILE
         if get_rank() != 0 or not path.is_file():
             return

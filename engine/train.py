@@ -212,6 +212,9 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     steps_per_epoch = len(train_loader)  # before a resumed epoch starts part-way
     state = resume(run, model, optimizer, train_loader) if resume_training else TrainState()
     run.take_output_dir()  # every check passed (data, weights, the resumed checkpoint)
+    if resume_training:  # the stopped run's records after the resumed step are written again
+        step = 0 if state.progress is None else state.progress.step
+        run.records.continue_from(state.epoch, step, state.epoch * steps_per_epoch + step)
     train_model = wrap_ddp(model, run.device)
     schedule = task.schedule(config)
     losses_of = task.make_losses(train_model, run, train_loader)

@@ -210,3 +210,25 @@ def test_resuming_drops_the_logged_steps_the_run_repeats(tmp_path):
             for record in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()[:-1])]
     assert kept == [("step", 0, 0), ("step", 0, 1), ("step", 0, 2), ("epoch", 0, None),
                     ("step", 1, 0), ("epoch", 1, None)]
+
+
+def test_a_resumed_run_hides_the_stopped_runs_later_tensorboard_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    stopped = RunRecords(tmp_path, tensorboard=True)
+    for global_step in range(6):  # 3 steps an epoch; killed after epoch 1 step 2
+        stopped.write({"kind": "step", "epoch": global_step // 3, "step": global_step % 3,
+                       "global_step": global_step, "loss": float(global_step)})
+    stopped.writer.close()
+    resumed = RunRecords(tmp_path, tensorboard=True)
+    resumed.continue_from(1, 1, 4)  # resumed at epoch 1 step 1 (its last checkpoint)
+    for global_step in (4, 5):
+        resumed.write({"kind": "step", "epoch": 1, "step": global_step % 3,
+                       "global_step": global_step, "loss": 10.0 + global_step})
+    resumed.writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("step/loss")] == [
+        (0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+    logged = [record["global_step"] for record in map(json.loads,
+                                                      (tmp_path / "log.jsonl").read_text().splitlines())]
+    assert logged == [0, 1, 2, 3, 4, 5]
