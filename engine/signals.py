@@ -107,6 +107,9 @@ def signals_raise() -> Iterator[SignalCatcher]:
             signal.signal(signum, defaults[signum])
 
 
+_END = object()  # what `held_while_fetching` gets from an exhausted iterator
+
+
 def held_while_fetching(items: Iterable[T]) -> Iterator[T]:
     """`items` (a DataLoader) with SIGTERM and SIGINT held while each item is fetched, where
     a catcher is installed (`script_signals`, `signals_raise`); the signal is raised once the
@@ -122,9 +125,6 @@ def held_while_fetching(items: Iterable[T]) -> Iterator[T]:
         if item is _END:
             return
         yield item
-
-
-_END = object()
 
 
 def ignore_signals_in_worker(worker_id: int) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from datasets import DataError
 from datasets.issues import DataIssues
-from datasets.shards import ShardedPretrainDataset, plan_epoch, samples_per_slot, shard_name
+from datasets.shards import ShardedPretrainDataset, plan_epoch, read_manifest, samples_per_slot, shard_name
 from helpers import REPO_ROOT, free_port, write_config, write_gray_video
 from tasks import build_datasets
 from utils import ConfigError
@@ -176,3 +176,10 @@ def test_two_ranks_pretrain_from_shards_and_consume_the_dataset_in_equal_steps(s
         assert epoch["train_samples_per_rank"] == [2 * per_slot] * 2
         assert NUM_CLIPS - sum(epoch["train_samples_per_rank"]) < 2 * 2 * 2
     assert (tmp_path / "out" / "checkpoint_01.pth").is_file()
+
+
+def test_a_manifest_entry_that_gives_a_key_twice_is_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        '{"shards": [{"name": "a.tar", "samples": 3, "samples": 5}]}')
+    with pytest.raises(DataError, match=r"manifest.json: shards\[0\] has 'samples' given twice$"):
+        read_manifest(str(tmp_path / "manifest.json"))
