@@ -47,6 +47,19 @@ class DataIssues:
         """Allocate one shared decode-failure flag per video (call once the videos are known)."""
         self.decode_failed = torch.zeros(max(num_videos, 1), dtype=torch.bool).share_memory_()
 
+    def failed_videos(self) -> torch.Tensor:
+        """The indices of the videos flagged so far, int32 (a checkpoint keeps them)."""
+        return self.decode_failed.nonzero().flatten().to(torch.int32)
+
+    def flag_failed(self, video_indices: torch.Tensor) -> bool:
+        """Flag videos that failed before (a resumed run's), without reporting them again;
+        False, flagging none, when an index is beyond this dataset's videos."""
+        video_indices = video_indices.long()
+        if video_indices.numel() and int(video_indices.max()) >= len(self.decode_failed):
+            return False
+        self.decode_failed[video_indices] = True
+        return True
+
     def has_failed(self, video_index: int) -> bool:
         return bool(self.decode_failed[video_index])
 

@@ -54,13 +54,15 @@ def save_weights(run: Run, model: nn.Module, task: Task, name: str, epoch: int) 
 
 
 def save_last(run: Run, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
-              state: TrainState, progress: Optional[EpochProgress] = None,
-              loader: Optional[DataLoader] = None) -> None:
+              state: TrainState, loader: DataLoader,
+              progress: Optional[EpochProgress] = None) -> None:
     """output_dir/checkpoint_last.pth: everything `--resume` needs after epoch
-    `state.epoch - 1` (model with its queues, optimizer, loss scaler, best result), and
+    `state.epoch - 1` (model with its queues, optimizer, loss scaler, best result, and per
+    rank the training videos that failed to decode, which the data then passes over), and
     with `progress` (every rank's, at the same step of epoch `state.epoch`) where that
     epoch stands: `position` holds the epoch, the next step, the processes, batch size
     and loader workers it was cut for, and per rank the loss sums, counts and RNG states."""
+    failed_videos = gather_objects(loader.dataset.issues.failed_videos())
     position = None
     if progress is not None:
         ranks = gather_objects({"loss_sums": progress.loss_sums, "steps_run": progress.steps_run,
@@ -74,7 +76,7 @@ def save_last(run: Run, model: nn.Module, task: Task, optimizer: torch.optim.Opt
                                       optimizer=optimizer,
                                       scaler=run.precision.scaler.state_dict(),
                                       best_metric=state.best_metric, best_epoch=state.best_epoch,
-                                      position=position)
+                                      failed_videos=failed_videos, position=position)
         save_checkpoint(str(run.output_dir / LAST_CHECKPOINT), checkpoint)
     barrier()
 
@@ -84,8 +86,10 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     """Restore model, optimizer and loss scaler from output_dir/checkpoint_last.pth, and
     where the epoch it was written in stands (`TrainState.progress`, this rank's). A
     part-way checkpoint must fit the run: as many processes, the same batch size, and
-    for tar shards (cut into ranges per loader worker) as many workers. (`fit` then drops
-    the run's records from there on, which the resumed run writes again.)"""
+    for tar shards (cut into ranges per loader worker) as many workers. The training
+    videos that failed to decode are flagged again, so the resumed run passes over them as
+    the stopped one did and counts them. (`fit` then drops the run's records from there
+    on, which the resumed run writes again.)"""
     path = run.output_dir / LAST_CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from "
@@ -102,6 +106,12 @@ def resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.load_state_dict(checkpoint["optimizer"])
     run.precision.scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState(checkpoint["epoch"] + 1, checkpoint["best_metric"], checkpoint["best_epoch"])
+    failed = checkpoint.get("failed_videos") or []  # per rank; older files: none
+    if failed:  # this rank's, or all ranks' when their number changed
+        own = failed[run.rank] if len(failed) == run.world_size else torch.cat(failed)
+        if not train_loader.dataset.issues.flag_failed(own):
+            log(f"{path}: its videos that failed to decode are not those of this training set "
+                "(more videos than it has); they are tried again")
     position = checkpoint.get("position")  # None: written at the end of an epoch
     if position is None:
         log(f"resumed from {path}: {len(checkpoint['model'])} tensors, epoch {checkpoint['epoch']} "

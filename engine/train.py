@@ -220,7 +220,7 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     losses_of = task.make_losses(train_model, run, train_loader)
 
     def save_progress(progress: EpochProgress) -> None:
-        save_last(run, model, task, optimizer, state, progress, train_loader)
+        save_last(run, model, task, optimizer, state, train_loader, progress)
         run.records.write({"kind": "checkpoint", "epoch": state.epoch, "step": progress.step,
                            "global_step": state.epoch * steps_per_epoch + progress.step})
 
@@ -238,7 +238,7 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
         record["train_seconds"] = round(time.perf_counter() - epoch_started, 3)
         # the trained epoch is on disk before validation, which may fail
         state.epoch = epoch + 1
-        save_last(run, model, task, optimizer, state)
+        save_last(run, model, task, optimizer, state, train_loader)
         if task.epoch_checkpoint is not None:
             save_weights(run, model, task, task.epoch_checkpoint.format(epoch=epoch), epoch)
         if task.evaluate is not None:
@@ -247,7 +247,7 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
             record["val_seconds"] = round(time.perf_counter() - val_started, 3)
             if state.improved_by(val_metrics[task.best_metric], epoch):
                 save_weights(run, model, task, BEST_CHECKPOINT, epoch)
-                save_last(run, model, task, optimizer, state)  # with the new best result
+                save_last(run, model, task, optimizer, state, train_loader)  # the new best
             record.update({f"val_{k}": v for k, v in val_metrics.items()},
                           best_epoch=state.best_epoch)
         record["epoch_seconds"] = round(time.perf_counter() - epoch_started, 3)

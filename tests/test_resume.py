@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train_retrieval
+from datasets.issues import DataIssues
 from datasets.loader import EpochSampler
 from datasets.shards import shuffled_positions, worker_batches
 from engine.logs import RunRecords
@@ -232,3 +233,45 @@ def test_a_resumed_run_hides_the_stopped_runs_later_tensorboard_steps(tmp_path):
     logged = [record["global_step"] for record in map(json.loads,
                                                       (tmp_path / "log.jsonl").read_text().splitlines())]
     assert logged == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_resumed_run_passes_over_the_videos_that_failed_before_and_counts_them(tmp_path, data,
+                                                                                 caplog):
+    """The videos that failed to decode are in checkpoint_last.pth: the resumed run does
+    not try them again (an uninterrupted run would not) and its summary still counts them."""
+    ann, videos = data
+    own_ann, own_videos = tmp_path / "ann", tmp_path / "videos"
+    own_ann.mkdir()
+    own_videos.mkdir()
+    names = ["t0", "t1", "t2", "t3", "t4", "broken"]  # 3 steps of 2: every item is drawn
+    for name in [*names[:-1], "e0", "e1"]:
+        os.symlink(videos / f"v_{name}.mp4", own_videos / f"v_{name}.mp4")
+    (own_videos / "v_broken.mp4").write_bytes(b"not a video")
+    (own_ann / "train.json").write_text(json.dumps(
+        [{"video": f"v_{name}.mp4", "caption": [f"clip {name}."]} for name in names]))
+    (own_ann / "val.json").write_text((ann / "val.json").read_text())
+    config = config_for(tmp_path, (own_ann, own_videos), max_epoch=1, accum_steps=1)
+    output_dir = tmp_path / "out"
+
+    def decode_warnings() -> list:
+        return [r for r in caplog.records if "v_broken.mp4" in r.getMessage()]
+
+    first = run_script(train_retrieval.main, "--config", config, "--output_dir", output_dir,
+                       "--opts", "num_workers=0")
+    assert len(decode_warnings()) == 1 and "1 video failed to decode" in first
+    saved = torch.load(output_dir / "checkpoint_last.pth", weights_only=True)
+    assert [indices.tolist() for indices in saved["failed_videos"]] == [[5]]  # one rank
+    caplog.clear()
+    resumed = run_script(train_retrieval.main, "--config", config, "--output_dir", output_dir,
+                         "--resume", "--opts", "num_workers=0", "max_epoch=2")
+    assert decode_warnings() == []  # passed over, not decoded and reported again
+    assert "1 video failed to decode" in resumed
+
+
+def test_failed_videos_of_another_training_set_are_not_flagged():
+    issues = DataIssues("set/train")
+    issues.track_videos(3)
+    assert issues.flag_failed(torch.tensor([1], dtype=torch.int32))
+    assert issues.failed_videos().tolist() == [1] and issues.num_decode_failures == 1
+    assert not issues.flag_failed(torch.tensor([0, 3], dtype=torch.int32))  # 3 videos: 0..2
+    assert issues.failed_videos().tolist() == [1]
