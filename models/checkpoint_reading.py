@@ -57,7 +57,8 @@ def read_checkpoint(location: str, *, trust: bool = False,
 
     An exported folder (or its .safetensors file) is read by safetensors and YAML. A
     file is read with `torch.load(weights_only=True)`, which builds tensors, containers, numbers
-    and the `SAFE_GLOBALS` only; nothing in the file can run code. A PyTorch checkpoint
+    and the `SAFE_GLOBALS` only; nothing in the file can run code (a zip-format file is
+    memory-mapped: its tensors are read when used). A PyTorch checkpoint
     holding other Python objects is unpickled in full (which can run code) only with
     `trust`; the error without it names those objects and `trust_option`, how the caller
     allows it. A file that is no PyTorch checkpoint (a video, a plain pickle, random
@@ -83,7 +84,11 @@ def read_checkpoint(location: str, *, trust: bool = False,
     notes = []
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            # a zip archive (torch.save's format) is mapped, not read: tensors are read from
+            # the page cache when used, so reading a checkpoint for its config costs
+            # nothing and the ranks of a node share the pages of the weights they load
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True,
+                                    mmap=_is_zip(path))
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint "
@@ -103,6 +108,11 @@ def read_checkpoint(location: str, *, trust: bool = False,
                               f"({type(err).__name__}: {_first_line(err)})") from None
     _check_layout(path, checkpoint)
     return checkpoint, notes
+
+
+def _is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _not_a_checkpoint(path: str) -> str:
