@@ -1,7 +1,7 @@
 """Video-language pre-training on WebVid-2M + CC3M: video clips and images as static clips."""
 import os
 import random
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -53,6 +53,19 @@ def read_image(path: str) -> torch.Tensor:
         raise VideoDecodeError(f"{path}: {error}") from error
 
 
+def read_pretrain_lists(train_files: Sequence[str], video_root: str,
+                        issues: DataIssues) -> Iterator[tuple[str, str, str]]:
+    """(source, media path under `video_root`, caption) of each well-formed record of the
+    JSON lists `train_files` (`{"path", "caption"}`); malformed ones are skipped and counted."""
+    for train_file in train_files:
+        for source, record in iter_json_records(issues.reading(train_file), issues):
+            fields = string_fields(record, "path", "caption")
+            if fields is None:
+                issues.skip("malformed annotation", source)
+                continue
+            yield source, os.path.join(video_root, fields[0]), fields[1]
+
+
 class PretrainDataset(ClipDataset):
     """Records `{"path", "caption"}` of JSON lists; items `(video [T, 3, H, W], caption)`.
 
@@ -68,22 +81,16 @@ class PretrainDataset(ClipDataset):
             raise ValueError(f"video_resize ({video_resize}) must be at least image_size ({image_size})")
         captions: list[str] = []
         video: list[str] = []
-        for train_file in train_files:
-            for source, record in iter_json_records(issues.reading(train_file), issues):
-                fields = string_fields(record, "path", "caption")
-                if fields is None:
-                    issues.skip("malformed annotation", source)
-                    continue
-                path = os.path.join(video_root, fields[0])
-                if not os.path.exists(path):
-                    issues.skip("missing file", path)
-                    continue
-                caption = pre_caption(fields[1], max_words)
-                if not caption:
-                    issues.skip("empty caption", source)
-                    continue
-                video.append(path)
-                captions.append(caption)
+        for source, path, caption in read_pretrain_lists(train_files, video_root, issues):
+            if not os.path.exists(path):
+                issues.skip("missing file", path)
+                continue
+            caption = pre_caption(caption, max_words)
+            if not caption:
+                issues.skip("empty caption", source)
+                continue
+            video.append(path)
+            captions.append(caption)
         self.captions = StringColumn(captions)  # flat, see datasets/records.py
         self.image_transform = PretrainImageTransform(image_size, num_frames)
         super().__init__(issues, video, num_frames, strategy, video_resize,

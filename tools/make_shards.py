@@ -18,15 +18,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import webdataset as wds  # noqa: E402
 
-from datasets.annotations import first_existing, iter_json_records, string_fields  # noqa: E402
+from datasets.annotations import first_existing  # noqa: E402
 from datasets.issues import DataIssues  # noqa: E402
+from datasets.pretrain import read_pretrain_lists  # noqa: E402
 from datasets.retrieval import READERS  # noqa: E402
 from datasets.shards import MANIFEST  # noqa: E402
 from engine.config import load_config  # noqa: E402
@@ -37,15 +38,10 @@ from utils import ConfigError  # noqa: E402
 Source = tuple[str, list[str]]  # (file, captions)
 
 
-def pretrain_sources(train_files: Iterable[str], video_root: str,
+def pretrain_sources(train_files: Sequence[str], video_root: str,
                      issues: DataIssues) -> Iterator[Source]:
-    for train_file in train_files:
-        for source, record in iter_json_records(issues.reading(train_file), issues):
-            fields = string_fields(record, "path", "caption")
-            if fields is None:
-                issues.skip("malformed annotation", source)
-                continue
-            yield os.path.join(video_root, fields[0]), [fields[1]]
+    for _, path, caption in read_pretrain_lists(train_files, video_root, issues):
+        yield path, [caption]
 
 
 def retrieval_sources(config_path: str, split: str, issues: DataIssues) -> Iterator[Source]:
