@@ -84,11 +84,7 @@ def read_checkpoint(location: str, *, trust: bool = False,
     notes = []
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            # a zip archive (torch.save's format) is mapped, not read: tensors are read from
-            # the page cache when used, so reading a checkpoint for its config costs
-            # nothing and the ranks of a node share the pages of the weights they load
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True,
-                                    mmap=_is_zip(path))
+            checkpoint = _load_weights_only(path)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint "
@@ -110,9 +106,21 @@ def read_checkpoint(location: str, *, trust: bool = False,
     return checkpoint, notes
 
 
-def _is_zip(path: str) -> bool:
+def _load_weights_only(path: str) -> Any:
+    """torch.load with weights_only. A zip archive (torch.save's format) is memory-mapped,
+    not read: its tensors are read from the page cache when used, so reading a checkpoint
+    for its config costs nothing and the ranks of a node share the pages of the weights
+    they load. Where the file cannot be mapped it is read."""
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:  # refused by weights_only: the caller says why
+            raise
+        except Exception:  # e.g. a file system without mmap; a damaged file fails again below
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _not_a_checkpoint(path: str) -> str:

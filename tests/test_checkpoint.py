@@ -136,6 +136,23 @@ def test_numpy_scalars_and_namespaces_load_without_trust(tiny_config, tmp_path):
     assert report.missing == [] and report.notes == []
 
 
+def test_a_checkpoint_is_mapped_and_read_where_it_cannot_be_mapped(tmp_path, monkeypatch):
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save({"model": weights, "config": {"a": 1}}, tmp_path / "c.pth")
+    load, calls = torch.load, []
+
+    def recorded(*args, mmap=None, **kwargs):
+        calls.append(mmap)
+        if mmap:
+            raise OSError("mmap: operation not supported")  # as on such a file system
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recorded)
+    checkpoint, _ = read_checkpoint(str(tmp_path / "c.pth"))
+    assert calls == [True, None]  # mapped first, then read
+    assert torch.equal(checkpoint["model"]["w"], weights["w"])
+
+
 @pytest.fixture(scope="module")
 def tiny_retrieval(tiny_config):
     return build_retrieval_model(tiny_config())
