@@ -274,15 +274,25 @@ def pretrain_records(captions: list) -> list:
     return [{"path": record["video"], "caption": " ".join(record["caption"])} for record in captions]
 
 
+def data_settings(data: Path) -> dict[str, str]:
+    """The config's `video_root` and `ann_root` for the set written to `data`."""
+    return {"video_root": str(data / "videos"), "ann_root": str(data / "annotations")}
+
+
+def pretrain_list_path(data: Path) -> Path:
+    """Where `write_pretrain_list` puts a set's pre-training list unless told otherwise."""
+    return data / "annotations" / "pretrain.json"
+
+
 def write_pretrain_list(data: Path, split: str = "train", limit: Optional[int] = None,
                         out: Optional[Path] = None) -> Path:
     """Write the pre-training list of a set's `split` captions (the first `limit` videos),
-    to `out` (default: DATA/annotations/pretrain.json), and say so."""
+    to `out` (default: `pretrain_list_path`), and say so."""
     source = data / "annotations" / f"{split}.json"
     if not source.is_file():
         raise DataError(f"{source}: not found (write the set with tools/make_synthetic.py)")
     records = pretrain_records(json.loads(source.read_text())[:limit])
-    out = out or data / "annotations" / "pretrain.json"
+    out = out or pretrain_list_path(data)
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {len(records)} videos with their paragraphs to {out}")
     return out

@@ -1,8 +1,9 @@
 """Configs and the command line: read a YAML config, put `--opts` over it, check it
 against a script's schema (a composition of settings groups) and save what was used."""
 import argparse
+import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -50,6 +51,12 @@ def parse_opts(opts: Sequence[str]) -> Dict[str, Any]:
         except YAMLError as err:
             raise ConfigError(f"--opts: {name}: not a YAML value ({yaml_problem(err)})") from None
     return parsed
+
+
+def format_opts(values: Mapping[str, Any]) -> List[str]:
+    """The `--opts` entries that `parse_opts` reads back as `values` (each value as JSON,
+    which is YAML)."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
 def merge_opts(base: Mapping[str, Any], opts: Mapping[str, Any], schema: Settings

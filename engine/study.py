@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 from ruamel.yaml import YAML
 
+from engine.config import format_opts
+
 TrainMain = Callable[[List[str]], None]  # an entry script's main: train_retrieval.main, ...
 
 
@@ -28,8 +30,8 @@ def train_or_reuse(train_main: TrainMain, config: Path, overrides: Mapping[str, 
                                  f"{value!r}; remove the folder or pass another --runs")
     if not metrics.is_file():
         restart = ["--resume"] if (out / "checkpoint_last.pth").is_file() else ["--overwrite"]
-        opts = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-        train_main(["--config", str(config), "--output_dir", str(out), *restart, "--opts", *opts])
+        train_main(["--config", str(config), "--output_dir", str(out), *restart,
+                    "--opts", *format_opts(overrides)])
     return json.loads(metrics.read_text())["metrics"]
 
 

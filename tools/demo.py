@@ -35,7 +35,9 @@ import pretrain  # noqa: E402
 import train_retrieval  # noqa: E402
 import train_videoqa  # noqa: E402
 from datasets import DataError  # noqa: E402
-from datasets.synthetic import GenerationSettings, check_stamp, write_pretrain_list  # noqa: E402
+from datasets.synthetic import (GenerationSettings, check_stamp, data_settings,  # noqa: E402
+                                pretrain_list_path, write_pretrain_list)
+from engine.config import format_opts  # noqa: E402
 from engine.output_dir import OutputDir  # noqa: E402
 from engine.run import RUN_OUTPUTS  # noqa: E402
 from models import build_video_encoder  # noqa: E402
@@ -109,12 +111,10 @@ class Demo:
 
     @property
     def overrides(self) -> List[str]:
-        data = [f"video_root={self.data / 'videos'}"]
+        data = data_settings(self.data)
         if self.task == "pretrain":
-            data.append(f"train_file={self.data / 'annotations' / 'pretrain.json'}")
-        else:
-            data.append(f"ann_root={self.data / 'annotations'}")
-        return data + (QUICK_OVERRIDES[self.task] if self.quick else [])
+            data = {"video_root": data["video_root"], "train_file": str(pretrain_list_path(self.data))}
+        return format_opts(data) + (QUICK_OVERRIDES[self.task] if self.quick else [])
 
     def config(self) -> dict:
         """The resolved config the run saved."""
@@ -215,8 +215,7 @@ def run_pretrain(demo: Demo) -> dict:
     zero_shot = demo.output / "zero_shot"
     # the retrieval demo config shares the model settings; the quick model's too
     model_opts = [opt for opt in QUICK_OVERRIDES["retrieval"] if opt != "max_epoch=1"]
-    opts = [f"video_root={demo.data / 'videos'}",
-            f"ann_root={demo.data / 'annotations'}", *(model_opts if demo.quick else [])]
+    opts = [*format_opts(data_settings(demo.data)), *(model_opts if demo.quick else [])]
     train_retrieval.main(["--config", str(CONFIGS["retrieval"]), "--output_dir", str(zero_shot),
                           "--evaluate", "--checkpoint", str(checkpoint), "--opts", *opts])
     metrics = json.loads((zero_shot / "eval_results.json").read_text())["metrics"]

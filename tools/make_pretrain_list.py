@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
 from datasets import DataError  # noqa: E402
-from datasets.synthetic import write_pretrain_list  # noqa: E402
+from datasets.synthetic import pretrain_list_path, write_pretrain_list  # noqa: E402
 from engine.output_dir import check_output_file  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
@@ -31,7 +31,7 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit must be 1 or more, got {args.limit}")
-    out = args.out or args.data / "annotations" / "pretrain.json"
+    out = args.out or pretrain_list_path(args.data)
     try:
         check_output_file(out, "--out", args.overwrite)
         return write_pretrain_list(args.data, args.split, args.limit, out)

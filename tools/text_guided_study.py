@@ -44,7 +44,7 @@ import train_retrieval  # noqa: E402
 import train_videoqa  # noqa: E402
 from datasets import pre_caption  # noqa: E402
 from datasets.base import video_batch  # noqa: E402
-from datasets.synthetic import first_event_keys, make_spec  # noqa: E402
+from datasets.synthetic import data_settings, first_event_keys, make_spec  # noqa: E402
 from datasets.video import TEST_STRATEGY, read_test_frames, sample_frame_indices  # noqa: E402
 from engine.output_dir import OutputDir, taken  # noqa: E402
 from engine.study import mean_and_se, paired_difference, summarise_seeds, train_or_reuse  # noqa: E402
@@ -78,8 +78,7 @@ def run_metrics(args, task: str, name: str, seed: int) -> Dict[str, float]:
     """The test metrics of `task` trained with setting `name` and `seed`: retrieval
     fine-tuned from --base for --epochs, VideoQA from scratch for --qa-epochs."""
     data = args.data if task == "retrieval" else args.qa_data
-    overrides = {"video_root": str(data / "videos"), "ann_root": str(data / "annotations"),
-                 **SETTINGS[name], "seed": seed}
+    overrides = {**data_settings(data), **SETTINGS[name], "seed": seed}
     if task == "retrieval":
         overrides.update(pretrained=str(args.base), max_epoch=args.epochs, init_lr=args.lr,
                          min_lr=args.lr / 2)
