@@ -34,6 +34,7 @@ SAFE_GLOBALS = _safe_globals()
 # how the scripts allow full unpickling; `testa.load` names its own (trust=True)
 SCRIPT_TRUST_OPTION = "--trust_checkpoint (config key trust_checkpoint: true)"
 # the first pickle of a legacy (non-zip) torch.save file: protocol 2, then the magic number
+ZIP_HEADER = b"PK\x03\x04"  # torch.save's format
 LEGACY_TORCH_HEADER = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 # what a file that is not a checkpoint is, by its first bytes (offset, bytes, description)
 FILE_SIGNATURES = ((4, b"ftyp", "an MP4/MOV video"), (0, b"\x1a\x45\xdf\xa3", "a Matroska/WebM video"),
@@ -77,14 +78,16 @@ def read_checkpoint(location: str, *, trust: bool = False,
                               f"(no {WEIGHTS_FILE} in it)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
-    what = _not_a_checkpoint(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    what = _not_a_checkpoint(head)
     if what:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: {what}")
     trust_hint = f"pass {trust_option} only if you trust where the file comes from"
     notes = []
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = _load_weights_only(path)
+            checkpoint = _load_weights_only(path, mapped=head.startswith(ZIP_HEADER))
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint "
@@ -106,14 +109,12 @@ def read_checkpoint(location: str, *, trust: bool = False,
     return checkpoint, notes
 
 
-def _load_weights_only(path: str) -> Any:
-    """torch.load with weights_only. A zip archive (torch.save's format) is memory-mapped,
-    not read: its tensors are read from the page cache when used, so reading a checkpoint
-    for its config costs nothing and the ranks of a node share the pages of the weights
-    they load. Where the file cannot be mapped it is read."""
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    if is_zip:
+def _load_weights_only(path: str, mapped: bool) -> Any:
+    """torch.load with weights_only. A zip archive (torch.save's format, `mapped`) is
+    memory-mapped, not read: its tensors are read from the page cache when used, so reading
+    a checkpoint for its config costs nothing and the ranks of a node share the pages of the
+    weights they load. Where the file cannot be mapped it is read."""
+    if mapped:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:  # refused by weights_only: the caller says why
@@ -123,12 +124,10 @@ def _load_weights_only(path: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _not_a_checkpoint(path: str) -> str:
-    """What the file is when its first bytes are neither a zip archive (torch.save's
+def _not_a_checkpoint(head: bytes) -> str:
+    """What a file is when its first bytes `head` are neither a zip archive (torch.save's
     format) nor a legacy torch.save pickle ("" when they are one of those)."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_TORCH_HEADER):
+    if head.startswith(ZIP_HEADER) or head.startswith(LEGACY_TORCH_HEADER):
         return ""
     if not head:
         return "an empty file"
