@@ -212,9 +212,13 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     steps_per_epoch = len(train_loader)  # before a resumed epoch starts part-way
     state = resume(run, model, optimizer, train_loader) if resume_training else TrainState()
     run.take_output_dir()  # every check passed (data, weights, the resumed checkpoint)
+
+    def global_step(step: int) -> int:  # of `step` in the epoch that state.epoch names
+        return state.epoch * steps_per_epoch + step
+
     if resume_training:  # the stopped run's records after the resumed step are written again
         step = 0 if state.progress is None else state.progress.step
-        run.records.continue_from(state.epoch, step, state.epoch * steps_per_epoch + step)
+        run.records.continue_from(state.epoch, step, global_step(step))
     train_model = wrap_ddp(model, run.device)
     schedule = task.schedule(config)
     losses_of = task.make_losses(train_model, run, train_loader)
@@ -222,7 +226,7 @@ def fit(run: Run, model: nn.Module, task: Task, loaders: Mapping[str, DataLoader
     def save_progress(progress: EpochProgress) -> None:
         save_last(run, model, task, optimizer, state, train_loader, progress)
         run.records.write({"kind": "checkpoint", "epoch": state.epoch, "step": progress.step,
-                           "global_step": state.epoch * steps_per_epoch + progress.step})
+                           "global_step": global_step(progress.step)})
 
     for epoch in range(state.epoch, config["max_epoch"]):
         epoch_started = time.perf_counter()

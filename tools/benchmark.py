@@ -32,13 +32,13 @@ the timing (`models.timing.gemm_gflops`): an upper bound that a loaded machine
 understates or overstates. `attention_gflops` (forward only) is the rate of the attention
 kernel alone (`F.scaled_dot_product_attention` at the first block's temporal and spatial
 shapes, `models.timing.encoder_attention`), also timed in turn with the encoder: where it
-is far below `gemm_gflops`, attention bounds `peak_fraction` more than its FLOPs suggest. `--compare-dtype` times float32 and bfloat16 alternately
-and gives each of these keys one value per dtype, with `dtype_speedup` (float32 seconds
-over bfloat16 seconds), `gemm_ratio` (the two dtypes' `gemm_gflops`) and
-`speedup_of_gemm_ratio` (the first over the second: 1 when bfloat16 speeds the whole
-encoder up as much as its linear layers). `--compile` wraps the encoder in
-`torch.compile` (static shapes: fixed-r aggregation) and reports the first call's
-`compile_seconds` apart from the timed runs.
+is far below `gemm_gflops`, attention bounds `peak_fraction` more than its FLOPs suggest.
+`--compare-dtype` times float32 and bfloat16 alternately and gives each of these keys
+one value per dtype, with `dtype_speedup` (float32 seconds over bfloat16 seconds),
+`gemm_ratio` (the two dtypes' `gemm_gflops`) and `speedup_of_gemm_ratio` (the first over
+the second: 1 when bfloat16 speeds the whole encoder up as much as its linear layers).
+`--compile` wraps the encoder in `torch.compile` (static shapes: fixed-r aggregation) and
+reports the first call's `compile_seconds` apart from the timed runs.
 `--profile` adds one profiled forward per dtype, its time summed by op class.
 
 `--rerank` times the matching head instead: one video's output tokens at the config's
