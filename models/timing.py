@@ -12,6 +12,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from models.blocks import attend
 from models.cost import video_shape
 from models.video_encoder import build_video_encoder
 
@@ -203,7 +204,7 @@ def encoder_gemms(config: dict, device: str, dtype: torch.dtype, tokens: Tuple[i
 def encoder_attention(config: dict, device: str, dtype: torch.dtype, batch: int = 1
                       ) -> Tuple[Callable[[], None], float]:
     """The first block's attention alone, as the encoder runs it (inference): a step
-    running `F.scaled_dot_product_attention` at its temporal shape (each patch over the T
+    running `models.blocks.attend` at its temporal shape (each patch over the T
     frames) and its spatial shape (each frame's patches and class token), and its FLOPs
     (the two products, 4 x queries x keys x head width). Timed in turn with the encoder,
     its rate says how far the attention kernel is from the linear layers' GEMM rate."""
@@ -212,13 +213,14 @@ def encoder_attention(config: dict, device: str, dtype: torch.dtype, batch: int 
     shapes = [(batch * patches, frames), (batch * frames, patches + 1)]  # (sequences, length)
     inputs = [[torch.randn(sequences, heads, length, width // heads, device=device, dtype=dtype)
                for _ in range(3)] for sequences, length in shapes]  # q, k, v
+    scale = (width // heads) ** -0.5
     flops = sum(4 * sequences * heads * length * length * (width // heads)
                 for sequences, length in shapes)
 
     def run() -> None:
         with torch.inference_mode():
             for q, k, v in inputs:
-                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                attend(q, k, v, scale)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     return run, float(flops)

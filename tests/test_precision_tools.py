@@ -141,9 +141,9 @@ def test_the_attention_reference_runs_the_first_blocks_shapes(monkeypatch):
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def recorded(q, k, v):
+    def recorded(q, k, v, **options):
         calls.append(tuple(q.shape))
-        return sdpa(q, k, v)
+        return sdpa(q, k, v, **options)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
     run, flops = encoder_attention(config, "cpu", torch.float32, batch=2)
