@@ -61,8 +61,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if not return_attn and fused_attention_pays(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
     logits = (q @ k.transpose(-2, -1)).mul_(scale)  # [batch, H, N, N]
-    if bias is not None:
-        logits = logits.add_(bias)
+    if bias is not None:  # a float32 bias under autocast makes the softmax float32
+        logits = logits + bias
     attn = logits.softmax(dim=-1)
     return attn @ v, attn if return_attn else None
 
