@@ -49,27 +49,50 @@ def utf8_text(path: str) -> Iterator[io.TextIOWrapper]:
 
 
 class RepeatedKeys(dict):
-    """A JSON object that gives a key more than once: the values json keeps (the last),
-    and `repeated`, the keys given twice or more."""
+    """A JSON object in which an object (itself, or one inside it) gives a key more than
+    once: the values json keeps (the last), and `repeated`, a (where, key) pair for each
+    such key, `where` the path of the object inside this one (() for itself)."""
 
-    def __init__(self, pairs: list, repeated: list[str]):
+    def __init__(self, pairs: list, repeated: list[tuple[tuple, str]]):
         super().__init__(pairs)
         self.repeated = repeated
 
     def problem(self) -> str:
-        return f"{', '.join(repr(key) for key in self.repeated)} given twice"
+        return ", ".join(f"{key!r} given twice" + (f" in {json_path(where)}" if where else "")
+                         for where, key in self.repeated)
+
+
+def json_path(where: tuple) -> str:
+    """('shards', 0, 'meta') -> 'shards[0].meta'."""
+    text = ""
+    for part in where:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def repeats_inside(value: Any) -> list[tuple[tuple, str]]:
+    """The (where, key) pairs of a parsed JSON value (objects inside lists included)."""
+    if isinstance(value, RepeatedKeys):
+        return value.repeated
+    if isinstance(value, list):
+        return [((index, *where), key) for index, item in enumerate(value)
+                for where, key in repeats_inside(item)]
+    return []
 
 
 def _json_object(pairs: list) -> dict:
-    """json's object_pairs_hook: a dict, or RepeatedKeys where a key repeats."""
-    found = dict(pairs)
-    if len(found) == len(pairs):
-        return found
-    return RepeatedKeys(pairs, sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1))
+    """json's object_pairs_hook: a dict, or RepeatedKeys where a key repeats in the object
+    or in an object inside it (those are built first, so their marks are passed up)."""
+    counts = Counter(key for key, _ in pairs)
+    repeated = [((), key) for key in sorted(key for key, n in counts.items() if n > 1)]
+    for key, value in pairs:
+        repeated += [((key, *where), inner) for where, inner in repeats_inside(value)]
+    return RepeatedKeys(pairs, repeated) if repeated else dict(pairs)
 
 
 def parse_json(text: str) -> Any:
-    """`json.loads` that marks objects giving a key twice (RepeatedKeys)."""
+    """`json.loads` that marks objects giving a key twice, or holding one that does
+    (RepeatedKeys)."""
     return json.loads(text, object_pairs_hook=_json_object)
 
 

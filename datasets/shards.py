@@ -105,8 +105,6 @@ def read_manifest(path: str) -> dict[str, int]:
         if (not isinstance(name, str) or isinstance(samples, bool) or not isinstance(samples, int)
                 or samples < 0):
             raise DataError(f"{path}: shards[{position}] needs a 'name' and a 'samples' count >= 0")
-        if isinstance(shard, RepeatedKeys):
-            raise DataError(f"{path}: shards[{position}] has {shard.problem()}")
         if name in counts:
             raise DataError(f"{path}: shard {name!r} is listed twice")
         counts[name] = samples

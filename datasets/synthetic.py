@@ -23,7 +23,7 @@ from typing import Optional
 import av
 import numpy as np
 
-from .annotations import DataError, load_json_object
+from .annotations import DataError, RepeatedKeys, load_json_list, load_json_object
 
 SHAPE_COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 90, 230), "yellow": (240, 220, 30),
@@ -269,9 +269,21 @@ def check_stamp(folder: Path, settings: GenerationSettings) -> bool:
     return False
 
 
-def pretrain_records(captions: list) -> list:
-    """ActivityNet Captions records `{"video", "caption": [sentences]}` -> `{"path", "caption"}`."""
-    return [{"path": record["video"], "caption": " ".join(record["caption"])} for record in captions]
+def pretrain_records(source: Path, captions: list) -> list:
+    """ActivityNet Captions records `{"video", "caption": [sentences]}` of the file `source`
+    -> `{"path", "caption"}`; a record of another shape raises DataError naming it."""
+    records = []
+    for position, record in enumerate(captions):
+        where = f"{source}[{position}]"
+        if isinstance(record, RepeatedKeys):
+            raise DataError(f"{where}: {record.problem()}")
+        video = record.get("video") if isinstance(record, dict) else None
+        sentences = record.get("caption") if isinstance(record, dict) else None
+        if (not isinstance(video, str) or not isinstance(sentences, list)
+                or not all(isinstance(sentence, str) for sentence in sentences)):
+            raise DataError(f"{where}: expected a 'video' path and a 'caption' list of sentences")
+        records.append({"path": video, "caption": " ".join(sentences)})
+    return records
 
 
 def data_settings(data: Path) -> dict[str, str]:
@@ -291,7 +303,7 @@ def write_pretrain_list(data: Path, split: str = "train", limit: Optional[int] =
     source = data / "annotations" / f"{split}.json"
     if not source.is_file():
         raise DataError(f"{source}: not found (write the set with tools/make_synthetic.py)")
-    records = pretrain_records(json.loads(source.read_text())[:limit])
+    records = pretrain_records(source, load_json_list(str(source))[:limit])
     out = out or pretrain_list_path(data)
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {len(records)} videos with their paragraphs to {out}")

@@ -12,6 +12,7 @@ import pretrain
 import train_retrieval
 import train_videoqa
 from helpers import write_config, write_gray_video
+from tools import make_pretrain_list
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,11 @@ TWO_MALFORMED = [{"video": "v_a.mp4"}, {"video": 3, "caption": ["a clip."]}]
     ('[{"video": "v_a.mp4", "caption": ["a clip."], "video": "v_b.mp4"}]',
      "the train split has no usable record (1 key given twice)"),
     ('{"video": "v_a.mp4", "video": "v_b.mp4"}', "the top-level object has 'video' given twice"),
+    # inside a record: an object in a list in an object
+    ('[{"video": "v_a.mp4", "caption": ["a clip."], "meta": {"cuts": [{"t": 1, "t": 2}]}}]',
+     "the train split has no usable record (1 key given twice)"),
+    ('{"records": [[{"a": 1}, {"b": 1, "b": 2}]], "c": {"d": 0, "d": 1}}',
+     "the top-level object has 'b' given twice in records[0][1], 'd' given twice in c"),
 ])
 def test_bad_train_file_is_one_line_before_training(tmp_path, video, train, problem):
     ann, videos = retrieval_root(tmp_path, video, train)
@@ -166,3 +172,21 @@ def test_queryd_caption_pickle_cannot_run_code(tmp_path, video):
     assert not marker.exists()
     pickle.loads(pickle.dumps(LeavesAMarker(str(marker))))  # the payload is real: plain pickle runs it
     assert marker.exists()
+
+
+@pytest.mark.parametrize("captions, problem", [
+    ('[{"video": "a.mp4", ', "train.json: not valid JSON (Expecting property name enclosed in "
+                            "double quotes at line 2 column 1)"),
+    ('{"video": "a.mp4"}', "train.json: expected a JSON list of records, got a JSON object"),
+    ('[{"video": "a.mp4", "caption": ["x."], "video": "b.mp4"}]', "train.json[0]: 'video' given twice"),
+    ('[{"video": "a.mp4", "caption": ["x."]}, {"video": "b.mp4", "caption": "x."}]',
+     "train.json[1]: expected a 'video' path and a 'caption' list of sentences"),
+    ('[7]', "train.json[0]: expected a 'video' path and a 'caption' list of sentences"),
+])
+def test_pretrain_list_from_a_bad_captions_file_is_one_line(tmp_path, captions, problem):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.json").write_text(captions + "\n")
+    with pytest.raises(SystemExit) as failed:
+        make_pretrain_list.main(["--data", str(tmp_path)])
+    assert str(failed.value.code) == f"error: {tmp_path / 'annotations'}/{problem}"
+    assert not (tmp_path / "annotations" / "pretrain.json").exists()

@@ -531,6 +531,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, videos):
              json.dumps({"clip_name": "good", "caption": "  ~~  "}),
              '{"clip_name": "good", "caption": ',
              '{"clip_name": "good", "caption": "one", "caption": "or the other"}',
+             '{"clip_name": "good", "caption": "three", "span": [{"t": 1, "t": 2}]}',
              json.dumps({"clip_name": "other", "caption": "ok two"})]
     for split in ("train", "val", "test"):
         (ann / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
@@ -539,9 +540,9 @@ def test_bad_records_are_skipped_and_counted(tmp_path, videos):
     train, _, test = build_datasets(config)
     assert test.text == ["ok one", "ok two"] and test.txt2video == [0, 1] and test.video2txt == [[0], [1]]
     assert train.issues.skipped == {"missing video": 1, "empty caption": 1, "malformed annotation": 1,
-                                    "key given twice": 1}
-    assert train.summary() == ("retrieval_didemo/train: 4 records skipped at build (1 empty caption, "
-                               "1 key given twice, 1 malformed annotation, 1 missing video); "
+                                    "key given twice": 2}
+    assert train.summary() == ("retrieval_didemo/train: 5 records skipped at build (1 empty caption, "
+                               "2 key given twice, 1 malformed annotation, 1 missing video); "
                                "0 videos failed to decode (next record used)")
 
 

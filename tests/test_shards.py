@@ -181,5 +181,6 @@ def test_two_ranks_pretrain_from_shards_and_consume_the_dataset_in_equal_steps(s
 def test_a_manifest_entry_that_gives_a_key_twice_is_one_line(tmp_path):
     (tmp_path / "manifest.json").write_text(
         '{"shards": [{"name": "a.tar", "samples": 3, "samples": 5}]}')
-    with pytest.raises(DataError, match=r"manifest.json: shards\[0\] has 'samples' given twice$"):
+    with pytest.raises(DataError, match=r"manifest.json: the top-level object has 'samples' given "
+                                        r"twice in shards\[0\]$"):
         read_manifest(str(tmp_path / "manifest.json"))
