@@ -39,6 +39,7 @@ from datasets.base import video_batch
 from datasets.video import VideoDecodeError, read_test_frames
 from models import build_retrieval_model, build_videoqa_model, load_checkpoint
 from models import LoadReport, read_checkpoint
+from models.checkpoint_reading import not_a_torch_file
 from models.text_guided import TokenSelection
 from models.video_encoder import cat_token_batches
 from engine.config import load_config
@@ -336,6 +337,13 @@ class VideoIndex:
     def load(cls, path: Union[str, Path]) -> "VideoIndex":
         """The index saved at `path`, read weights-only; ValueError naming the file when it
         is no index."""
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: " + ("a folder, not an index file" if Path(path).is_dir()
+                                            else "no such index file"))
+        with open(path, "rb") as f:
+            what = not_a_torch_file(f.read(512))
+        if what:
+            raise ValueError(f"{path}: not a video index: {what}")
         try:
             saved = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # torch.load raises many kinds for files that are no index

@@ -80,7 +80,7 @@ def read_checkpoint(location: str, *, trust: bool = False,
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
         head = f.read(512)
-    what = _not_a_checkpoint(head)
+    what = not_a_torch_file(head)
     if what:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: {what}")
     trust_hint = f"pass {trust_option} only if you trust where the file comes from"
@@ -124,9 +124,10 @@ def _load_weights_only(path: str, mapped: bool) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _not_a_checkpoint(head: bytes) -> str:
+def not_a_torch_file(head: bytes) -> str:
     """What a file is when its first bytes `head` are neither a zip archive (torch.save's
-    format) nor a legacy torch.save pickle ("" when they are one of those)."""
+    format) nor a legacy torch.save pickle ("" when they are one of those): said before
+    torch reads a checkpoint or a video index."""
     if head.startswith(ZIP_HEADER) or head.startswith(LEGACY_TORCH_HEADER):
         return ""
     if not head:

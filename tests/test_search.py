@@ -91,3 +91,10 @@ def test_a_file_that_is_no_index_is_one_line(checkpoint, tmp_path):
         run_script(search.main, "query", checkpoint, "a dog")
     with pytest.raises(SystemExit, match="holds no video file"):
         run_script(search.main, "index", checkpoint, tmp_path, tmp_path / "index.pt")
+    (tmp_path / "notes.txt").write_text("not an index")
+    for index, problem in [(tmp_path / "notes.txt", "not a video index: a text file"),
+                           (tmp_path / "gone.pt", "no such index file"),
+                           (tmp_path, "a folder, not an index file")]:
+        with pytest.raises(SystemExit) as failed:
+            run_script(search.main, "query", index, "a dog")
+        assert str(failed.value.code) == f"error: {index}: {problem}"
