@@ -60,6 +60,7 @@ class VideoQADataset(ClipDataset):
         self.questions: list[Question] = []
         video: list[str] = []
         video_index: dict[str, int] = {}
+        asked: set = set()  # the question_ids kept
         for source, record in iter_json_records(question_path, issues):
             fields = string_fields(record, "question", "video_name")
             qid = record.get("question_id") if isinstance(record, dict) else None
@@ -68,6 +69,9 @@ class VideoQADataset(ClipDataset):
                 continue
             if qid not in answers:
                 issues.skip("missing answer", source)
+                continue
+            if qid in asked:  # its answers would count twice in the accuracy
+                issues.skip("question_id given twice", source)
                 continue
             stem = os.path.join(video_root, "v_" + fields[1])
             path = first_existing(tuple(stem + extension for extension in VIDEO_EXTENSIONS))
@@ -81,6 +85,7 @@ class VideoQADataset(ClipDataset):
             if path not in video_index:
                 video_index[path] = len(video)
                 video.append(path)
+            asked.add(qid)
             self.questions.append(Question(qid, question, tuple(answers[qid]), video_index[path]))
         self.answers_by_qid = {q.question_id: q.answers[0] for q in self.questions}
         super().__init__(issues, video, num_frames, strategy, image_size, transform)

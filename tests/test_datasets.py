@@ -469,6 +469,22 @@ def test_repeated_answers_weigh_more(tmp_path, videos):
     assert test.answers_by_qid == {7: "red"}
 
 
+
+def test_a_question_id_given_twice_keeps_the_first_question_and_is_counted(tmp_path, videos):
+    config = base_config(tmp_path, "activitynet_qa")
+    ann, video_root = tmp_path / "ann", tmp_path / "videos"
+    questions = [{"question": "Color?", "question_id": 7, "video_name": "x"},
+                 {"question": "Shape?", "question_id": 7, "video_name": "x"},
+                 {"question": "Day?", "question_id": 8, "video_name": "x"}]
+    answers = [{"answer": "red", "question_id": 7, "type": 4},
+               {"answer": "yes", "question_id": 8, "type": 3}]
+    for split in ("train", "val", "test"):
+        write_qa(ann, split, questions, answers)
+    link(videos["long"], video_root / "v_x.mp4")
+    _, _, test = build_datasets(config)
+    assert [q.question for q in test.questions] == ["color?", "day?"]
+    assert test.issues.skipped == {"question_id given twice": 1}
+
 # ---------------------------------------------------------------- pre-training
 
 def test_pretrain_video_and_image_records(tmp_path, videos):
