@@ -34,7 +34,8 @@ class DataError(ValueError):
 
 def require_file(path: str) -> str:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: annotation file not found")
+        raise FileNotFoundError(f"{path}: annotation file not found (DATASETS.md says where each "
+                                f"dataset's files go; --opts sets the config's data paths)")
     return path
 
 
