@@ -9,12 +9,12 @@ from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import Mlp
 from torch import nn
 
 from models.aggregation import AGGREGATION_RULES, Reduction, attention_received
+from models.attention import attend, live_key_bias
 from models.resize import resize_along_time
 from models.token_state import TokenState, with_class_slot
 
@@ -49,40 +49,6 @@ class Attention(nn.Module):
         out = self.proj(rearrange(out, "b h n c -> b n (h c)"))
         attn = attn.mean(dim=1) if return_attn else None  # [batch, N, N]
         return out, k.mean(dim=1) if return_metric else None, attn
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           bias: Optional[torch.Tensor] = None, return_attn: bool = False
-           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Scaled dot-product attention of q, k, v `[batch, H, N, Dh]` with an additive `bias`
-    broadcast to `[batch, H, N, N]` -> (output `[batch, H, N, Dh]`, the attention weights
-    `[batch, H, N, N]` if `return_attn`). Fused where that is faster and the weights are
-    not asked for (see `fused_attention_pays`), else as explicit products."""
-    if not return_attn and fused_attention_pays(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
-    logits = (q @ k.transpose(-2, -1)).mul_(scale)  # [batch, H, N, N]
-    if bias is not None:  # a float32 bias under autocast makes the softmax float32
-        logits = logits + bias
-    attn = logits.softmax(dim=-1)
-    return attn @ v, attn if return_attn else None
-
-
-def fused_attention_pays(q: torch.Tensor) -> bool:
-    """Whether `F.scaled_dot_product_attention` beats the explicit products for queries
-    like `q`. Not for bfloat16 / float16 on a CPU: PyTorch's fused CPU kernel runs them no
-    faster than float32, while the batched products go at the reduced-precision GEMM rate
-    (on a 2-core AVX512-BF16 EPYC, the fused kernel took 1.25x as long at 197 keys and 2 to
-    3x at 20 to 100). The explicit form rounds the logits to the input dtype, as the
-    original's attention does under autocast."""
-    return q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)
-
-
-def live_key_bias(live: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias `[batch, 1, 1, N]`: 0 for live keys, -inf for empty slots.
-    A row with no live key (only empty slots ask) attends to all, so it stays finite."""
-    live = live | ~live.any(dim=-1, keepdim=True)
-    bias = torch.zeros(live.shape, dtype=dtype, device=live.device).masked_fill(~live, -torch.inf)
-    return bias[:, None, None, :]
 
 
 class Block(nn.Module):

@@ -15,7 +15,6 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from transformers import BertTokenizer
 from transformers.models.blip.modeling_blip_text import (BlipTextAttention, BlipTextConfig,
@@ -23,6 +22,7 @@ from transformers.models.blip.modeling_blip_text import (BlipTextAttention, Blip
                                                          BlipTextSelfAttention)
 
 from datasets.annotations import load_json_object
+from models.attention import attend, live_key_bias
 from models.bert_init import init_from_bert
 from models.cost import count, encoder_config
 from models.text_guided import (RULES, TokenSelection, choose_tokens, merge_per_text,
@@ -364,7 +364,6 @@ def encode_grounded_one_video(encoder: BlipTextModel, input_ids: torch.Tensor,
     # additive padding mask of the texts' self-attention, as BlipTextModel builds it
     text_bias = ((1.0 - attention_mask[:, None, None, :].to(encoder.dtype))
                  * torch.finfo(encoder.dtype).min)  # [K, 1, 1, S]
-    video_keep = None if video_mask is None else video_mask[:, None, None, :].bool()  # [1, 1, 1, N]
     hidden = encoder.embeddings(input_ids=input_ids)  # [K, S, W]
     merge = None
     for depth, layer in enumerate(encoder.encoder.layer):
@@ -374,18 +373,18 @@ def encode_grounded_one_video(encoder: BlipTextModel, input_ids: torch.Tensor,
         dropout = cross.dropout.p if cross.training else 0.0
         if selection is None:
             query = split_heads(cross.query(attended).reshape(1, num_texts * num_words, -1))
-            context = F.scaled_dot_product_attention(  # [1, H, K*S, d]
-                query, split_heads(keys), split_heads(values), attn_mask=video_keep,
-                dropout_p=dropout)
+            bias = None if video_mask is None else live_key_bias(video_mask.bool(), query.dtype)
+            context, _ = attend(query, split_heads(keys), split_heads(values),  # [1, H, K*S, d]
+                                query.shape[-1] ** -0.5, bias, dropout_p=dropout)
         else:
             if depth == 0:
                 relevance = relevance_of(selection, encoder, input_ids, attention_mask,
                                          video_embeds, attended, keys)  # [K or 1, N]
                 merge = choose_tokens(selection, video_embeds, relevance, num_texts)
             keys, values = (merge_per_text(merge, t, num_texts) for t in (keys, values))
-            context = F.scaled_dot_product_attention(  # [K, H, S, d] over [K, H, k, d]
-                split_heads(cross.query(attended)), split_heads(keys), split_heads(values),
-                dropout_p=dropout)
+            query = split_heads(cross.query(attended))  # [K, H, S, d] over [K, H, k, d]
+            context, _ = attend(query, split_heads(keys), split_heads(values),
+                                query.shape[-1] ** -0.5, dropout_p=dropout)
         context = context.transpose(1, 2).reshape(num_texts, num_words, -1)  # [K, S, W]
         hidden = layer.feed_forward_chunk(layer.crossattention.output(context, attended))
     return hidden

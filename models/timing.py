@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from models.blocks import attend
+from models.attention import attend
 from models.cost import video_shape
 from models.video_encoder import build_video_encoder
 
@@ -204,7 +204,7 @@ def encoder_gemms(config: dict, device: str, dtype: torch.dtype, tokens: Tuple[i
 def encoder_attention(config: dict, device: str, dtype: torch.dtype, batch: int = 1
                       ) -> Tuple[Callable[[], None], float]:
     """The first block's attention alone, as the encoder runs it (inference): a step
-    running `models.blocks.attend` at its temporal shape (each patch over the T
+    running `models.attention.attend` at its temporal shape (each patch over the T
     frames) and its spatial shape (each frame's patches and class token), and its FLOPs
     (the two products, 4 x queries x keys x head width). Timed in turn with the encoder,
     its rate says how far the attention kernel is from the linear layers' GEMM rate."""

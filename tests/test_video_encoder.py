@@ -6,7 +6,7 @@ import torch
 
 from helpers import TINY_ENCODER as TINY, random_video, tiny_encoder
 from models import build_video_encoder
-from models.blocks import attend, fused_attention_pays
+from models.attention import attend, fused_attention_pays
 from tests.reference_testa import reference_forward
 from engine.config import load_config
 

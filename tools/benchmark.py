@@ -30,7 +30,7 @@ see the same load of other processes (`models.timing.encoder_gemms`). `gemm_gflo
 is the best rate of a few large bias-free products at the same dtype, measured after
 the timing (`models.timing.gemm_gflops`): an upper bound that a loaded machine
 understates or overstates. `attention_gflops` (forward only) is the rate of the attention
-alone as the encoder computes it (`models.blocks.attend` at the first block's temporal
+alone as the encoder computes it (`models.attention.attend` at the first block's temporal
 and spatial shapes, `models.timing.encoder_attention`), also timed in turn with the encoder: where it
 is far below `gemm_gflops`, attention bounds `peak_fraction` more than its FLOPs suggest.
 `--compare-dtype` times float32 and bfloat16 alternately and gives each of these keys
