@@ -14,7 +14,7 @@ import pickle
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from .issues import DataIssues
 
@@ -138,15 +138,23 @@ def load_json_list(path: str) -> list:
     return records
 
 
-def iter_json_records(path: str, issues: DataIssues) -> Iterator[tuple[str, Any]]:
-    """(source, record) for each record of a JSON list file (source `path[position]`); a
-    record giving a key twice is skipped and counted."""
-    for position, record in enumerate(load_json_list(path)):
-        source = f"{path}[{position}]"
+def without_repeated_keys(records: Iterable[tuple[str, Any]],
+                          issues: DataIssues) -> Iterator[tuple[str, Any]]:
+    """The (source, record) pairs whose record gives no key twice; the others are skipped
+    and counted."""
+    for source, record in records:
         if isinstance(record, RepeatedKeys):
             issues.skip("key given twice", f"{source} ({record.problem()})")
             continue
         yield source, record
+
+
+def iter_json_records(path: str, issues: DataIssues) -> Iterator[tuple[str, Any]]:
+    """(source, record) for each record of a JSON list file (source `path[position]`); a
+    record giving a key twice is skipped and counted."""
+    records = load_json_list(path)
+    return without_repeated_keys(((f"{path}[{position}]", record)
+                                  for position, record in enumerate(records)), issues)
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -179,6 +187,11 @@ def load_plain_pickle(path: str) -> Any:
 def iter_jsonl(path: str, issues: DataIssues) -> Iterator[tuple[str, dict]]:
     """(source, record) for each JSON object line; malformed lines and objects giving a key
     twice are skipped and counted."""
+    return without_repeated_keys(_jsonl_objects(path, issues), issues)
+
+
+def _jsonl_objects(path: str, issues: DataIssues) -> Iterator[tuple[str, dict]]:
+    """(source, object) for each JSON object line; malformed lines are skipped and counted."""
     with utf8_text(path) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -191,9 +204,6 @@ def iter_jsonl(path: str, issues: DataIssues) -> Iterator[tuple[str, dict]]:
                 continue
             if not isinstance(record, dict):
                 issues.skip("malformed annotation", source)
-                continue
-            if isinstance(record, RepeatedKeys):
-                issues.skip("key given twice", f"{source} ({record.problem()})")
                 continue
             yield source, record
 
