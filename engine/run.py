@@ -17,6 +17,7 @@ from datasets.decoders import decoder_env_problem
 from engine.config import resolve_config, save_config
 from engine.distributed import (DISTRIBUTED_SETTINGS, finish_distributed, init_distributed,
                                 is_collective_timeout, select_device)
+from engine.host_memory import keep_freed_memory
 from engine.logs import RunRecords, log, set_progress_bar, summary_writer_class
 from engine.output_dir import OutputDir, release_held
 from engine.precision import Precision, build_precision
@@ -126,6 +127,8 @@ def start_run(args: argparse.Namespace, task: Task,
     logging.basicConfig(format="%(message)s")
     logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)
     seed_everything(config["seed"])  # the same initial weights on every rank
+    if device.type == "cpu":  # activations in host memory: no page faults at every step
+        keep_freed_memory()
     log(f"{run.world_size} process(es) on {device.type}, precision {run.precision}, "
         f"output {output.path}")
     return run

@@ -14,7 +14,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from models.aggregation import AGGREGATION_RULES, Reduction, attention_received
-from models.attention import attend, live_key_bias
+from models.attention import attend, live_key_bias, split_heads
 from models.resize import resize_along_time
 from models.token_state import TokenState, with_class_slot
 
@@ -40,8 +40,7 @@ class Attention(nn.Module):
         (output `[batch, N, D]`, keys averaged over heads `[batch, N, Dh]` if
         `return_metric` (the merge metric: a block that merges nothing skips it),
         attention averaged over heads `[batch, N, N]` if `return_attn`)."""
-        qkv = rearrange(self.qkv(x), "b n (three h c) -> three b h n c", three=3, h=self.num_heads)
-        q, k, v = qkv.unbind(0)  # [batch, H, N, Dh] each
+        q, k, v = split_heads(self.qkv(x), self.num_heads)  # [batch, H, N, Dh] each
         bias = None if size is None else size.log()[:, None, None, :, 0]  # [batch, 1, 1, N]
         if live is not None and bias is None:
             bias = live_key_bias(live, x.dtype)

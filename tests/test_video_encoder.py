@@ -6,7 +6,7 @@ import torch
 
 from helpers import TINY_ENCODER as TINY, random_video, tiny_encoder
 from models import build_video_encoder
-from models.attention import attend, fused_attention_pays
+from models.attention import attend, fused_attention_pays, split_heads
 from tests.reference_testa import reference_forward
 from engine.config import load_config
 
@@ -236,6 +236,29 @@ def test_bfloat16_attention_on_cpu_stays_within_its_rounding():
     error = (rounded.double() - exact).abs()
     # bfloat16 keeps 8 significant bits (2^-9 relative per rounding); measured: 0.01, 0.0009
     assert error.max() < 0.03 and error.mean() < 0.003
+
+
+def test_bfloat16_attention_weights_are_the_softmax_of_its_logits_rounded_once():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, 31, 16) * 2).bfloat16().unbind(0)  # rows of 31 keys
+    _, weights = attend(q, k, v, 0.25, return_attn=True)
+    logits = (q @ k.transpose(-2, -1)) * 0.25  # exact: a power of two
+    expected = logits.double().softmax(dim=-1).bfloat16()
+    assert weights.dtype == torch.bfloat16
+    # float32 inside: at most one unit in the last place from the correctly rounded value
+    torch.testing.assert_close(weights.double(), expected.double(), rtol=2 ** -7, atol=0)
+    assert (weights == expected).float().mean() > 0.95
+
+
+def test_split_heads_gives_views_to_the_fused_kernel_and_one_copy_to_the_products():
+    qkv = torch.randn(2, 5, 3 * 4 * 8)  # [batch, N, 3 * H * Dh]
+    expected = qkv.reshape(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)  # [3, batch, H, N, Dh]
+    q, k, v = split_heads(qkv, 4)  # float32: the fused kernel reads them strided
+    assert all(t.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() for t in (q, k, v))
+    assert torch.equal(torch.stack([q, k, v]), expected)
+    q, k, v = split_heads(qkv.bfloat16(), 4)  # explicit products on a CPU: contiguous
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert torch.equal(torch.stack([q, k, v]), expected.bfloat16())
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -42,6 +42,9 @@ for inference with frozen weights, which the compiler treats as constants: it fo
 them, prepacks them for the GEMM library and fuses the linear layers' neighbours) and
 reports the first call's `compile_seconds` apart from the timed runs.
 `--profile` adds one profiled forward per dtype, its time summed by op class.
+On a CPU the process first has malloc keep freed memory for reuse, as the training
+scripts and `testa.load` do there (`engine.host_memory`); `malloc` in the JSON says
+whether it did.
 
 `--rerank` times the matching head instead: one video's output tokens at the config's
 frames (random) against 128 paragraphs of `max_words` tokens, the config's towers with
@@ -67,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from datasets.base import video_batch  # noqa: E402
 from datasets.video import read_test_frames  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.host_memory import keep_freed_memory  # noqa: E402
 from engine.precision import cpu_bf16_problem  # noqa: E402
 from models import build_retrieval_model  # noqa: E402
 from models.cost import count, count_on_video, encoder_config  # noqa: E402
@@ -262,6 +266,9 @@ def main(argv=None) -> dict:
     if args.video and not Path(args.video).is_file():
         raise SystemExit(f"--video {args.video}: no such file")
 
+    malloc = "as it is (GPU)"
+    if args.device == "cpu":  # as the scripts and testa.load run on a CPU
+        malloc = keep_freed_memory() or "freed memory kept"
     dtype_names = ["fp32", "bf16"] if args.compare_dtype else [args.dtype]
     if args.runs:
         check_dtypes(dtype_names, args.device, args.allow_slow_bf16)
@@ -275,7 +282,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"benchmark: {args.config} sets testa_threshold, so the cost depends on "
                          "the video; pass --video PATH")
     if args.rerank:
-        return rerank_main(args, config)
+        return rerank_main(args, config, malloc)
     results = measure(configs, args.runs, args.device, [DTYPES[name] for name in dtype_names],
                       args.train, compile_encoder=args.compile, profile_step=args.profile,
                       video=video, seed=args.seed, batch=args.batch)
@@ -283,7 +290,7 @@ def main(argv=None) -> dict:
     report = dict(config=args.config, video=args.video, frames=config["num_frames"],
                   aggregation=bool(config["token_merging"]), mode="train" if args.train else "forward",
                   device=args.device, dtype="fp32,bf16" if args.compare_dtype else args.dtype,
-                  compiled=args.compile, **results[0])
+                  compiled=args.compile, malloc=malloc, **results[0])
     names = ["this config"]
     if args.compare_no_agg:
         report["no_agg"] = results[1]
@@ -329,13 +336,13 @@ def main(argv=None) -> dict:
     return report
 
 
-def rerank_main(args: argparse.Namespace, config: dict) -> dict:
+def rerank_main(args: argparse.Namespace, config: dict, malloc: str) -> dict:
     if args.runs < 1:
         raise SystemExit("benchmark: --rerank times; give --runs 1 or more")
     result = rerank_timing(config, args.runs, args.device, DTYPES[args.dtype], args.seed)
     report = dict(config=args.config, frames=config["num_frames"],
                   aggregation=bool(config["token_merging"]), mode="rerank", device=args.device,
-                  dtype=args.dtype, **result)
+                  dtype=args.dtype, malloc=malloc, **result)
     print(f"re-ranking 1 video ({result['rerank_tokens']} tokens) x {result['rerank_texts']} "
           f"paragraphs, {result['rerank_batch_size']} per forward: "
           f"{result['rerank_seconds_per_pair']} s with keys and values per pair, "
