@@ -45,6 +45,17 @@ def _expand_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return idx.expand(*like.shape[:-2], idx.shape[-2], like.shape[-1])
 
 
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The rows `idx [..., k, 1]` of `x [..., N, C]`, per leading index -> `[..., k, C]`:
+    `x.gather(-2, idx expanded over C)`, as one `index_select` of whole rows (the gather
+    reads an index per element: 10 to 20x slower at the encoder's 768 channels)."""
+    lead, (num_rows, channels) = x.shape[:-2], x.shape[-2:]
+    idx = idx[..., 0].expand(*lead, idx.shape[-2])  # [..., k]
+    starts = torch.arange(math.prod(lead), device=x.device).view(*lead, 1) * num_rows
+    rows = x.reshape(-1, channels).index_select(0, (idx + starts).flatten())
+    return rows.view(*lead, idx.shape[-1], channels)
+
+
 class BipartiteMerge:
     """Merge `r` tokens of set A (even positions) into their matches in set B (odd).
 
@@ -57,18 +68,16 @@ class BipartiteMerge:
         self.dst_idx = dst_idx  # [..., r, 1] positions in B
 
     def merge_source(self, source: torch.Tensor) -> torch.Tensor:
-        set_a, set_b = source[..., ::2, :], source[..., 1::2, :]
-        unmerged = set_a.gather(-2, _expand_index(self.unm_idx, set_a))
-        moved = set_a.gather(-2, _expand_index(self.src_idx, set_a))
-        set_b = set_b.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce="amax")
+        unmerged, moved = _rows(source, 2 * self.unm_idx), _rows(source, 2 * self.src_idx)
+        set_b = source[..., 1::2, :].scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved,
+                                                    reduce="amax")
         return torch.cat([unmerged, set_b], dim=-2)
 
     def merge(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        unmerged, unmerged_size = (t[..., ::2, :].gather(-2, _expand_index(self.unm_idx, t))
-                                   for t in (x, size))
+        # set A is the even rows: its i-th token is row 2i
+        unmerged, unmerged_size = (_rows(t, 2 * self.unm_idx) for t in (x, size))
         return _weighted_into(x[..., 1::2, :], size[..., 1::2, :],
-                              *(t[..., ::2, :].gather(-2, _expand_index(self.src_idx, t))
-                                for t in (x, size)),
+                              *(_rows(t, 2 * self.src_idx) for t in (x, size)),
                               self.dst_idx, unmerged, unmerged_size)
 
 
@@ -85,18 +94,18 @@ class SubsetMerge:
         self.dst_idx = dst_idx  # [..., r, 1] positions among the kept tokens
 
     def merge_source(self, source: torch.Tensor) -> torch.Tensor:
-        kept = source.gather(-2, _expand_index(self.keep_idx, source))
+        kept = _rows(source, self.keep_idx)
         if self.src_idx is None:
             return kept
-        moved = source.gather(-2, _expand_index(self.src_idx, source))
+        moved = _rows(source, self.src_idx)
         return kept.scatter_reduce(-2, _expand_index(self.dst_idx, moved), moved, reduce="amax")
 
     def merge(self, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pruning (no sources) keeps the tokens as they are."""
-        kept, kept_size = (t.gather(-2, _expand_index(self.keep_idx, t)) for t in (x, size))
+        kept, kept_size = (_rows(t, self.keep_idx) for t in (x, size))
         if self.src_idx is None:
             return kept, kept_size
-        moved, moved_size = (t.gather(-2, _expand_index(self.src_idx, t)) for t in (x, size))
+        moved, moved_size = (_rows(t, self.src_idx) for t in (x, size))
         return _weighted_into(kept, kept_size, moved, moved_size, self.dst_idx)
 
 
@@ -291,7 +300,7 @@ class AdaptiveMerge:
         tokens = set_a.new_empty(*set_a.shape[:-2], set_a.shape[-2] + set_b.shape[-2], set_a.shape[-1])
         tokens[..., ::2, :] = set_a
         tokens[..., 1::2, :] = set_b
-        return tokens.gather(-2, _expand_index(self.keep_idx, tokens))
+        return _rows(tokens, self.keep_idx)
 
     def merge_source(self, source: torch.Tensor) -> torch.Tensor:
         """A merged token's originals move to its partner."""

@@ -2,9 +2,24 @@
 import pytest
 import torch
 
-from models.aggregation import bipartite_matching, importance_matching, pruning
+from models.aggregation import _rows, bipartite_matching, importance_matching, pruning
 from models.token_state import parse_merging_types, parse_r
 from tests.reference_testa import merge_frames, merge_patches
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "expanded", "shared index"])
+def test_row_selection_equals_a_gather_along_the_token_axis(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 5)  # [..., N, C]
+    idx = torch.randint(0, 9, (2, 3, 4, 1))  # [..., k, 1], repeats allowed
+    if layout == "strided":  # every other token, as set A of bipartite matching
+        x, idx = x[..., ::2, :], idx % 5
+    elif layout == "expanded":  # one map seen by every patch position
+        x = x[:, :1].expand(2, 3, 9, 5)
+    elif layout == "shared index":  # one frame choice for all patch positions
+        idx = idx[:, :1]
+    expected = x.gather(-2, idx.expand(2, 3, 4, 5))
+    assert torch.equal(_rows(x, idx), expected)
 
 
 def _patch_merge(tokens, size, metric, r):
