@@ -12,7 +12,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            dropout_p: float = 0.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Scaled dot-product attention of q `[batch, H, M, Dh]` over k, v `[batch, H, N, Dh]`
     with an additive `bias` broadcast to `[batch, H, M, N]` -> (output `[batch, H, M, Dh]`,
-    the attention weights `[batch, H, M, N]` if `return_attn`). Fused where that is faster
+    the attention weights `[batch, H, M, N]` if `return_attn`, in at least float32).
+    Fused where that is faster
     (see `fused_attention_pays`) and the weights are not asked for, and always with
     attention dropout; else as explicit products."""
     if not return_attn and (dropout_p > 0 or fused_attention_pays(q)):
@@ -21,11 +22,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     logits = (q @ k.transpose(-2, -1)).mul_(scale)  # [batch, H, M, N]
     if bias is not None:
         logits = logits + bias
-    # through float32 and rounded once: PyTorch's bfloat16 CPU softmax computes the end of
-    # each row one element at a time, so rows shorter than its 32-wide vectors (the
-    # temporal attention's frames) took 4 to 5 times as long as in float32
-    attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
-    return attn @ v, attn if return_attn else None
+    # in at least float32, rounded once to v's dtype for the product: PyTorch's bfloat16
+    # CPU softmax computes the end of each row one element at a time, so rows shorter
+    # than its 32-wide vectors (the temporal attention's frames) took 4 to 5 times as long
+    attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return attn.to(v.dtype) @ v, attn if return_attn else None
 
 
 def fused_attention_pays(q: torch.Tensor) -> bool:
