@@ -44,12 +44,12 @@ def faults(mode: str, **env) -> dict:
 
 @glibc_only
 def test_kept_memory_is_reused_without_page_faults():
-    pages = 5 * 2**26 // os.sysconf("SC_PAGE_SIZE")  # five 64 MiB blocks
-    default = faults("default")
-    assert default["faults"] >= pages  # each block came from fresh pages
+    # each of the five blocks comes from fresh pages: a fault per page (per huge page
+    # where the kernel backs them so), at least one a block
+    assert faults("default")["faults"] >= 5
     kept = faults("keep")
     assert kept["reason"] is None
-    assert kept["faults"] < pages // 50  # a freed block served again
+    assert kept["faults"] < 5  # a freed block served again
     # what is kept is bounded: glibc's aligned blocks leave a few 64 MiB gaps, no more
     assert kept["growth_mb"] < 16 * 64
 
@@ -58,7 +58,7 @@ def test_kept_memory_is_reused_without_page_faults():
 def test_the_environment_s_own_malloc_settings_are_left_alone():
     kept = faults("keep", MALLOC_ARENA_MAX="4")
     assert kept["reason"] == "malloc left as MALLOC_ARENA_MAX sets it"
-    assert kept["faults"] >= 5 * 2**26 // os.sysconf("SC_PAGE_SIZE")
+    assert kept["faults"] >= 5
 
 
 def test_any_malloc_variable_or_tunables_opts_out(monkeypatch):
