@@ -449,6 +449,5 @@ def load(checkpoint: Union[str, Path], *, config: Union[str, Path, dict, None] =
     report = load_checkpoint(model, checkpoint, trust=trust, trust_option=TRUST_OPTION)
     device = torch.device(device)
     model = model.to(device).eval()
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     return served_as(model, config, report, device, build_precision(amp, device))

@@ -16,7 +16,9 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 # mallopt(3) parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
@@ -31,11 +33,14 @@ def allocator_chosen_by_environment() -> Optional[str]:
                  or name.startswith("MALLOC_")), None)
 
 
-def keep_freed_memory() -> Optional[str]:
-    """Have glibc's malloc serve every block from the heap (no block of its own mapping)
-    and keep what is freed there for reuse. Returns None when done, else why the allocator
-    was left as it is: not Linux with glibc, or the environment's own choice
-    (a `MALLOC_*` variable or `GLIBC_TUNABLES`; setting one, even empty, opts out)."""
+def keep_freed_memory(device: Union[str, torch.device]) -> Optional[str]:
+    """For a model running on `device`, have glibc's malloc serve every block from the heap
+    (no block of its own mapping) and keep what is freed there for reuse. Returns None
+    when done, else why the allocator was left as it is: the model is not on a CPU, not
+    Linux with glibc, or the environment's own choice (a `MALLOC_*` variable or
+    `GLIBC_TUNABLES`; setting one, even empty, opts out)."""
+    if torch.device(device).type != "cpu":
+        return f"malloc left as it is: the model runs on {torch.device(device).type}"
     if not sys.platform.startswith("linux"):
         return f"malloc left as it is on {sys.platform}"
     chosen = allocator_chosen_by_environment()

@@ -127,8 +127,7 @@ def start_run(args: argparse.Namespace, task: Task,
     logging.basicConfig(format="%(message)s")
     logging.getLogger("models").setLevel(logging.INFO if run.is_main else logging.WARNING)
     seed_everything(config["seed"])  # the same initial weights on every rank
-    if device.type == "cpu":  # activations in host memory: no page faults at every step
-        keep_freed_memory()
+    keep_freed_memory(device)  # on a CPU: no page faults for every step's activations
     log(f"{run.world_size} process(es) on {device.type}, precision {run.precision}, "
         f"output {output.path}")
     return run

@@ -22,7 +22,7 @@ from engine.host_memory import keep_freed_memory
 def resident_mb():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-reason = keep_freed_memory() if sys.argv[1] == "keep" else "not asked"
+reason = keep_freed_memory("cpu") if sys.argv[1] == "keep" else "not asked"
 start = resident_mb()
 for _ in range(20):
     torch.empty(2**24).fill_(1)
@@ -67,8 +67,12 @@ def test_any_malloc_variable_or_tunables_opts_out(monkeypatch):
     assert allocator_chosen_by_environment() is None
     monkeypatch.setenv("GLIBC_TUNABLES", "")  # set, even empty
     assert allocator_chosen_by_environment() == "GLIBC_TUNABLES"
-    assert keep_freed_memory() in ("malloc left as GLIBC_TUNABLES sets it",
+    assert keep_freed_memory("cpu") in ("malloc left as GLIBC_TUNABLES sets it",
                                    f"malloc left as it is on {sys.platform}")
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
     assert allocator_chosen_by_environment() == "MALLOC_TOP_PAD_"
+
+
+def test_a_model_off_the_cpu_leaves_malloc_alone():
+    assert keep_freed_memory("cuda:0") == "malloc left as it is: the model runs on cuda"

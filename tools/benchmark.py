@@ -266,9 +266,7 @@ def main(argv=None) -> dict:
     if args.video and not Path(args.video).is_file():
         raise SystemExit(f"--video {args.video}: no such file")
 
-    malloc = "as it is (GPU)"
-    if args.device == "cpu":  # as the scripts and testa.load run on a CPU
-        malloc = keep_freed_memory() or "freed memory kept"
+    malloc = keep_freed_memory(args.device) or "freed memory kept"  # as the scripts run
     dtype_names = ["fp32", "bf16"] if args.compare_dtype else [args.dtype]
     if args.runs:
         check_dtypes(dtype_names, args.device, args.allow_slow_bf16)
