@@ -103,6 +103,11 @@ def test_bf16_on_a_cpu_without_it_is_refused_before_any_work(monkeypatch):
         benchmark.main(["--config", "no/such/config.yaml", "--dtype", "fp16", "--device", "cpu"])
 
 
+def test_a_device_name_torch_does_not_know_is_refused_in_one_line():
+    with pytest.raises(SystemExit, match="--device 'gpu0': not a device"):
+        benchmark.main(["--config", "no/such/config.yaml", "--device", "gpu0"])
+
+
 def test_compare_dtype_reports_both_dtypes_and_the_roofline(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     write_tiny_encoder_config(config, image_size=32, testa_r=[1, 1, 1, 1])

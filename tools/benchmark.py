@@ -265,6 +265,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--batch must be 1 or more, got {args.batch}")
     if args.video and not Path(args.video).is_file():
         raise SystemExit(f"--video {args.video}: no such file")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device!r}: not a device (cpu, cuda or cuda:N)") from None
 
     malloc = keep_freed_memory(args.device) or "freed memory kept"  # as the scripts run
     dtype_names = ["fp32", "bf16"] if args.compare_dtype else [args.dtype]
